@@ -1,0 +1,240 @@
+// Package dbtest gives every test a fresh, migrated Postgres database in
+// milliseconds: one throwaway cluster per test process (or the server named
+// by CODER_TEST_PG_URL), a template database migrated once, and a new
+// database cloned from it per test.
+//
+// Packages that use it call dbtest.Main from TestMain so the cluster is
+// stopped and removed when the tests end.
+package dbtest
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/database/postgres"
+	"github.com/coder-ha/coder/migrations"
+)
+
+// EnvURL names an existing Postgres server (a URL whose user may create
+// databases) to use instead of starting a throwaway cluster.
+const EnvURL = "CODER_TEST_PG_URL"
+
+var (
+	setupOnce sync.Once
+	setupErr  error
+	adminURL  string
+	template  string
+	cluster   *postgres.Cluster
+	tmpDir    string
+)
+
+// Main runs m and then stops the throwaway cluster, if one was started.
+func Main(m *testing.M) {
+	code := m.Run()
+	Shutdown()
+	os.Exit(code)
+}
+
+// Shutdown stops and removes the process's throwaway cluster.
+func Shutdown() {
+	if cluster != nil {
+		_ = cluster.Close()
+		cluster = nil
+	}
+	if tmpDir != "" {
+		_ = os.RemoveAll(tmpDir)
+		tmpDir = ""
+	}
+}
+
+// NewCluster starts a dedicated cluster that only this test uses, for tests
+// that stop and restart the database. It is removed at cleanup.
+func NewCluster(t testing.TB) *postgres.Cluster {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "coder-test-pg-*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	c, err := postgres.Run(ctx, postgres.Options{Dir: dir, Ephemeral: true})
+	if err != nil {
+		t.Fatalf("start test postgres: %v", err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	db, err := database.Connect(ctx, c.URL(), database.ConnectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if err := db.Migrate(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// NewURL returns the URL of a new migrated database that only t uses. It is
+// dropped at cleanup (after every cleanup registered later has run).
+func NewURL(t testing.TB) string {
+	t.Helper()
+	setupOnce.Do(func() { setupErr = setup() })
+	if setupErr != nil {
+		t.Fatalf("test postgres: %v", setupErr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	name := "test_" + strings.ReplaceAll(uuid.NewString(), "-", "")
+	if err := withAdmin(ctx, func(conn *pgx.Conn) error {
+		return cloneTemplate(ctx, conn, name)
+	}); err != nil {
+		t.Fatalf("create test database: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_ = withAdmin(ctx, func(conn *pgx.Conn) error {
+			_, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
+			return err
+		})
+	})
+	return withDatabase(adminURL, name)
+}
+
+// NewDB connects to a new migrated database that only t uses.
+func NewDB(t testing.TB) *database.DB {
+	t.Helper()
+	u := NewURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	db, err := database.Connect(ctx, u, database.ConnectOptions{MaxConns: 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(db.Close)
+	return db
+}
+
+func setup() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	adminURL = os.Getenv(EnvURL)
+	if adminURL == "" {
+		dir, err := os.MkdirTemp("", "coder-test-pg-*")
+		if err != nil {
+			return err
+		}
+		tmpDir = dir
+		c, err := postgres.Run(ctx, postgres.Options{Dir: dir, Ephemeral: true, MaxConnections: 1000})
+		if err != nil {
+			return err
+		}
+		cluster = c
+		adminURL = c.DatabaseURL("postgres")
+	}
+	sum, err := migrationsHash()
+	if err != nil {
+		return err
+	}
+	template = "coder_template_" + sum[:16]
+	return withAdmin(ctx, func(conn *pgx.Conn) error {
+		// Several test processes may share one server: one builds the template.
+		if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock(7386412099)"); err != nil {
+			return err
+		}
+		defer conn.Exec(context.Background(), "SELECT pg_advisory_unlock(7386412099)") //nolint:errcheck
+		var exists bool
+		if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", template).Scan(&exists); err != nil {
+			return err
+		}
+		if exists {
+			return nil
+		}
+		building := template + "_building"
+		if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+building+" WITH (FORCE)"); err != nil {
+			return err
+		}
+		if _, err := conn.Exec(ctx, "CREATE DATABASE "+building); err != nil {
+			return err
+		}
+		db, err := database.Connect(ctx, withDatabase(adminURL, building), database.ConnectOptions{})
+		if err != nil {
+			return err
+		}
+		err = db.Migrate(ctx, nil)
+		db.Close()
+		if err != nil {
+			return err
+		}
+		_, err = conn.Exec(ctx, "ALTER DATABASE "+building+" RENAME TO "+template)
+		return err
+	})
+}
+
+// cloneTemplate creates name from the template. Postgres refuses to copy a
+// database that another session is copying at the same moment (55006), so
+// clashes are retried.
+func cloneTemplate(ctx context.Context, conn *pgx.Conn, name string) error {
+	for {
+		_, err := conn.Exec(ctx, "CREATE DATABASE "+name+" TEMPLATE "+template)
+		var pgErr *pgconn.PgError
+		if err == nil || !errors.As(err, &pgErr) || pgErr.Code != "55006" {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+func withAdmin(ctx context.Context, f func(*pgx.Conn) error) error {
+	conn, err := pgx.Connect(ctx, adminURL)
+	if err != nil {
+		return fmt.Errorf("connect to %s: %s", database.Describe(adminURL), database.Redact(adminURL, err.Error()))
+	}
+	defer conn.Close(context.Background())
+	return f(conn)
+}
+
+func withDatabase(rawURL, db string) string {
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		panic(err)
+	}
+	u.Path = "/" + db
+	return u.String()
+}
+
+func migrationsHash() (string, error) {
+	h := sha256.New()
+	err := fs.WalkDir(migrations.FS, ".", func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := fs.ReadFile(migrations.FS, path)
+		if err != nil {
+			return err
+		}
+		h.Write([]byte(path))
+		h.Write(b)
+		return nil
+	})
+	return hex.EncodeToString(h.Sum(nil)), err
+}

@@ -1,0 +1,207 @@
+package database
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+// PeerReport is what one replica measured of one peer. It is stored in the
+// measuring replica's row, so any replica can show the whole matrix.
+type PeerReport struct {
+	ID        uuid.UUID `json:"id"`
+	LatencyMS float64   `json:"latency_ms"`
+	Error     string    `json:"error"`
+}
+
+// Replica is one row of the replicas table.
+type Replica struct {
+	ID              uuid.UUID
+	CreatedAt       time.Time
+	StartedAt       time.Time
+	StoppedAt       *time.Time
+	UpdatedAt       time.Time
+	Hostname        string
+	RegionID        int32
+	RelayAddress    string
+	Version         string
+	DatabaseLatency time.Duration
+	Error           string
+	Peers           []PeerReport
+	Warnings        []string
+}
+
+// ReplicaState is what a replica writes about itself on every heartbeat.
+type ReplicaState struct {
+	ID              uuid.UUID
+	Hostname        string
+	RegionID        int32
+	RelayAddress    string
+	Version         string
+	DatabaseLatency time.Duration
+	Error           string
+	Peers           []PeerReport
+	Warnings        []string
+}
+
+const replicaColumns = `id, created_at, started_at, stopped_at, updated_at, hostname, region_id,
+	relay_address, version, database_latency, error, peers, warnings`
+
+func scanReplica(row pgx.Row) (Replica, error) {
+	var (
+		r         Replica
+		latencyUS int64
+		peers     []byte
+		warnings  []byte
+	)
+	err := row.Scan(&r.ID, &r.CreatedAt, &r.StartedAt, &r.StoppedAt, &r.UpdatedAt, &r.Hostname, &r.RegionID,
+		&r.RelayAddress, &r.Version, &latencyUS, &r.Error, &peers, &warnings)
+	if err != nil {
+		return Replica{}, err
+	}
+	r.DatabaseLatency = time.Duration(latencyUS) * time.Microsecond
+	if err := json.Unmarshal(peers, &r.Peers); err != nil {
+		return Replica{}, fmt.Errorf("decode peers of replica %s: %w", r.ID, err)
+	}
+	if err := json.Unmarshal(warnings, &r.Warnings); err != nil {
+		return Replica{}, fmt.Errorf("decode warnings of replica %s: %w", r.ID, err)
+	}
+	if r.Peers == nil {
+		r.Peers = []PeerReport{}
+	}
+	if r.Warnings == nil {
+		r.Warnings = []string{}
+	}
+	return r, nil
+}
+
+// UpsertReplica writes s as the replica's current state and stamps
+// updated_at with the database clock. A row that was deleted (by hand, or by
+// retention) is recreated; a row that was marked stopped is revived, so a
+// replica always stays a member while it beats. One round trip.
+func (db *DB) UpsertReplica(ctx context.Context, s ReplicaState) (Replica, error) {
+	peers, err := json.Marshal(nonNilPeers(s.Peers))
+	if err != nil {
+		return Replica{}, fmt.Errorf("encode peers: %w", err)
+	}
+	warnings, err := json.Marshal(nonNilStrings(s.Warnings))
+	if err != nil {
+		return Replica{}, fmt.Errorf("encode warnings: %w", err)
+	}
+	row := db.pool.QueryRow(ctx, `
+INSERT INTO replicas (id, hostname, region_id, relay_address, version, database_latency, error, peers, warnings)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (id) DO UPDATE SET
+	updated_at = now(), stopped_at = NULL,
+	hostname = EXCLUDED.hostname, region_id = EXCLUDED.region_id,
+	relay_address = EXCLUDED.relay_address, version = EXCLUDED.version,
+	database_latency = EXCLUDED.database_latency, error = EXCLUDED.error,
+	peers = EXCLUDED.peers, warnings = EXCLUDED.warnings
+RETURNING `+replicaColumns,
+		s.ID, s.Hostname, s.RegionID, s.RelayAddress, s.Version, s.DatabaseLatency.Microseconds(), s.Error, peers, warnings)
+	r, err := scanReplica(row)
+	if err != nil {
+		return Replica{}, fmt.Errorf("upsert replica %s: %w", s.ID, err)
+	}
+	return r, nil
+}
+
+// LiveReplicas lists replicas that have not stopped and were updated within
+// staleAfter of the database's now(), oldest first.
+func (db *DB) LiveReplicas(ctx context.Context, staleAfter time.Duration) ([]Replica, error) {
+	rows, err := db.pool.Query(ctx, `
+SELECT `+replicaColumns+` FROM replicas
+WHERE stopped_at IS NULL AND updated_at > now() - make_interval(secs => $1)
+ORDER BY created_at, id`, staleAfter.Seconds())
+	if err != nil {
+		return nil, fmt.Errorf("list live replicas: %w", err)
+	}
+	defer rows.Close()
+	var out []Replica
+	for rows.Next() {
+		r, err := scanReplica(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list live replicas: %w", err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list live replicas: %w", err)
+	}
+	return out, nil
+}
+
+// GetReplica returns one replica's row, live or not.
+func (db *DB) GetReplica(ctx context.Context, id uuid.UUID) (Replica, error) {
+	r, err := scanReplica(db.pool.QueryRow(ctx, `SELECT `+replicaColumns+` FROM replicas WHERE id = $1`, id))
+	if err != nil {
+		return Replica{}, fmt.Errorf("get replica %s: %w", id, err)
+	}
+	return r, nil
+}
+
+// MarkReplicaStopped records a graceful stop: the row stays (a tombstone)
+// but the replica no longer counts as live.
+func (db *DB) MarkReplicaStopped(ctx context.Context, id uuid.UUID) error {
+	if _, err := db.pool.Exec(ctx, `UPDATE replicas SET stopped_at = now(), updated_at = now() WHERE id = $1`, id); err != nil {
+		return fmt.Errorf("mark replica %s stopped: %w", id, err)
+	}
+	return nil
+}
+
+// DeleteReplica removes a replica's row (tests and operators use it; the
+// replica re-registers on its next beat if it is still alive).
+func (db *DB) DeleteReplica(ctx context.Context, id uuid.UUID) error {
+	if _, err := db.pool.Exec(ctx, `DELETE FROM replicas WHERE id = $1`, id); err != nil {
+		return fmt.Errorf("delete replica %s: %w", id, err)
+	}
+	return nil
+}
+
+// replicaCleanupLockID serializes retention cleanup so one replica at a time
+// deletes dead rows.
+const replicaCleanupLockID = 7_386_412_002
+
+// DeleteDeadReplicas deletes rows not updated for longer than retention. Only
+// one caller at a time does the work; the others return (0, nil) at once.
+func (db *DB) DeleteDeadReplicas(ctx context.Context, retention time.Duration) (int64, error) {
+	var deleted int64
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		var locked bool
+		if err := tx.QueryRow(ctx, `SELECT pg_try_advisory_xact_lock($1)`, int64(replicaCleanupLockID)).Scan(&locked); err != nil {
+			return err
+		}
+		if !locked {
+			return nil
+		}
+		tag, err := tx.Exec(ctx, `DELETE FROM replicas WHERE updated_at < now() - make_interval(secs => $1)`, retention.Seconds())
+		deleted = tag.RowsAffected()
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("delete dead replicas: %w", err)
+	}
+	return deleted, nil
+}
+
+// IsNotFound reports whether err means a row did not exist.
+func IsNotFound(err error) bool { return errors.Is(err, pgx.ErrNoRows) }
+
+func nonNilPeers(p []PeerReport) []PeerReport {
+	if p == nil {
+		return []PeerReport{}
+	}
+	return p
+}
+
+func nonNilStrings(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
