@@ -1,0 +1,36 @@
+# The two commands a new user needs: `make run` and `make test`.
+SHELL := /bin/bash
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/coder-ha/coder/cmd/cli.Version=$(VERSION)
+GO ?= go
+
+.PHONY: build run test test-go test-helm lint deps bench test-ha clean
+
+## build: compile bin/coder
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/coder ./cmd/coder
+
+## run: build and start one server on the built-in Postgres at http://127.0.0.1:3000
+run: deps build
+	./bin/coder server
+
+## test: every test, with the race detector, against real Postgres and real DERP
+test: deps test-go test-helm
+
+test-go:
+	$(GO) test -race -timeout 20m ./...
+
+test-helm:
+	cd helm && $(GO) test -timeout 10m ./...
+
+## lint: gofmt and go vet
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+## deps: install the system packages the server and tests need (PostgreSQL binaries)
+deps:
+	@./scripts/deps.sh
+
+clean:
+	rm -rf bin

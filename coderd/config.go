@@ -1,0 +1,178 @@
+package coderd
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Config is everything `coder server` is told by flags and environment.
+// Zero values are replaced by the documented defaults in withDefaults.
+type Config struct {
+	// HTTPAddress is where the API and the relay listen. "*:80" and ":80"
+	// mean every interface. Default 127.0.0.1:3000.
+	HTTPAddress string
+	// AccessURL is the public URL, normally the load balancer. Default
+	// http:// + HTTPAddress.
+	AccessURL string
+	// PostgresURL is the shared database. Empty: run the built-in Postgres
+	// in CacheDir.
+	PostgresURL string
+	// CacheDir keeps the built-in Postgres. Default $XDG_CACHE_HOME/coder.
+	CacheDir string
+
+	// DERPServerEnable runs the embedded relay at /derp and meshes it.
+	DERPServerEnable bool
+	// DERPServerRelayURL is how peer replicas reach this replica directly.
+	DERPServerRelayURL string
+	// DERPServerRegionID: replicas mesh only within a region. Default 999.
+	DERPServerRegionID int
+	// DERPServerRegionCode and Name label the region in the DERP map.
+	DERPServerRegionCode string
+	DERPServerRegionName string
+	// DERPConfigPath is a DERP map JSON file of custom relays.
+	DERPConfigPath string
+	// DERPMeshCAFile is a PEM bundle trusted for https relay URLs of peers,
+	// in addition to the system roots.
+	DERPMeshCAFile string
+
+	// ReplicaHeartbeatInterval: a replica not heard from in 3 intervals is
+	// dead. Default 5s.
+	ReplicaHeartbeatInterval time.Duration
+	// ReplicaLatencyThreshold: warn when a peer or the database is slower.
+	// Default 10ms.
+	ReplicaLatencyThreshold time.Duration
+	// ShutdownGracePeriod: after SIGTERM, fail /readyz this long before
+	// closing listeners. Default 0.
+	ShutdownGracePeriod time.Duration
+
+	PrometheusEnable  bool
+	PrometheusAddress string // default 127.0.0.1:2112
+
+	TLSEnable   bool
+	TLSAddress  string // default 127.0.0.1:3443
+	TLSCertFile string
+	TLSKeyFile  string
+
+	// Version is reported in buildinfo and the replica row.
+	Version string
+}
+
+// ConfigError is a start-up rule violation: one line, naming the flag.
+type ConfigError struct {
+	Flag string
+	Msg  string
+}
+
+func (e *ConfigError) Error() string { return fmt.Sprintf("--%s: %s", e.Flag, e.Msg) }
+
+// DefaultCacheDir is $XDG_CACHE_HOME/coder, falling back to ~/.cache/coder.
+func DefaultCacheDir() string {
+	if d := os.Getenv("XDG_CACHE_HOME"); d != "" {
+		return filepath.Join(d, "coder")
+	}
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "coder")
+	}
+	return filepath.Join(os.TempDir(), "coder-cache")
+}
+
+// ListenAddress turns the operator's address into one net.Listen takes:
+// "*:80" → ":80".
+func ListenAddress(addr string) string {
+	if strings.HasPrefix(addr, "*:") {
+		return addr[1:]
+	}
+	return addr
+}
+
+// withDefaults fills in defaults and checks the start-up rules that need no
+// database. It returns the first violation as a *ConfigError.
+func (c Config) withDefaults(log *zap.Logger) (Config, error) {
+	if c.HTTPAddress == "" {
+		c.HTTPAddress = "127.0.0.1:3000"
+	}
+	if _, _, err := net.SplitHostPort(ListenAddress(c.HTTPAddress)); err != nil {
+		return c, &ConfigError{"http-address", fmt.Sprintf("%q is not host:port", c.HTTPAddress)}
+	}
+	if c.AccessURL == "" {
+		host, port, _ := net.SplitHostPort(ListenAddress(c.HTTPAddress))
+		if host == "" || host == "0.0.0.0" || host == "::" {
+			host = "127.0.0.1"
+		}
+		c.AccessURL = "http://" + net.JoinHostPort(host, port)
+	}
+	access, err := url.Parse(c.AccessURL)
+	if err != nil || !access.IsAbs() || (access.Scheme != "http" && access.Scheme != "https") || access.Host == "" {
+		return c, &ConfigError{"access-url", fmt.Sprintf("must be an absolute http or https URL, got %q", c.AccessURL)}
+	}
+	if c.CacheDir == "" {
+		c.CacheDir = DefaultCacheDir()
+	}
+	if c.DERPServerRegionID == 0 {
+		c.DERPServerRegionID = 999
+	}
+	if c.DERPServerRegionCode == "" {
+		c.DERPServerRegionCode = "coder"
+	}
+	if c.DERPServerRegionName == "" {
+		c.DERPServerRegionName = "Coder Embedded Relay"
+	}
+	if c.ReplicaHeartbeatInterval <= 0 {
+		c.ReplicaHeartbeatInterval = 5 * time.Second
+	}
+	if c.ReplicaLatencyThreshold <= 0 {
+		c.ReplicaLatencyThreshold = 10 * time.Millisecond
+	}
+	if c.ShutdownGracePeriod < 0 {
+		return c, &ConfigError{"shutdown-grace-period", "must not be negative"}
+	}
+	if c.PrometheusAddress == "" {
+		c.PrometheusAddress = "127.0.0.1:2112"
+	}
+	if c.TLSAddress == "" {
+		c.TLSAddress = "127.0.0.1:3443"
+	}
+	if c.TLSEnable && (c.TLSCertFile == "" || c.TLSKeyFile == "") {
+		return c, &ConfigError{"tls-cert-file", "--tls-enable needs --tls-cert-file and --tls-key-file"}
+	}
+	if c.Version == "" {
+		c.Version = "dev"
+	}
+
+	if c.DERPServerRelayURL != "" {
+		if !c.DERPServerEnable {
+			log.Warn("ignoring the relay URL because the DERP server is disabled; replicas sync through postgres only",
+				zap.String("relay_url", c.DERPServerRelayURL))
+			c.DERPServerRelayURL = ""
+		} else {
+			relay, err := url.Parse(c.DERPServerRelayURL)
+			if err != nil || !relay.IsAbs() || (relay.Scheme != "http" && relay.Scheme != "https") || relay.Host == "" {
+				return c, &ConfigError{"derp-server-relay-url", fmt.Sprintf("must be an absolute http or https URL such as http://10.0.0.1:80, got %q", c.DERPServerRelayURL)}
+			}
+			if sameURL(relay, access) {
+				return c, &ConfigError{"derp-server-relay-url", fmt.Sprintf("%q equals the access URL; the access URL is the load balancer, the relay URL must reach this replica directly", c.DERPServerRelayURL)}
+			}
+			c.DERPServerRelayURL = strings.TrimSuffix(relay.String(), "/")
+		}
+	}
+	return c, nil
+}
+
+// sameURL compares scheme, host (with default ports) and path.
+func sameURL(a, b *url.URL) bool {
+	norm := func(u *url.URL) string {
+		host, port := u.Hostname(), u.Port()
+		if port == "" {
+			port = map[string]string{"http": "80", "https": "443"}[u.Scheme]
+		}
+		return strings.ToLower(u.Scheme) + "://" + strings.ToLower(host) + ":" + port + strings.TrimSuffix(u.Path, "/")
+	}
+	return norm(a) == norm(b)
+}
