@@ -1,0 +1,428 @@
+// Package pubsub is Postgres LISTEN/NOTIFY for the server: one dedicated
+// connection per process listens, publishing goes through the pool.
+//
+// It owns that connection and its reconnect loop. It never interprets
+// payloads (subscribers do) and never logs the connection URL's password.
+// Subscribers are told whenever messages may have been lost, so they can
+// re-read the state they mirror instead of trusting a gap.
+package pubsub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/coder-ha/coder/database"
+)
+
+// ErrDroppedMessages is passed to a Listener when messages may have been
+// lost: the listen connection was re-established, or the listener's queue
+// overflowed. The listener should re-read whatever state it mirrors.
+var ErrDroppedMessages = errors.New("pubsub: messages may have been dropped")
+
+// MaxPayload is the largest payload Publish accepts (Postgres' NOTIFY limit
+// is 8000 bytes).
+const MaxPayload = 7999
+
+// Listener receives one payload, or err == ErrDroppedMessages. Calls for one
+// subscription are made one at a time, in order, from a goroutine the
+// Pubsub owns; a slow listener never blocks other subscriptions or the
+// connection (its queue overflows instead).
+type Listener func(ctx context.Context, payload []byte, err error)
+
+// Options tunes a Pubsub. The zero value is usable.
+type Options struct {
+	// Logger defaults to a no-op logger.
+	Logger *zap.Logger
+	// Registerer, if set, receives the coderd_pubsub_* metrics.
+	Registerer prometheus.Registerer
+	// QueueSize is each subscription's buffer. When it overflows, messages
+	// are dropped and the listener gets ErrDroppedMessages. Default 64.
+	QueueSize int
+	// ReconnectMin and ReconnectMax bound the backoff between attempts to
+	// re-establish the listen connection. Defaults 100ms and 5s: quick
+	// enough to resync within a beat after Postgres returns, slow enough
+	// not to hammer a database that is down.
+	ReconnectMin, ReconnectMax time.Duration
+}
+
+func (o Options) withDefaults() Options {
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	if o.QueueSize <= 0 {
+		o.QueueSize = 64
+	}
+	if o.ReconnectMin <= 0 {
+		o.ReconnectMin = 100 * time.Millisecond
+	}
+	if o.ReconnectMax <= 0 {
+		o.ReconnectMax = 5 * time.Second
+	}
+	return o
+}
+
+type metrics struct {
+	published, received, reconnects, dropped prometheus.Counter
+	connected                                prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	messages := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "coderd_pubsub_messages_total",
+		Help: "Pubsub messages by direction (published through the pool, received on the listen connection).",
+	}, []string{"direction"})
+	m := &metrics{
+		published: messages.WithLabelValues("published"),
+		received:  messages.WithLabelValues("received"),
+		reconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coderd_pubsub_reconnects_total",
+			Help: "Times the pubsub listen connection was re-established.",
+		}),
+		dropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coderd_pubsub_dropped_total",
+			Help: "Messages dropped because a subscriber's queue was full.",
+		}),
+		connected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "coderd_pubsub_connected",
+			Help: "1 while the pubsub listen connection is up.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(messages, m.reconnects, m.dropped, m.connected)
+	}
+	return m
+}
+
+// Pubsub delivers Postgres notifications to subscribers in this process.
+type Pubsub struct {
+	db      *database.DB
+	opts    Options
+	log     *zap.Logger
+	metrics *metrics
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu   sync.Mutex
+	subs map[string]map[*subscription]struct{} // channel → subscriptions
+	// wake interrupts WaitForNotification so the loop can LISTEN/UNLISTEN.
+	wake       chan struct{}
+	listening  map[string]bool // channels LISTENed on the current connection
+	connected  atomic.Bool
+	backendPID atomic.Uint32
+
+	closeOnce sync.Once
+}
+
+type subscription struct {
+	channel  string
+	listener Listener
+	queue    chan message
+	stop     chan struct{}
+	stopOnce sync.Once
+	done     chan struct{}
+	// overflowed is set when a message was dropped; the next delivery is
+	// ErrDroppedMessages.
+	overflowed atomic.Bool
+}
+
+type message struct {
+	payload []byte
+	err     error
+}
+
+// New opens the listen connection and starts the receive loop. It returns
+// an error only if the first connection fails; later failures are retried
+// for as long as the Pubsub lives.
+func New(ctx context.Context, db *database.DB, opts Options) (*Pubsub, error) {
+	opts = opts.withDefaults()
+	p := &Pubsub{
+		db:        db,
+		opts:      opts,
+		log:       opts.Logger,
+		metrics:   newMetrics(opts.Registerer),
+		subs:      map[string]map[*subscription]struct{}{},
+		wake:      make(chan struct{}, 1),
+		listening: map[string]bool{},
+	}
+	conn, err := p.connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.wg.Add(1)
+	go p.run(conn)
+	return p, nil
+}
+
+func (p *Pubsub) connect(ctx context.Context) (*pgx.Conn, error) {
+	conn, err := pgx.Connect(ctx, p.db.URL())
+	if err != nil {
+		return nil, fmt.Errorf("pubsub: connect to %s: %s", database.Describe(p.db.URL()), database.Redact(p.db.URL(), err.Error()))
+	}
+	p.backendPID.Store(conn.PgConn().PID())
+	p.connected.Store(true)
+	p.metrics.connected.Set(1)
+	return conn, nil
+}
+
+// Connected reports whether the listen connection is up.
+func (p *Pubsub) Connected() bool { return p.connected.Load() }
+
+// BackendPID is the Postgres backend process id of the listen connection
+// (tests terminate it to simulate a broken connection).
+func (p *Pubsub) BackendPID() uint32 { return p.backendPID.Load() }
+
+// Subscribe delivers every notification on channel to l until cancel is
+// called. cancel is idempotent and safe after Close.
+func (p *Pubsub) Subscribe(channel string, l Listener) (cancel func(), err error) {
+	if channel == "" {
+		return nil, errors.New("pubsub: empty channel name")
+	}
+	s := &subscription{channel: channel, listener: l, queue: make(chan message, p.opts.QueueSize), stop: make(chan struct{}), done: make(chan struct{})}
+	p.mu.Lock()
+	if p.ctx.Err() != nil {
+		p.mu.Unlock()
+		return nil, errors.New("pubsub: closed")
+	}
+	if p.subs[channel] == nil {
+		p.subs[channel] = map[*subscription]struct{}{}
+	}
+	p.subs[channel][s] = struct{}{}
+	p.wg.Add(1)
+	p.mu.Unlock()
+	go p.deliver(s)
+	p.poke()
+	return func() {
+		p.mu.Lock()
+		delete(p.subs[channel], s)
+		if len(p.subs[channel]) == 0 {
+			delete(p.subs, channel)
+		}
+		p.mu.Unlock()
+		s.stopOnce.Do(func() { close(s.stop) })
+		<-s.done
+		p.poke()
+	}, nil
+}
+
+// poke makes the receive loop re-sync its LISTENs.
+func (p *Pubsub) poke() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Publish sends payload on channel through the pool.
+func (p *Pubsub) Publish(ctx context.Context, channel string, payload []byte) error {
+	if len(payload) > MaxPayload {
+		return fmt.Errorf("pubsub: payload of %d bytes exceeds the %d-byte NOTIFY limit", len(payload), MaxPayload)
+	}
+	if _, err := p.db.Pool().Exec(ctx, "SELECT pg_notify($1, $2)", channel, string(payload)); err != nil {
+		return fmt.Errorf("pubsub: publish on %q: %w", channel, err)
+	}
+	p.metrics.published.Inc()
+	return nil
+}
+
+// Close stops the receive loop and every subscription's delivery goroutine
+// and waits for them. It is safe to call more than once.
+func (p *Pubsub) Close() error {
+	p.closeOnce.Do(func() {
+		p.mu.Lock()
+		p.cancel()
+		for _, set := range p.subs {
+			for s := range set {
+				s.stopOnce.Do(func() { close(s.stop) })
+			}
+		}
+		p.mu.Unlock()
+		p.wg.Wait()
+	})
+	return nil
+}
+
+// deliver runs one subscription's listener.
+func (p *Pubsub) deliver(s *subscription) {
+	defer p.wg.Done()
+	defer close(s.done)
+	for {
+		select {
+		case <-s.stop:
+			return
+		case m := <-s.queue:
+			if s.overflowed.Swap(false) {
+				s.listener(p.ctx, nil, ErrDroppedMessages)
+			}
+			s.listener(p.ctx, m.payload, m.err)
+		}
+	}
+}
+
+// dispatch queues m for every subscriber of channel ("" = all).
+func (p *Pubsub) dispatch(channel string, m message) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for ch, set := range p.subs {
+		if channel != "" && ch != channel {
+			continue
+		}
+		for s := range set {
+			select {
+			case s.queue <- m:
+			default:
+				p.metrics.dropped.Inc()
+				if !s.overflowed.Swap(true) {
+					p.log.Warn("pubsub subscriber queue full: dropping messages; it will resync", zap.String("channel", ch))
+				}
+				// Make sure the listener hears about the gap even if
+				// nothing else arrives: a queued drop notice is enough.
+			}
+		}
+	}
+}
+
+// wantedChannels is the set of channels that have subscribers.
+func (p *Pubsub) wantedChannels() map[string]bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	want := make(map[string]bool, len(p.subs))
+	for ch := range p.subs {
+		want[ch] = true
+	}
+	return want
+}
+
+// syncListens LISTENs and UNLISTENs so the connection matches the
+// subscriptions.
+func (p *Pubsub) syncListens(ctx context.Context, conn *pgx.Conn) error {
+	want := p.wantedChannels()
+	for ch := range want {
+		if !p.listening[ch] {
+			if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{ch}.Sanitize()); err != nil {
+				return fmt.Errorf("listen %q: %w", ch, err)
+			}
+			p.listening[ch] = true
+		}
+	}
+	for ch := range p.listening {
+		if !want[ch] {
+			if _, err := conn.Exec(ctx, "UNLISTEN "+pgx.Identifier{ch}.Sanitize()); err != nil {
+				return fmt.Errorf("unlisten %q: %w", ch, err)
+			}
+			delete(p.listening, ch)
+		}
+	}
+	return nil
+}
+
+// run owns the listen connection: it waits for notifications, re-syncs
+// LISTENs when poked, and reconnects when the connection breaks.
+func (p *Pubsub) run(conn *pgx.Conn) {
+	defer p.wg.Done()
+	defer func() {
+		if conn != nil {
+			_ = conn.Close(context.Background())
+		}
+		p.connected.Store(false)
+		p.metrics.connected.Set(0)
+	}()
+	for p.ctx.Err() == nil {
+		err := p.syncListens(p.ctx, conn)
+		if err == nil {
+			err = p.receive(conn)
+		}
+		if p.ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			_ = conn.Close(context.Background())
+			conn = p.reconnect(err)
+			if conn == nil {
+				return
+			}
+		}
+	}
+}
+
+// receive waits for notifications until poked (nil) or the connection
+// fails (the error).
+func (p *Pubsub) receive(conn *pgx.Conn) error {
+	for {
+		waitCtx, cancel := context.WithCancel(p.ctx)
+		stopWake := make(chan struct{})
+		go func() {
+			select {
+			case <-p.wake:
+				cancel()
+			case <-stopWake:
+			}
+		}()
+		n, err := conn.WaitForNotification(waitCtx)
+		close(stopWake)
+		poked := waitCtx.Err() != nil && p.ctx.Err() == nil
+		cancel()
+		if err != nil {
+			if poked && !conn.IsClosed() {
+				return nil // re-sync LISTENs
+			}
+			return err
+		}
+		p.metrics.received.Inc()
+		p.dispatch(n.Channel, message{payload: []byte(n.Payload)})
+	}
+}
+
+// reconnect retries with exponential backoff and jitter until a new
+// connection is up (and tells every subscriber messages may have been
+// lost), or the Pubsub closes (nil).
+func (p *Pubsub) reconnect(cause error) *pgx.Conn {
+	p.connected.Store(false)
+	p.metrics.connected.Set(0)
+	p.listening = map[string]bool{}
+	lost := time.Now()
+	p.log.Warn("pubsub connection lost; reconnecting", zap.String("database", database.Describe(p.db.URL())),
+		zap.String("error", database.Redact(p.db.URL(), cause.Error())))
+	backoff := p.opts.ReconnectMin
+	for {
+		jitter := time.Duration(rand.Int64N(int64(backoff)/2 + 1))
+		select {
+		case <-p.ctx.Done():
+			return nil
+		case <-time.After(backoff/2 + jitter):
+		}
+		ctx, cancel := context.WithTimeout(p.ctx, 10*time.Second)
+		conn, err := p.connect(ctx)
+		if err == nil {
+			err = p.syncListens(ctx, conn)
+			if err != nil {
+				_ = conn.Close(context.Background())
+			}
+		}
+		cancel()
+		if err == nil {
+			p.metrics.reconnects.Inc()
+			p.log.Info("pubsub connection restored", zap.Duration("down_for", time.Since(lost).Round(time.Millisecond)))
+			p.dispatch("", message{err: ErrDroppedMessages})
+			return conn
+		}
+		if p.ctx.Err() != nil {
+			return nil
+		}
+		backoff *= 2
+		if backoff > p.opts.ReconnectMax {
+			backoff = p.opts.ReconnectMax
+		}
+	}
+}
