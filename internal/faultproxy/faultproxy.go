@@ -1,0 +1,190 @@
+// Package faultproxy is an in-process TCP proxy that injects the network
+// faults tests need where tc netem is unavailable: added latency in each
+// direction, a stall (bytes held, connections kept), and a cut (every
+// connection closed, new ones refused until healed).
+package faultproxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Proxy forwards connections from Addr() to a target address.
+type Proxy struct {
+	target   string
+	listener net.Listener
+
+	delay atomic.Int64 // nanoseconds added to each direction
+	cut   atomic.Bool
+	stall atomic.Bool
+
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// New listens on a free loopback port and forwards to target.
+func New(target string) (*Proxy, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	p := &Proxy{target: target, listener: l, conns: map[net.Conn]struct{}{}}
+	p.wg.Add(1)
+	go p.accept()
+	return p, nil
+}
+
+// Addr is the proxy's listen address (host:port).
+func (p *Proxy) Addr() string { return p.listener.Addr().String() }
+
+// URL is http:// + Addr().
+func (p *Proxy) URL() string { return "http://" + p.Addr() }
+
+// SetDelay adds d of latency to each direction of every connection, for
+// bytes sent from now on.
+func (p *Proxy) SetDelay(d time.Duration) { p.delay.Store(int64(d)) }
+
+// Stall holds every byte (connections stay open, nothing moves) until
+// Unstall: like a peer that hangs.
+func (p *Proxy) Stall() { p.stall.Store(true) }
+
+// Unstall lets bytes move again.
+func (p *Proxy) Unstall() { p.stall.Store(false) }
+
+// Cut closes every connection and refuses new ones until Heal: like a
+// network partition that resets connections.
+func (p *Proxy) Cut() {
+	p.cut.Store(true)
+	p.mu.Lock()
+	for c := range p.conns {
+		_ = c.Close()
+	}
+	p.mu.Unlock()
+}
+
+// Heal ends a Cut.
+func (p *Proxy) Heal() { p.cut.Store(false) }
+
+// Close stops the proxy and closes every connection.
+func (p *Proxy) Close() error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
+	for c := range p.conns {
+		_ = c.Close()
+	}
+	p.mu.Unlock()
+	err := p.listener.Close()
+	p.wg.Wait()
+	return err
+}
+
+func (p *Proxy) track(c net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.conns[c] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrack(c net.Conn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+}
+
+func (p *Proxy) accept() {
+	defer p.wg.Done()
+	for {
+		c, err := p.listener.Accept()
+		if err != nil {
+			return
+		}
+		if p.cut.Load() {
+			_ = c.Close()
+			continue
+		}
+		p.wg.Add(1)
+		go p.handle(c)
+	}
+}
+
+func (p *Proxy) handle(client net.Conn) {
+	defer p.wg.Done()
+	server, err := net.DialTimeout("tcp", p.target, 5*time.Second)
+	if err != nil {
+		_ = client.Close()
+		return
+	}
+	if !p.track(client) || !p.track(server) {
+		_ = client.Close()
+		_ = server.Close()
+		return
+	}
+	defer p.untrack(client)
+	defer p.untrack(server)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); p.pipe(server, client) }()
+	go func() { defer wg.Done(); p.pipe(client, server) }()
+	wg.Wait()
+}
+
+type chunk struct {
+	due  time.Time
+	data []byte
+}
+
+// pipe copies src to dst, delivering each chunk Delay after it was read.
+func (p *Proxy) pipe(dst, src net.Conn) {
+	queue := make(chan chunk, 1024)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for c := range queue {
+			for p.stall.Load() && !p.cut.Load() {
+				time.Sleep(5 * time.Millisecond)
+			}
+			if d := time.Until(c.due); d > 0 {
+				time.Sleep(d)
+			}
+			if _, err := dst.Write(c.data); err != nil {
+				_ = src.Close()
+				for range queue {
+				}
+				return
+			}
+		}
+	}()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			queue <- chunk{due: time.Now().Add(time.Duration(p.delay.Load())), data: append([]byte(nil), buf[:n]...)}
+		}
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				_ = dst.Close()
+			}
+			break
+		}
+	}
+	close(queue)
+	<-done
+	if tcp, ok := dst.(*net.TCPConn); ok {
+		_ = tcp.CloseWrite()
+	} else {
+		_ = dst.Close()
+	}
+}

@@ -1,0 +1,56 @@
+package faultproxy_test
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/coder-ha/coder/internal/faultproxy"
+)
+
+func get(t *testing.T, client *http.Client, url string) (time.Duration, error) {
+	start := time.Now()
+	resp, err := client.Get(url)
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return time.Since(start), nil
+}
+
+// Delay is added to each direction; Cut refuses connections until Heal.
+func TestProxyDelaysCutsAndHeals(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	defer srv.Close()
+	p, err := faultproxy.New(srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
+	fast, err := get(t, client, p.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.SetDelay(30 * time.Millisecond)
+	slow, err := get(t, client, p.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if slow < 60*time.Millisecond || slow < fast {
+		t.Fatalf("with 30ms each way a request took %s (without: %s); want ≥ 60ms", slow, fast)
+	}
+	p.SetDelay(0)
+	p.Cut()
+	if _, err := get(t, client, p.URL()); err == nil {
+		t.Fatal("request through a cut proxy succeeded")
+	}
+	p.Heal()
+	if _, err := get(t, client, p.URL()); err != nil {
+		t.Fatalf("request after heal: %v", err)
+	}
+}

@@ -1,0 +1,143 @@
+package replicasync
+
+import (
+	"crypto/tls"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+)
+
+// Clock tells the time for measurements and bookkeeping. It never decides
+// whether a replica is alive: that is the database's now().
+type Clock interface {
+	Now() time.Time
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+
+// Options configures a Manager. Zero fields take the defaults listed on
+// each; DefaultOptions shows them in one place.
+type Options struct {
+	// ID is this replica's id. Default: a random uuid (one per process).
+	ID uuid.UUID
+	// Hostname is shown to operators. Default: os.Hostname().
+	Hostname string
+	// RegionID: replicas probe and mesh only with peers of their region.
+	// Default 999.
+	RegionID int32
+	// RelayAddress is how peers reach this replica's relay directly. Empty
+	// means peers cannot probe or mesh with it.
+	RelayAddress string
+	// Version is stored in the row and shown by the API.
+	Version string
+
+	// HeartbeatInterval is how often the row is rewritten and peers are
+	// re-read and re-probed. Shorter detects silent deaths sooner at the
+	// cost of 2 queries per replica per interval. Default 5s.
+	HeartbeatInterval time.Duration
+	// StaleAfter: a replica whose row was not updated for this long (by the
+	// database clock) is dead. Default 3 × HeartbeatInterval.
+	StaleAfter time.Duration
+	// ProbeTimeout bounds one latency probe of a peer. Default 2s.
+	ProbeTimeout time.Duration
+	// LatencyThreshold: a peer or database slower than this raises a
+	// warning. Default 10ms (every replica must be within 10ms of each
+	// other and of Postgres).
+	LatencyThreshold time.Duration
+	// Samples is how many recent probes the reported latency is the median
+	// of, so that one slow sample cannot flip a warning. Default 5.
+	Samples int
+	// Retention: rows of replicas dead for longer are deleted (by one
+	// replica at a time). Default 24h.
+	Retention time.Duration
+	// CleanupInterval is how often dead rows are looked for. Default 1h.
+	CleanupInterval time.Duration
+
+	// HTTPClient probes peers. Default: a keep-alive client; TLSConfig
+	// (if set) verifies https relay URLs.
+	HTTPClient *http.Client
+	// TLSConfig is used by the default HTTPClient for https relay URLs.
+	TLSConfig *tls.Config
+	// Logger defaults to a no-op logger.
+	Logger *zap.Logger
+	// Registerer, if set, receives the coderd_replica* metrics.
+	Registerer prometheus.Registerer
+	// Clock defaults to the real clock.
+	Clock Clock
+}
+
+// DefaultOptions returns the defaults every zero field of Options takes.
+func DefaultOptions() Options {
+	hostname, _ := os.Hostname()
+	return Options{
+		Hostname:          hostname,
+		RegionID:          999,
+		HeartbeatInterval: 5 * time.Second,
+		StaleAfter:        15 * time.Second,
+		ProbeTimeout:      2 * time.Second,
+		LatencyThreshold:  10 * time.Millisecond,
+		Samples:           5,
+		Retention:         24 * time.Hour,
+		CleanupInterval:   time.Hour,
+	}
+}
+
+func (o Options) withDefaults() Options {
+	d := DefaultOptions()
+	if o.ID == uuid.Nil {
+		o.ID = uuid.New()
+	}
+	if o.Hostname == "" {
+		o.Hostname = d.Hostname
+	}
+	if o.RegionID == 0 {
+		o.RegionID = d.RegionID
+	}
+	if o.HeartbeatInterval <= 0 {
+		o.HeartbeatInterval = d.HeartbeatInterval
+	}
+	if o.StaleAfter <= 0 {
+		o.StaleAfter = 3 * o.HeartbeatInterval
+	}
+	if o.ProbeTimeout <= 0 {
+		o.ProbeTimeout = d.ProbeTimeout
+	}
+	if o.LatencyThreshold <= 0 {
+		o.LatencyThreshold = d.LatencyThreshold
+	}
+	if o.Samples <= 0 {
+		o.Samples = d.Samples
+	}
+	if o.Retention <= 0 {
+		o.Retention = d.Retention
+	}
+	if o.CleanupInterval <= 0 {
+		o.CleanupInterval = d.CleanupInterval
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	if o.Clock == nil {
+		o.Clock = realClock{}
+	}
+	if o.HTTPClient == nil {
+		o.HTTPClient = &http.Client{
+			Transport: &http.Transport{
+				Proxy:               nil, // peers are reached directly, never through a proxy
+				DialContext:         (&net.Dialer{Timeout: o.ProbeTimeout, KeepAlive: 30 * time.Second}).DialContext,
+				TLSClientConfig:     o.TLSConfig,
+				MaxIdleConnsPerHost: 2,
+				IdleConnTimeout:     5 * time.Minute,
+				TLSHandshakeTimeout: o.ProbeTimeout,
+			},
+		}
+	}
+	return o
+}

@@ -1,0 +1,124 @@
+package replicasync
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/coder-ha/coder/database"
+)
+
+// probeLoop probes every regional peer when asked (each beat, and when a
+// peer joins).
+func (m *Manager) probeLoop() {
+	defer m.wg.Done()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-m.probeNow:
+			for _, p := range m.Regional() {
+				m.startProbe(p)
+			}
+		}
+	}
+}
+
+// startProbe probes one peer in its own goroutine, unless a probe of it is
+// already under way (a hung peer must not pile up probes).
+func (m *Manager) startProbe(p database.Replica) {
+	if p.RelayAddress == "" || p.RegionID != m.opts.RegionID {
+		return
+	}
+	m.mu.Lock()
+	st := m.probes[p.ID]
+	if st == nil {
+		st = &probeState{}
+		m.probes[p.ID] = st
+	}
+	if st.inFlight || m.ctx.Err() != nil {
+		m.mu.Unlock()
+		return
+	}
+	st.inFlight = true
+	m.wg.Add(1)
+	m.mu.Unlock()
+	go func() {
+		defer m.wg.Done()
+		latency, err := m.probe(p.RelayAddress)
+		m.recordProbe(p, latency, err)
+	}()
+}
+
+// probe measures one GET of the peer's latency-check endpoint.
+func (m *Manager) probe(relayURL string) (lat time.Duration, err error) {
+	ctx, cancel := context.WithTimeout(m.ctx, m.opts.ProbeTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(relayURL, "/")+"/derp/latency-check", nil)
+	if err != nil {
+		return 0, err
+	}
+	start := m.opts.Clock.Now()
+	resp, err := m.opts.HTTPClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
+	resp.Body.Close()
+	lat = m.opts.Clock.Now().Sub(start)
+	if resp.StatusCode/100 != 2 {
+		return lat, fmt.Errorf("latency check answered %s", resp.Status)
+	}
+	return lat, nil
+}
+
+// recordProbe stores a probe's result and, when the peer's warning or error
+// state changed, logs it once and has the row written and announced.
+func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err error) {
+	m.mu.Lock()
+	st := m.probes[p.ID]
+	if st == nil || m.ctx.Err() != nil { // the peer left meanwhile
+		if st != nil {
+			st.inFlight = false
+		}
+		m.mu.Unlock()
+		return
+	}
+	st.inFlight = false
+	oldErr, oldWarned := st.err, st.warned
+	if err != nil {
+		st.err = describeProbeError(err)
+	} else {
+		st.err = ""
+		st.samples = appendSample(st.samples, latency, m.opts.Samples)
+		st.warned = st.latency() > m.opts.LatencyThreshold
+	}
+	current := st.latency()
+	newErr, newWarned := st.err, st.warned
+	m.mu.Unlock()
+
+	if err == nil {
+		m.metrics.peerLatency.WithLabelValues(p.ID.String(), p.Hostname).Set(current.Seconds())
+	}
+	fields := []zap.Field{zap.String("peer_hostname", p.Hostname), zap.String("relay_url", p.RelayAddress), zap.Stringer("peer_id", p.ID)}
+	switch {
+	case newWarned && !oldWarned:
+		m.log.Warn("peer replica latency above threshold", append(fields, zap.Duration("latency", current), zap.Duration("threshold", m.opts.LatencyThreshold))...)
+	case !newWarned && oldWarned:
+		m.log.Info("peer replica latency back under threshold", append(fields, zap.Duration("latency", current), zap.Duration("threshold", m.opts.LatencyThreshold))...)
+	}
+	switch {
+	case newErr != "" && oldErr == "":
+		m.log.Warn("peer replica unreachable", append(fields, zap.String("error", newErr))...)
+	case newErr == "" && oldErr != "":
+		m.log.Info("peer replica reachable again", fields...)
+	}
+	if newErr != oldErr || newWarned != oldWarned {
+		m.trigger(m.writeNow)
+	}
+}
