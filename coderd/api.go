@@ -1,10 +1,19 @@
 package coderd
 
 import (
+	"fmt"
 	"net/http"
+	"sort"
+	"strings"
+
+	"tailscale.com/derp/derpserver"
+
+	"github.com/coder-ha/coder/derpmesh"
 )
 
 // routes builds the HTTP handler: health endpoints, the API and the relay.
+// No middleware wraps /derp: the relay hijacks the connection, which needs
+// the server's own ResponseWriter (http.Hijacker).
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -16,7 +25,18 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /api/v2/derp-map", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.derpMap)
 	})
+	mux.Handle("GET /api/v2/replicas", s.tokens.requireToken(http.HandlerFunc(s.handleReplicas)))
+	mux.Handle("GET /api/v2/debug/health", s.tokens.requireToken(http.HandlerFunc(s.handleHealth)))
+	if s.derp != nil {
+		mux.Handle("/derp", derpmesh.Handler(s.derp))
+		mux.HandleFunc("/derp/latency-check", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
+		mux.HandleFunc("/derp/probe", derpserver.ProbeHandler)
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/derp") {
+			writeError(w, http.StatusNotFound, "The embedded DERP relay is disabled on this replica.", "--derp-server-enable=false")
+			return
+		}
 		writeError(w, http.StatusNotFound, "Route not found.", r.Method+" "+r.URL.Path)
 	})
 	return mux
@@ -38,4 +58,88 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) handleBuildInfo(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, BuildInfo{Version: s.cfg.Version, DeploymentID: s.deploymentID, ReplicaID: s.replicaID})
+}
+
+// handleReplicas lists every live replica from this replica's view, which
+// is kept current by notifications; it answers through a Postgres outage.
+func (s *Server) handleReplicas(w http.ResponseWriter, r *http.Request) {
+	if s.repl == nil || s.repl.replicas == nil {
+		writeError(w, http.StatusServiceUnavailable, "The replica is still starting.", "")
+		return
+	}
+	rows := s.repl.replicas.All()
+	out := make([]Replica, 0, len(rows))
+	for _, row := range rows {
+		out = append(out, ReplicaFromRow(row))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// handleHealth reports the database, the replicas and the mesh as this
+// replica sees them. Each warning names what it is about.
+func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	if s.repl == nil || s.repl.replicas == nil {
+		writeError(w, http.StatusServiceUnavailable, "The replica is still starting.", "")
+		return
+	}
+	rs := s.repl.replicas
+	report := HealthReport{
+		Database: HealthSection{Healthy: true, Warnings: []string{}},
+		Replicas: HealthSection{Healthy: true, Warnings: []string{}},
+		DERPMesh: HealthSection{Healthy: true, Warnings: []string{}},
+	}
+	if rs.HeartbeatFailing() {
+		report.Database.Healthy = false
+		report.Database.Warnings = append(report.Database.Warnings, "heartbeats are failing: the database is unreachable (the relay keeps serving with the last known peers)")
+	}
+	if !s.repl.pubsub.Connected() {
+		report.Database.Healthy = false
+		report.Database.Warnings = append(report.Database.Warnings, "the LISTEN connection is down: peers are seen only at heartbeats until it reconnects")
+	}
+	for _, warning := range rs.Warnings() {
+		if strings.HasPrefix(warning, "the database") {
+			report.Database.Warnings = append(report.Database.Warnings, warning)
+		} else {
+			report.Replicas.Warnings = append(report.Replicas.Warnings, warning)
+		}
+	}
+
+	hostByURL := map[string]string{}
+	hostByID := map[string]string{}
+	urlByID := map[string]string{}
+	for _, p := range rs.Regional() {
+		hostByURL[p.RelayAddress] = p.Hostname
+		hostByID[p.ID.String()] = p.Hostname
+		urlByID[p.ID.String()] = p.RelayAddress
+	}
+	for _, p := range rs.PeerReports() {
+		if p.Error != "" {
+			report.Replicas.Healthy = false
+			report.Replicas.Warnings = append(report.Replicas.Warnings,
+				fmt.Sprintf("replica %q (%s) is unreachable: %s", hostByID[p.ID.String()], dash(urlByID[p.ID.String()]), p.Error))
+		}
+	}
+	if s.repl.mesh != nil {
+		for _, st := range s.repl.mesh.Status() {
+			if st.State != derpmesh.StateConnected {
+				report.DERPMesh.Healthy = false
+				msg := st.Error
+				if msg == "" {
+					msg = "connecting"
+				}
+				report.DERPMesh.Warnings = append(report.DERPMesh.Warnings,
+					fmt.Sprintf("cannot mesh with replica %q (%s): %s", hostByURL[st.URL], st.URL, msg))
+			}
+		}
+	}
+	sort.Strings(report.Replicas.Warnings)
+	report.Healthy = report.Database.Healthy && report.Replicas.Healthy && report.DERPMesh.Healthy
+	writeJSON(w, http.StatusOK, report)
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "no relay URL"
+	}
+	return s
 }

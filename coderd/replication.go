@@ -2,11 +2,37 @@ package coderd
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/google/uuid"
 	"go.uber.org/zap"
+
+	"github.com/coder-ha/coder/database/pubsub"
+	"github.com/coder-ha/coder/derpmesh"
+	"github.com/coder-ha/coder/replicasync"
 )
+
+// replication is the running cluster membership: pubsub, replica sync and
+// (with the DERP server enabled) the relay mesh.
+type replication struct {
+	pubsub   *pubsub.Pubsub
+	replicas *replicasync.Manager
+	mesh     *derpmesh.Mesh // nil when the DERP server is disabled
+	// meshSynced is set once the mesh has been given the peer set, so an
+	// empty mesh before the first sync does not count as "meshed".
+	meshSynced atomic.Bool
+
+	stopWatch chan struct{}
+	watchDone sync.WaitGroup
+}
 
 // checkStartupRules enforces the rule that needs the database: with the
 // DERP server enabled, a replica without a relay URL may not join a region
@@ -27,41 +53,201 @@ func (s *Server) checkStartupRules(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	var regional []string
 	for _, r := range live {
 		if int(r.RegionID) == s.cfg.DERPServerRegionID {
-			return &ConfigError{"derp-server-relay-url", fmt.Sprintf(
-				"is required: %d other replica(s) are running in region %d (e.g. %q), and they must reach this replica's relay directly; set it to a URL that reaches this replica, such as http://<this host's IP>:<port>",
-				len(live), s.cfg.DERPServerRegionID, r.Hostname)}
+			regional = append(regional, r.Hostname)
 		}
+	}
+	if len(regional) > 0 {
+		return &ConfigError{"derp-server-relay-url", fmt.Sprintf(
+			"is required: %d other replica(s) are live in region %d (%s) and must reach this replica's relay directly; set it to a URL that reaches this replica, e.g. http://<this host's IP>:<port>",
+			len(regional), s.cfg.DERPServerRegionID, strings.Join(regional, ", "))}
 	}
 	return nil
 }
 
-func (s *Server) startReplication(ctx context.Context) error { return nil }
+// meshTLSConfig trusts the system roots plus --derp-server-mesh-ca-file for
+// peers' https relay URLs.
+func (s *Server) meshTLSConfig() (*tls.Config, error) {
+	if s.cfg.DERPMeshCAFile == "" {
+		return nil, nil
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil || pool == nil {
+		pool = x509.NewCertPool()
+	}
+	pem, err := os.ReadFile(s.cfg.DERPMeshCAFile)
+	if err != nil {
+		return nil, &ConfigError{"derp-server-mesh-ca-file", err.Error()}
+	}
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, &ConfigError{"derp-server-mesh-ca-file", "no PEM certificate found in " + s.cfg.DERPMeshCAFile}
+	}
+	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+}
 
-func (s *Server) stopReplication() {}
+// startReplication joins the cluster: registers, announces, and meshes the
+// relay with the live regional peers.
+func (s *Server) startReplication(ctx context.Context, meshKey string) error {
+	tlsCfg, err := s.meshTLSConfig()
+	if err != nil {
+		return err
+	}
+	r := &replication{stopWatch: make(chan struct{})}
+	s.repl = r
+	r.pubsub, err = pubsub.New(ctx, s.db, pubsub.Options{Logger: s.log.Named("pubsub"), Registerer: s.registry})
+	if err != nil {
+		return err
+	}
+	r.replicas, err = replicasync.New(ctx, s.db, r.pubsub, replicasync.Options{
+		ID:                s.replicaID,
+		RegionID:          int32(s.cfg.DERPServerRegionID),
+		RelayAddress:      s.cfg.DERPServerRelayURL,
+		Version:           s.cfg.Version,
+		HeartbeatInterval: s.cfg.ReplicaHeartbeatInterval,
+		LatencyThreshold:  s.cfg.ReplicaLatencyThreshold,
+		TLSConfig:         tlsCfg,
+		Logger:            s.log.Named("replicasync"),
+		Registerer:        s.registry,
+	})
+	if err != nil {
+		return err
+	}
+	if s.derp == nil {
+		return nil
+	}
+	r.mesh, err = derpmesh.New(derpmesh.Options{
+		Server:       s.derp,
+		MeshKey:      meshKey,
+		TLSConfig:    tlsCfg,
+		Logger:       s.log.Named("derpmesh"),
+		OnPeerBroken: r.replicas.Reprobe,
+		Registerer:   s.registry,
+	})
+	if err != nil {
+		return err
+	}
+	s.registry.MustRegister(derpmesh.NewServerCollector(s.derp))
 
-func (s *Server) closeReplication() {}
+	ids := map[string]uuid.UUID{} // relay URL → the replica last seen there
+	r.replicas.SetCallback(func(peers []replicasync.Peer) {
+		urls := make([]string, 0, len(peers))
+		next := make(map[string]uuid.UUID, len(peers))
+		for _, p := range peers {
+			urls = append(urls, p.RelayAddress)
+			next[p.RelayAddress] = p.ID
+		}
+		r.mesh.SetAddresses(urls)
+		for url, id := range next {
+			if old, ok := ids[url]; ok && old != id {
+				// A new process behind a known URL: redial now rather than
+				// wait for the old connection to be found dead.
+				s.log.Info("peer replaced behind the same relay URL; reconnecting", zap.String("relay_url", url))
+				r.mesh.Reconnect(url)
+			}
+		}
+		ids = next
+		r.meshSynced.Store(true)
+	})
+	r.watchDone.Add(1)
+	go s.watchMeshErrors(r)
+	return nil
+}
+
+// watchMeshErrors copies persistent mesh failures into this replica's row
+// (so every replica's API shows them), and clears them when they heal.
+func (s *Server) watchMeshErrors(r *replication) {
+	defer r.watchDone.Done()
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.stopWatch:
+			return
+		case <-t.C:
+		}
+		var problems []string
+		for _, st := range r.mesh.Status() {
+			// A peer still dialing for the first second is not a problem yet.
+			if st.State != derpmesh.StateConnected && st.Error != "" && time.Since(st.Since) > time.Second {
+				problems = append(problems, fmt.Sprintf("cannot mesh with %s: %s", st.URL, st.Error))
+			}
+		}
+		sort.Strings(problems)
+		r.replicas.SetError(strings.Join(problems, "; "))
+	}
+}
+
+// stopReplication leaves the cluster: marks the row stopped and announces
+// it, so peers drop this replica at once. The mesh keeps forwarding this
+// replica's clients until the listeners close.
+func (s *Server) stopReplication() {
+	if s.repl == nil || s.repl.replicas == nil {
+		return
+	}
+	if err := s.repl.replicas.Close(); err != nil {
+		s.log.Warn("could not mark this replica stopped; peers will drop it after 3 heartbeats", zap.Error(err))
+	}
+}
+
+// closeReplication stops everything startReplication started.
+func (s *Server) closeReplication() {
+	r := s.repl
+	if r == nil {
+		return
+	}
+	if r.mesh != nil {
+		close(r.stopWatch)
+		r.watchDone.Wait()
+		_ = r.mesh.Close()
+	}
+	if r.replicas != nil {
+		_ = r.replicas.Close()
+	}
+	if r.pubsub != nil {
+		_ = r.pubsub.Close()
+	}
+}
 
 // watchReady latches readiness once the replica is registered and meshed
 // with every live regional peer it knows of. Once ready, it stays ready
 // until it drains: a peer dying or a Postgres outage must not take every
 // replica out of the load balancer at once.
 func (s *Server) watchReady() {
-	t := time.NewTicker(20 * time.Millisecond)
+	t := time.NewTicker(10 * time.Millisecond)
 	defer t.Stop()
+	start := time.Now()
+	lastLog := start
 	for range t.C {
 		if s.draining.Load() {
 			return
 		}
 		if s.meshReady() {
 			s.ready.Store(true)
-			s.log.Info("replica is ready")
+			s.log.Info("replica is ready", zap.Duration("took", time.Since(start).Round(time.Millisecond)))
 			return
+		}
+		if time.Since(lastLog) > 10*time.Second {
+			lastLog = time.Now()
+			var waiting []string
+			for _, st := range s.repl.mesh.Status() {
+				if st.State != derpmesh.StateConnected {
+					waiting = append(waiting, st.URL)
+				}
+			}
+			s.log.Info("not ready yet: waiting to mesh with peers", zap.Strings("peers", waiting))
 		}
 	}
 }
 
-func (s *Server) meshReady() bool { return true }
-
-var _ = zap.String
+func (s *Server) meshReady() bool {
+	r := s.repl
+	if r == nil || r.replicas == nil {
+		return false
+	}
+	if r.mesh == nil {
+		return true
+	}
+	return r.meshSynced.Load() && r.mesh.Ready()
+}

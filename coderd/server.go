@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -39,6 +38,7 @@ type Server struct {
 	derpMap      *tailcfg.DERPMap
 	registry     *prometheus.Registry
 	tokens       *tokenValidator
+	repl         *replication
 
 	servers   []*http.Server
 	listeners []net.Listener
@@ -89,8 +89,9 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	s.registry.MustRegister(newPoolCollector(s.db.Pool()))
 	s.tokens = newTokenValidator(s.db)
 
+	var meshKey string
 	if cfg.DERPServerEnable {
-		meshKey, err := s.db.DERPMeshKey(ctx)
+		meshKey, err = s.db.DERPMeshKey(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -102,7 +103,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	if err := s.listen(); err != nil {
 		return nil, err
 	}
-	if err := s.startReplication(ctx); err != nil {
+	if err := s.startReplication(ctx, meshKey); err != nil {
 		return nil, err
 	}
 	go s.watchReady()
@@ -251,5 +252,3 @@ func derpLogf(log *zap.Logger) func(format string, args ...any) {
 	l := log.Named("derp").Sugar()
 	return func(format string, args ...any) { l.Debugf(format, args...) }
 }
-
-var _ = os.Getpid

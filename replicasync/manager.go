@@ -359,7 +359,9 @@ func (m *Manager) heartbeat(ctx context.Context) error {
 		m.publish(ctx) // peers may have missed us; tell them to re-read
 	}
 	m.metrics.databaseLatency.Set(dbLatency.Seconds())
-	m.checkDatabaseLatency(dbLatency)
+	if samples := m.dbSampleCount(); samples >= min(minSamples, m.opts.Samples) {
+		m.checkDatabaseLatency(dbLatency)
+	}
 	return m.readPeers(ctx)
 }
 
@@ -511,6 +513,12 @@ func (m *Manager) warningsLocked() []string {
 	}
 	sort.Strings(peerWarnings)
 	return append(out, peerWarnings...)
+}
+
+func (m *Manager) dbSampleCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.dbSamples)
 }
 
 func (m *Manager) checkDatabaseLatency(latency time.Duration) {

@@ -10,6 +10,8 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/google/uuid"
+
 	"github.com/coder-ha/coder/database"
 )
 
@@ -50,8 +52,15 @@ func (m *Manager) startProbe(p database.Replica) {
 	m.mu.Unlock()
 	go func() {
 		defer m.wg.Done()
-		latency, err := m.probe(p.RelayAddress)
-		m.recordProbe(p, latency, err)
+		// A peer without enough samples (new, or just recovered) is probed
+		// back to back: the first probe also opens the kept-alive
+		// connection, and a warning needs a median, not one cold sample.
+		for {
+			latency, err := m.probe(p.RelayAddress)
+			if m.recordProbe(p, latency, err) >= minSamples || err != nil || !m.claimProbe(p.ID) {
+				return
+			}
+		}
 	}()
 }
 
@@ -77,9 +86,27 @@ func (m *Manager) probe(relayURL string) (lat time.Duration, err error) {
 	return lat, nil
 }
 
+// claimProbe marks a probe of id in flight, unless one already is or the
+// Manager is closing.
+func (m *Manager) claimProbe(id uuid.UUID) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st := m.probes[id]
+	if st == nil || st.inFlight || m.ctx.Err() != nil {
+		return false
+	}
+	st.inFlight = true
+	return true
+}
+
+// minSamples is how many probes a peer needs before its latency can raise
+// a warning.
+const minSamples = 3
+
 // recordProbe stores a probe's result and, when the peer's warning or error
-// state changed, logs it once and has the row written and announced.
-func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err error) {
+// state changed, logs it once and has the row written and announced. It
+// returns how many samples the peer now has.
+func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err error) int {
 	m.mu.Lock()
 	st := m.probes[p.ID]
 	if st == nil || m.ctx.Err() != nil { // the peer left meanwhile
@@ -87,17 +114,19 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 			st.inFlight = false
 		}
 		m.mu.Unlock()
-		return
+		return minSamples
 	}
 	st.inFlight = false
 	oldErr, oldWarned := st.err, st.warned
+	firstSample := len(st.samples) == 0 && err == nil
 	if err != nil {
 		st.err = describeProbeError(err)
 	} else {
 		st.err = ""
 		st.samples = appendSample(st.samples, latency, m.opts.Samples)
-		st.warned = st.latency() > m.opts.LatencyThreshold
+		st.warned = len(st.samples) >= min(minSamples, m.opts.Samples) && st.latency() > m.opts.LatencyThreshold
 	}
+	samples := len(st.samples)
 	current := st.latency()
 	newErr, newWarned := st.err, st.warned
 	m.mu.Unlock()
@@ -118,7 +147,10 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 	case newErr == "" && oldErr != "":
 		m.log.Info("peer replica reachable again", fields...)
 	}
-	if newErr != oldErr || newWarned != oldWarned {
+	// The first measurement of a new peer is worth telling too: the matrix
+	// every replica shows should not wait a beat to fill in.
+	if newErr != oldErr || newWarned != oldWarned || firstSample {
 		m.trigger(m.writeNow)
 	}
+	return samples
 }
