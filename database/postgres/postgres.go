@@ -380,7 +380,7 @@ func (c *Cluster) Start(ctx context.Context) error {
 	cmd.Stderr = logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Credential: c.cred,
-		Setpgid:    true,            // a terminal's Ctrl-C reaches the server, which stops us in order
+		Setpgid:    true,           // a terminal's Ctrl-C reaches the server, which stops us in order
 		Pdeathsig:  syscall.SIGINT, // if we are killed, the postmaster shuts down fast
 	}
 	if err := cmd.Start(); err != nil {
