@@ -53,11 +53,21 @@ func (s *Server) checkStartupRules(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	hostname, _ := os.Hostname()
 	var regional []string
 	for _, r := range live {
-		if int(r.RegionID) == s.cfg.DERPServerRegionID {
-			regional = append(regional, r.Hostname)
+		if int(r.RegionID) != s.cfg.DERPServerRegionID {
+			continue
 		}
+		if r.Hostname == hostname && r.RelayAddress == "" {
+			// A recent row from this host without a relay URL is, in all
+			// likelihood, this server's previous run (killed before it
+			// could mark itself stopped): not a peer to mesh with.
+			s.log.Info("ignoring a recent replica row from this host without a relay URL (a previous run of this server?)",
+				zap.Stringer("replica_id", r.ID), zap.Time("last_heartbeat", r.UpdatedAt))
+			continue
+		}
+		regional = append(regional, r.Hostname)
 	}
 	if len(regional) > 0 {
 		return &ConfigError{"derp-server-relay-url", fmt.Sprintf(

@@ -71,15 +71,19 @@ func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, erro
 	}
 	start := time.Now()
 	lastLog := start
+	var lastErr error // the last reason that was not our own deadline
 	for {
 		err = pool.Ping(ctx)
 		if err == nil {
 			return &DB{pool: pool, url: rawURL}, nil
 		}
+		if ctx.Err() == nil || lastErr == nil {
+			lastErr = err
+		}
 		if !retryable(err) || ctx.Err() != nil {
 			pool.Close()
 			if ctx.Err() != nil {
-				return nil, fmt.Errorf("connect to postgres at %s: gave up after %s: %s", where, opts.Timeout, Redact(rawURL, rootCause(err)))
+				return nil, fmt.Errorf("connect to postgres at %s: gave up after %s: %s", where, opts.Timeout, Redact(rawURL, rootCause(lastErr)))
 			}
 			return nil, fmt.Errorf("connect to postgres at %s: %s", where, Redact(rawURL, rootCause(err)))
 		}

@@ -79,6 +79,7 @@ func TestUnreachablePostgresFailsWithinThirtySecondsWithoutPassword(t *testing.T
 	const secret = "hunter2-very-secret"
 	port := clitest.FreePort(t)
 	u := "postgres://coder:" + secret + "@127.0.0.1:" + itoa(port) + "/coder?sslmode=disable"
+	clitest.Binary(t) // build first: the clock below times the server, not the compiler
 	start := time.Now()
 	p := clitest.StartServer(t, "replica", nil, "--postgres-url", u)
 	code := p.Wait(40 * time.Second)
@@ -95,6 +96,9 @@ func TestUnreachablePostgresFailsWithinThirtySecondsWithoutPassword(t *testing.T
 	if strings.Contains(out, secret) {
 		t.Fatalf("output shows the password:\n%s", out)
 	}
+	if !strings.Contains(out, "connection refused") {
+		t.Errorf("output does not give the reason:\n%s", out)
+	}
 	if strings.Contains(out, "goroutine ") {
 		t.Errorf("output has a stack trace:\n%s", out)
 	}
@@ -106,6 +110,7 @@ func TestWrongPasswordFailsAtOnce(t *testing.T) {
 	pg := dbtest.NewURL(t)
 	parsed, _ := url.Parse(pg)
 	parsed.User = url.UserPassword(parsed.User.Username(), "not-the-password")
+	clitest.Binary(t)
 	start := time.Now()
 	p := clitest.StartServer(t, "replica", []string{"CODER_PG_CONNECTION_URL=" + parsed.String()})
 	if code := p.Wait(30 * time.Second); code <= 0 {

@@ -1,0 +1,314 @@
+package helm_test
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+
+	"helm.sh/helm/v3/pkg/chart"
+	"helm.sh/helm/v3/pkg/chart/loader"
+	"helm.sh/helm/v3/pkg/chartutil"
+	"helm.sh/helm/v3/pkg/engine"
+	"helm.sh/helm/v3/pkg/lint"
+	"helm.sh/helm/v3/pkg/lint/support"
+	"helm.sh/helm/v3/pkg/strvals"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	"sigs.k8s.io/yaml"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+const chartDir = "coder"
+
+func loadChart(t *testing.T) *chart.Chart {
+	t.Helper()
+	c, err := loader.Load(chartDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// render renders the chart like `helm template coder ./coder -f file --set
+// sets...`, with the schema checked.
+func render(t *testing.T, valuesFile string, sets ...string) (map[string]string, error) {
+	t.Helper()
+	c := loadChart(t)
+	vals := map[string]any{}
+	if valuesFile != "" {
+		v, err := chartutil.ReadValuesFile(valuesFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vals = v.AsMap()
+	}
+	for _, s := range sets {
+		if err := strvals.ParseInto(s, vals); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rv, err := chartutil.ToRenderValues(c, vals, chartutil.ReleaseOptions{Name: "coder", Namespace: "coder", IsInstall: true, Revision: 1}, chartutil.DefaultCapabilities)
+	if err != nil {
+		return nil, err
+	}
+	return engine.Render(c, rv)
+}
+
+// manifests splits the rendered files into YAML documents, in a stable
+// order, dropping empty ones and NOTES.txt.
+func manifests(files map[string]string) []string {
+	var names []string
+	for n := range files {
+		if strings.HasSuffix(n, ".yaml") {
+			names = append(names, n)
+		}
+	}
+	sort.Strings(names)
+	var docs []string
+	for _, n := range names {
+		for _, d := range strings.Split(files[n], "\n---") {
+			if strings.TrimSpace(stripComments(d)) != "" {
+				docs = append(docs, strings.TrimSpace(d))
+			}
+		}
+	}
+	return docs
+}
+
+func stripComments(s string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(l), "#") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// objects decodes every manifest strictly into its Kubernetes API type:
+// an unknown or misspelled field is an error.
+type objects struct {
+	deployments []appsv1.Deployment
+	services    []corev1.Service
+	secrets     []corev1.Secret
+	pdbs        []policyv1.PodDisruptionBudget
+	ingresses   []networkingv1.Ingress
+	accounts    []corev1.ServiceAccount
+	others      []map[string]any
+}
+
+func decode(t *testing.T, docs []string) objects {
+	t.Helper()
+	var o objects
+	for _, d := range docs {
+		var meta struct {
+			Kind string `json:"kind"`
+		}
+		if err := yaml.Unmarshal([]byte(d), &meta); err != nil {
+			t.Fatalf("not YAML: %v\n%s", err, d)
+		}
+		var err error
+		switch meta.Kind {
+		case "Deployment":
+			var v appsv1.Deployment
+			err = yaml.UnmarshalStrict([]byte(d), &v)
+			o.deployments = append(o.deployments, v)
+		case "Service":
+			var v corev1.Service
+			err = yaml.UnmarshalStrict([]byte(d), &v)
+			o.services = append(o.services, v)
+		case "Secret":
+			var v corev1.Secret
+			err = yaml.UnmarshalStrict([]byte(d), &v)
+			o.secrets = append(o.secrets, v)
+		case "PodDisruptionBudget":
+			var v policyv1.PodDisruptionBudget
+			err = yaml.UnmarshalStrict([]byte(d), &v)
+			o.pdbs = append(o.pdbs, v)
+		case "Ingress":
+			var v networkingv1.Ingress
+			err = yaml.UnmarshalStrict([]byte(d), &v)
+			o.ingresses = append(o.ingresses, v)
+		case "ServiceAccount":
+			var v corev1.ServiceAccount
+			err = yaml.UnmarshalStrict([]byte(d), &v)
+			o.accounts = append(o.accounts, v)
+		case "ServiceMonitor":
+			var v map[string]any
+			err = yaml.Unmarshal([]byte(d), &v)
+			o.others = append(o.others, v)
+		default:
+			t.Fatalf("unexpected kind %q", meta.Kind)
+		}
+		if err != nil {
+			t.Fatalf("%s does not decode strictly: %v\n%s", meta.Kind, err, d)
+		}
+	}
+	return o
+}
+
+var valuesFiles = []string{"single", "ha3", "existing-secret", "loadbalancer-ingress-monitoring"}
+
+func TestChartLintsClean(t *testing.T) {
+	for _, name := range valuesFiles {
+		v, err := chartutil.ReadValuesFile(filepath.Join("testdata", "values", name+".yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		linter := lint.All(chartDir, v.AsMap(), "coder", false)
+		for _, m := range linter.Messages {
+			if m.Severity >= support.WarningSev {
+				t.Errorf("%s: helm lint: %s", name, m)
+			}
+		}
+	}
+}
+
+func TestEveryValuesFileRendersStrictlyValidObjectsMatchingGolden(t *testing.T) {
+	for _, name := range valuesFiles {
+		t.Run(name, func(t *testing.T) {
+			files, err := render(t, filepath.Join("testdata", "values", name+".yaml"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			docs := manifests(files)
+			decode(t, docs)
+			got := strings.Join(docs, "\n---\n") + "\n"
+			golden := filepath.Join("testdata", name+".golden")
+			if *update {
+				if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run: go test ./... -update)", err)
+			}
+			if !bytes.Equal(want, []byte(got)) {
+				t.Fatalf("rendered output differs from %s (rerun with -update if intended):\n%s", golden, diff(string(want), got))
+			}
+		})
+	}
+}
+
+func TestThreeReplicasGetPodIPRelayURLsProbesRollingUpdateAndPDB(t *testing.T) {
+	files, err := render(t, filepath.Join("testdata", "values", "single.yaml"), "coder.replicaCount=3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := decode(t, manifests(files))
+	if len(o.deployments) != 1 {
+		t.Fatalf("%d deployments", len(o.deployments))
+	}
+	d := o.deployments[0]
+	if d.Spec.Replicas == nil || *d.Spec.Replicas != 3 {
+		t.Fatalf("replicas = %v, want 3", d.Spec.Replicas)
+	}
+	c := d.Spec.Template.Spec.Containers[0]
+	env := map[string]int{}
+	for i, e := range c.Env {
+		env[e.Name] = i
+	}
+	podIP, ok := env["POD_IP"]
+	if !ok || c.Env[podIP].ValueFrom == nil || c.Env[podIP].ValueFrom.FieldRef == nil || c.Env[podIP].ValueFrom.FieldRef.FieldPath != "status.podIP" {
+		t.Fatal("POD_IP does not come from status.podIP")
+	}
+	relay, ok := env["CODER_DERP_SERVER_RELAY_URL"]
+	if !ok || c.Env[relay].Value != "http://$(POD_IP):8080" || relay < podIP {
+		t.Fatalf("relay URL env wrong or before POD_IP: %+v", c.Env)
+	}
+	if i, ok := env["CODER_HTTP_ADDRESS"]; !ok || c.Env[i].Value != "0.0.0.0:8080" {
+		t.Fatal("CODER_HTTP_ADDRESS is not 0.0.0.0:8080")
+	}
+	if i, ok := env["CODER_PG_CONNECTION_URL"]; !ok || c.Env[i].ValueFrom == nil || c.Env[i].ValueFrom.SecretKeyRef == nil {
+		t.Fatal("the Postgres URL does not come from a Secret")
+	}
+	if c.ReadinessProbe == nil || c.ReadinessProbe.HTTPGet.Path != "/readyz" {
+		t.Fatal("readiness does not probe /readyz")
+	}
+	if c.LivenessProbe == nil || c.LivenessProbe.HTTPGet.Path != "/healthz" {
+		t.Fatal("liveness does not probe /healthz")
+	}
+	if c.LivenessProbe.FailureThreshold <= c.ReadinessProbe.FailureThreshold {
+		t.Fatal("liveness must tolerate more failures than readiness")
+	}
+	ru := d.Spec.Strategy.RollingUpdate
+	if ru == nil || ru.MaxUnavailable == nil || ru.MaxUnavailable.IntValue() != 0 {
+		t.Fatal("rolling update does not keep every replica up (maxUnavailable: 0)")
+	}
+	if len(o.pdbs) != 1 {
+		t.Fatal("no PodDisruptionBudget with 3 replicas")
+	}
+	if d.Spec.Template.Spec.TerminationGracePeriodSeconds == nil || *d.Spec.Template.Spec.TerminationGracePeriodSeconds <= 15 {
+		t.Fatal("terminationGracePeriodSeconds is not longer than the shutdown grace period")
+	}
+	sc := c.SecurityContext
+	if sc == nil || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem || d.Spec.Template.Spec.SecurityContext.RunAsNonRoot == nil {
+		t.Fatal("the container is not non-root with a read-only root filesystem")
+	}
+	sel := d.Spec.Template.Spec.TopologySpreadConstraints[0].LabelSelector.MatchLabels
+	if sel["app.kubernetes.io/instance"] != "coder" {
+		t.Fatalf("topology spread does not select this release: %v", sel)
+	}
+}
+
+func TestOneReplicaHasNoPDB(t *testing.T) {
+	files, err := render(t, filepath.Join("testdata", "values", "single.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o := decode(t, manifests(files)); len(o.pdbs) != 0 {
+		t.Fatal("a PDB for a single replica would block node drains forever")
+	}
+}
+
+func TestWrongValuesFailWithClearMessages(t *testing.T) {
+	single := filepath.Join("testdata", "values", "single.yaml")
+	for _, tc := range []struct {
+		name, valuesFile string
+		sets             []string
+		want             string
+	}{
+		{"replicaCount=three", single, []string{"coder.replicaCount=three"}, "replicaCount"},
+		{"replicaCount=0", single, []string{"coder.replicaCount=0"}, "replicaCount"},
+		{"misspelled key", single, []string{"coder.replicas=3"}, "replicas"},
+		{"no postgres", "", nil, "coder.postgres.url or coder.postgres.existingSecret.name is required"},
+		{"grace longer than termination", single, []string{"coder.shutdownGracePeriod=60s"}, "terminationGracePeriodSeconds"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := render(t, tc.valuesFile, tc.sets...)
+			if err == nil {
+				t.Fatal("rendered; want an error")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error does not mention %q: %v", tc.want, err)
+			}
+		})
+	}
+}
+
+// diff shows the first differing lines.
+func diff(want, got string) string {
+	w, g := strings.Split(want, "\n"), strings.Split(got, "\n")
+	for i := 0; i < len(w) || i < len(g); i++ {
+		var a, b string
+		if i < len(w) {
+			a = w[i]
+		}
+		if i < len(g) {
+			b = g[i]
+		}
+		if a != b {
+			return fmt.Sprintf("line %d:\n- %s\n+ %s", i+1, a, b)
+		}
+	}
+	return ""
+}
