@@ -62,6 +62,10 @@ type Config struct {
 
 	// Version is reported in buildinfo and the replica row.
 	Version string
+
+	// DebugClockOffset shifts this process's local clock as replica sync
+	// sees it (hidden flag, for fault tests): liveness must not depend on it.
+	DebugClockOffset time.Duration
 }
 
 // ConfigError is a start-up rule violation: one line, naming the flag.

@@ -120,6 +120,7 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		TLSConfig:         tlsCfg,
 		Logger:            s.log.Named("replicasync"),
 		Registerer:        s.registry,
+		Clock:             offsetClock(s.cfg.DebugClockOffset),
 	})
 	if err != nil {
 		return err
@@ -164,6 +165,11 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 	go s.watchMeshErrors(r)
 	return nil
 }
+
+// offsetClock is the local clock shifted by d.
+type offsetClock time.Duration
+
+func (c offsetClock) Now() time.Time { return time.Now().Add(time.Duration(c)) }
 
 // watchMeshErrors copies persistent mesh failures into this replica's row
 // (so every replica's API shows them), and clears them when they heal.

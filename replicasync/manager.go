@@ -297,6 +297,10 @@ func (m *Manager) loop() {
 	defer m.wg.Done()
 	beat := time.NewTicker(m.opts.HeartbeatInterval)
 	defer beat.Stop()
+	// While heartbeats fail (Postgres down), retry every second at most, so
+	// the replica is back in sync soon after the database returns.
+	retry := time.NewTicker(min(time.Second, m.opts.HeartbeatInterval))
+	defer retry.Stop()
 	cleanup := time.NewTicker(m.opts.CleanupInterval)
 	defer cleanup.Stop()
 	m.cleanup()
@@ -306,6 +310,10 @@ func (m *Manager) loop() {
 			return
 		case <-beat.C:
 			if m.heartbeat(m.ctx) == nil {
+				m.trigger(m.probeNow)
+			}
+		case <-retry.C:
+			if m.HeartbeatFailing() && m.heartbeat(m.ctx) == nil {
 				m.trigger(m.probeNow)
 			}
 		case <-m.writeNow:

@@ -48,9 +48,9 @@ type Options struct {
 	// are dropped and the listener gets ErrDroppedMessages. Default 64.
 	QueueSize int
 	// ReconnectMin and ReconnectMax bound the backoff between attempts to
-	// re-establish the listen connection. Defaults 100ms and 5s: quick
-	// enough to resync within a beat after Postgres returns, slow enough
-	// not to hammer a database that is down.
+	// re-establish the listen connection. Defaults 100ms and 1s: a replica
+	// resyncs within about a second of Postgres returning, at the cost of
+	// one connection attempt per second while it is down.
 	ReconnectMin, ReconnectMax time.Duration
 }
 
@@ -65,7 +65,7 @@ func (o Options) withDefaults() Options {
 		o.ReconnectMin = 100 * time.Millisecond
 	}
 	if o.ReconnectMax <= 0 {
-		o.ReconnectMax = 5 * time.Second
+		o.ReconnectMax = time.Second
 	}
 	return o
 }

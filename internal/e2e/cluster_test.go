@@ -2,10 +2,8 @@ package e2e_test
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/http"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -19,56 +17,17 @@ import (
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
 
-// replica starts one server configured only the way the HA guide's table
-// does: CODER_ADDRESS, CODER_DERP_SERVER_RELAY_URL, CODER_ACCESS_URL and
-// the Postgres URL.
-func replica(t *testing.T, name, pg string, extraEnv ...string) *clitest.Process {
+func replica(t *testing.T, name, pg string) *clitest.Process {
 	t.Helper()
-	port := clitest.FreePort(t)
-	addr := "127.0.0.1:" + strconv.Itoa(port)
-	env := append([]string{
-		"CODER_ADDRESS=" + addr,
-		"CODER_DERP_SERVER_RELAY_URL=http://" + addr,
-		"CODER_ACCESS_URL=https://coder.big.corp",
-		"CODER_PG_CONNECTION_URL=" + pg,
-		// Loopback under the race detector on two busy cores is not a
-		// datacenter: keep the 10ms warning for the latency tests that
-		// inject delay on purpose.
-		"CODER_REPLICA_LATENCY_THRESHOLD=200ms",
-	}, extraEnv...)
-	p := clitest.Start(t, name, env, "server")
-	p.Port, p.URL = port, "http://"+addr
-	return p
+	return clitest.StartReplica(t, clitest.ReplicaOptions{Name: name, PostgresURL: pg})
 }
 
-func createToken(t *testing.T, pg string) string {
-	t.Helper()
-	p := clitest.Start(t, "create-token", []string{"CODER_PG_CONNECTION_URL=" + pg}, "server", "create-token", "--name", "e2e")
-	if code := p.Wait(60 * time.Second); code != 0 {
-		t.Fatalf("create-token exit %d: %s", code, p.Output())
-	}
-	tok := strings.TrimSpace(p.Output())
-	if strings.ContainsAny(tok, " \n") || tok == "" {
-		t.Fatalf("create-token printed more than a token: %q", p.Output())
-	}
-	return tok
-}
+func createToken(t *testing.T, pg string) string { return clitest.CreateToken(t, pg) }
 
 func apiGet(t *testing.T, url, token string, v any) int {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodGet, url, nil)
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if v != nil {
-		_ = json.NewDecoder(resp.Body).Decode(v)
-	}
-	return resp.StatusCode
+	p := &clitest.Process{URL: url}
+	return p.GetJSON("", token, v)
 }
 
 // fullMatrix reports whether every replica, as seen through r, lists every

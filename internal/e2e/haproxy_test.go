@@ -84,17 +84,10 @@ func TestRollingRestartBehindHAProxyLosesNoRequests(t *testing.T) {
 
 	ports := []int{clitest.FreePort(t), clitest.FreePort(t), clitest.FreePort(t)}
 	startReplica := func(i int) *clitest.Process {
-		addr := "127.0.0.1:" + strconv.Itoa(ports[i])
-		p := clitest.Start(t, fmt.Sprintf("coder-%d", i+1), []string{
-			"CODER_ADDRESS=" + addr,
-			"CODER_DERP_SERVER_RELAY_URL=http://" + addr,
-			"CODER_ACCESS_URL=https://coder.big.corp",
-			"CODER_PG_CONNECTION_URL=" + pg,
-			"CODER_SHUTDOWN_GRACE_PERIOD=" + grace,
-			"CODER_REPLICA_LATENCY_THRESHOLD=200ms",
-		}, "server")
-		p.Port, p.URL = ports[i], "http://"+addr
-		return p
+		return clitest.StartReplica(t, clitest.ReplicaOptions{
+			Name: fmt.Sprintf("coder-%d", i+1), PostgresURL: pg, Port: ports[i],
+			Env: []string{"CODER_SHUTDOWN_GRACE_PERIOD=" + grace},
+		})
 	}
 	replicas := make([]*clitest.Process, 3)
 	var servers strings.Builder
