@@ -23,6 +23,10 @@ test-go:
 test-helm:
 	cd helm && $(GO) test -timeout 10m ./...
 
+## test-ha: the fault-injection suite (real processes, Postgres outage, kill -9, partitions)
+test-ha: deps
+	$(GO) test -race -tags ha -count=1 -timeout 15m -v ./internal/hatest/ 2>&1 | tee /tmp/coder-test-ha.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+ha_test.go)'; exit $${PIPESTATUS[0]}
+
 ## lint: gofmt and go vet
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi

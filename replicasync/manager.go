@@ -62,6 +62,10 @@ type Manager struct {
 	callback    func([]Peer)
 	callbackDue bool // the callback has not yet been told the current set
 	beatFailing bool
+	// keepPeersUntil: right after a database outage, peers that have not
+	// re-beaten yet look stale; until then the known peers are kept, so the
+	// mesh is not torn down while everyone catches up.
+	keepPeersUntil time.Time
 
 	cancelSub func()
 	closeOnce sync.Once
@@ -359,6 +363,9 @@ func (m *Manager) heartbeat(ctx context.Context) error {
 	m.self = self
 	recovered := m.beatFailing
 	m.beatFailing = false
+	if recovered {
+		m.keepPeersUntil = time.Now().Add(m.opts.StaleAfter)
+	}
 	m.dbSamples = appendSample(m.dbSamples, rtt, m.opts.Samples)
 	dbLatency := median(m.dbSamples)
 	m.mu.Unlock()
@@ -403,6 +410,13 @@ func (m *Manager) readPeers(ctx context.Context) error {
 		}
 	}
 	m.mu.Lock()
+	if time.Now().Before(m.keepPeersUntil) {
+		for id, old := range m.peers {
+			if _, ok := peers[id]; !ok {
+				peers[id] = old
+			}
+		}
+	}
 	var joined []database.Replica
 	for id, p := range peers {
 		if _, known := m.peers[id]; !known && p.RegionID == m.opts.RegionID {

@@ -116,6 +116,34 @@ func NewURL(t testing.TB) string {
 	return withDatabase(adminURL, name)
 }
 
+// NewEmptyURL returns the URL of a new database with no schema at all, for
+// tests of what happens on a fresh database (migrations, first start).
+func NewEmptyURL(t testing.TB) string {
+	t.Helper()
+	setupOnce.Do(func() { setupErr = setup() })
+	if setupErr != nil {
+		t.Fatalf("test postgres: %v", setupErr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	name := "empty_" + strings.ReplaceAll(uuid.NewString(), "-", "")
+	if err := withAdmin(ctx, func(conn *pgx.Conn) error {
+		_, err := conn.Exec(ctx, "CREATE DATABASE "+name)
+		return err
+	}); err != nil {
+		t.Fatalf("create empty database: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_ = withAdmin(ctx, func(conn *pgx.Conn) error {
+			_, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
+			return err
+		})
+	})
+	return withDatabase(adminURL, name)
+}
+
 // NewDB connects to a new migrated database that only t uses.
 func NewDB(t testing.TB) *database.DB {
 	t.Helper()
