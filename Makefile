@@ -27,6 +27,12 @@ test-helm:
 test-ha: deps
 	$(GO) test -race -tags ha -count=1 -timeout 15m -v ./internal/hatest/ 2>&1 | tee /tmp/coder-test-ha.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+ha_test.go)'; exit $${PIPESTATUS[0]}
 
+## bench: convergence, failure detection, relay throughput vs derper, heartbeat cost, footprint;
+## prints a markdown table and writes bench-results/results.{md,json}
+bench: deps build
+	BENCH_OUT=$(CURDIR)/bench-results $(GO) test -tags bench -count=1 -timeout 60m -run TestBench ./internal/bench/ > bench-results.log 2>&1 || (tail -50 bench-results.log; exit 1)
+	@cat bench-results/results.md
+
 ## lint: gofmt and go vet
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi

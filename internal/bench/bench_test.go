@@ -1,0 +1,598 @@
+//go:build bench
+
+package bench_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/coder-ha/coder/coderd"
+	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/internal/clitest"
+	"github.com/coder-ha/coder/internal/derptest"
+)
+
+func TestMain(m *testing.M) { dbtest.Main(m) }
+
+// Row is one line of the results table.
+type Row struct {
+	Measurement string    `json:"measurement"`
+	Unit        string    `json:"unit"`
+	Samples     []float64 `json:"samples"`
+	Median      float64   `json:"median"`
+	Min         float64   `json:"min"`
+	Max         float64   `json:"max"`
+	Target      string    `json:"target"`
+	Met         string    `json:"met"` // "yes", "no" or "" (no target)
+	Note        string    `json:"note,omitempty"`
+}
+
+type results struct {
+	Machine string `json:"machine"`
+	When    string `json:"when"`
+	Rows    []Row  `json:"rows"`
+}
+
+func summarize(r Row, better string, target float64) Row {
+	s := append([]float64(nil), r.Samples...)
+	sort.Float64s(s)
+	if len(s) > 0 {
+		r.Median, r.Min, r.Max = s[len(s)/2], s[0], s[len(s)-1]
+	}
+	switch {
+	case target == 0 || len(s) == 0:
+	case better == "lower" && r.Median <= target, better == "higher" && r.Median >= target:
+		r.Met = "yes"
+	default:
+		r.Met = "no"
+	}
+	return r
+}
+
+var runs = envInt("BENCH_RUNS", 3)
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func TestBench(t *testing.T) {
+	dir := t.TempDir()
+	caPEM, certFile, keyFile := writeCerts(t, dir)
+	// Every TLS client in this process (DERP clients) trusts the bench CA.
+	os.Setenv("SSL_CERT_FILE", caPEM)
+	clitest.Binary(t)
+	res := results{Machine: machine(), When: time.Now().UTC().Format(time.RFC3339)}
+	add := func(r Row) {
+		res.Rows = append(res.Rows, r)
+		t.Logf("%s: median %.2f %s (%d runs) %s", r.Measurement, r.Median, r.Unit, len(r.Samples), r.Note)
+	}
+
+	for _, n := range []int{3, 10, 50} {
+		join, ready := joinToMeshed(t, n)
+		target := map[int]float64{3: 250, 10: 0, 50: 1000}[n]
+		add(summarize(Row{Measurement: fmt.Sprintf("join → meshed, N=%d", n), Unit: "ms", Samples: join,
+			Target: targetText(target, "≤ %.0f ms")}, "lower", target))
+		if n == 3 {
+			add(summarize(Row{Measurement: "start → ready (existing database, 2 peers)", Unit: "ms", Samples: ready}, "lower", 0))
+		}
+	}
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+		d := detection(t, sig)
+		name := map[syscall.Signal]string{syscall.SIGTERM: "leave detection (SIGTERM), every peer dropped it", syscall.SIGKILL: "crash detection (kill -9), every peer reports it unreachable"}[sig]
+		add(summarize(Row{Measurement: name, Unit: "ms", Samples: d, Target: "≤ 1000 ms"}, "lower", 1000))
+	}
+	for _, r := range relay(t, dir, caPEM, certFile, keyFile) {
+		add(r)
+	}
+	for _, n := range []int{10, 50, 100} {
+		for _, r := range heartbeatCost(t, n) {
+			add(r)
+		}
+	}
+	add(footprint(t))
+
+	out := os.Getenv("BENCH_OUT")
+	if out == "" {
+		out = "bench-results"
+	}
+	_ = os.MkdirAll(out, 0o755)
+	j, _ := json.MarshalIndent(res, "", "  ")
+	_ = os.WriteFile(filepath.Join(out, "results.json"), j, 0o644)
+	table := markdown(res)
+	_ = os.WriteFile(filepath.Join(out, "results.md"), []byte(table), 0o644)
+	fmt.Println(table)
+}
+
+func targetText(v float64, f string) string {
+	if v == 0 {
+		return ""
+	}
+	return fmt.Sprintf(f, v)
+}
+
+func markdown(r results) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Machine: %s; %s\n\n", r.Machine, r.When)
+	b.WriteString("| measurement | median | min – max | runs | target | met |\n|---|---|---|---|---|---|\n")
+	for _, row := range r.Rows {
+		fmt.Fprintf(&b, "| %s | %s %s | %s – %s | %d | %s | %s |\n", row.Measurement, num(row.Median), row.Unit, num(row.Min), num(row.Max), len(row.Samples), row.Target, row.Met)
+	}
+	for _, row := range r.Rows {
+		if row.Note != "" {
+			fmt.Fprintf(&b, "\n- %s: %s", row.Measurement, row.Note)
+		}
+	}
+	b.WriteString("\n")
+	return b.String()
+}
+
+func num(f float64) string {
+	switch {
+	case f >= 100:
+		return fmt.Sprintf("%.0f", f)
+	case f >= 10:
+		return fmt.Sprintf("%.1f", f)
+	}
+	return fmt.Sprintf("%.2f", f)
+}
+
+func machine() string {
+	model := ""
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				model = strings.TrimSpace(strings.SplitN(l, ":", 2)[1])
+				break
+			}
+		}
+	}
+	return fmt.Sprintf("%d cores (%s), %s, %s/%s", runtime.NumCPU(), model, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
+type cluster struct {
+	t     *testing.T
+	pg    string
+	nodes []*clitest.Process
+}
+
+func (c *cluster) add(env ...string) *clitest.Process {
+	p := clitest.StartReplica(c.t, clitest.ReplicaOptions{Name: fmt.Sprintf("r%d", len(c.nodes)+1), PostgresURL: c.pg, Env: env})
+	c.nodes = append(c.nodes, p)
+	return p
+}
+
+func (c *cluster) stopAll() {
+	for _, n := range c.nodes {
+		if !n.Exited() {
+			n.Signal(syscall.SIGTERM)
+		}
+	}
+	for _, n := range c.nodes {
+		n.Wait(30 * time.Second)
+	}
+	c.nodes = nil
+}
+
+func connectRetry(url string, d time.Duration) *derptest.Client {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c, err := derptest.Connect(ctx, url)
+		cancel()
+		if err == nil {
+			return c
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return nil
+}
+
+// joinToMeshed: from starting a replica to the first packet crossing the
+// mesh from an existing replica's client to a client of the new one.
+func joinToMeshed(t *testing.T, n int) (join, ready []float64) {
+	c := &cluster{t: t, pg: dbtest.NewURL(t)}
+	defer c.stopAll()
+	for i := 0; i < n-1; i++ {
+		c.add().WaitReady(2 * time.Minute)
+	}
+	time.Sleep(time.Second) // let the existing mesh settle
+	x := connectRetry(c.nodes[0].URL, 10*time.Second)
+	if x == nil {
+		t.Fatal("cannot connect to replica 1")
+	}
+	defer x.Close()
+	for run := 0; run < runs; run++ {
+		start := time.Now()
+		p := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("joiner-%d", run), PostgresURL: c.pg})
+		y := connectRetry(p.URL, 30*time.Second)
+		if y == nil {
+			t.Fatalf("cannot connect to the joining replica:\n%s", p.Output())
+		}
+		crossed := false
+		for time.Since(start) < 30*time.Second && !crossed {
+			_ = x.Send(y.Key, []byte("hello"))
+			crossed = len(y.WaitPackets(x.Key, 1, 2*time.Millisecond)) > 0
+		}
+		if !crossed {
+			t.Fatalf("no packet crossed to the joining replica at N=%d", n)
+		}
+		join = append(join, ms(time.Since(start)))
+		if clitest.Eventually(30*time.Second, func() bool { return p.Status("/readyz") == http.StatusOK }) {
+			ready = append(ready, ms(time.Since(start)))
+		}
+		_ = y.Close()
+		p.Signal(syscall.SIGTERM)
+		p.Wait(30 * time.Second)
+		time.Sleep(500 * time.Millisecond)
+	}
+	return join, ready
+}
+
+// detection: time until every peer has dropped a replica stopped with sig
+// (SIGTERM: gone from every peer's list; kill -9: every peer reports it
+// unreachable, from its own probes).
+func detection(t *testing.T, sig syscall.Signal) []float64 {
+	c := &cluster{t: t, pg: dbtest.NewURL(t)}
+	defer c.stopAll()
+	token := clitest.CreateToken(t, c.pg)
+	for i := 0; i < 3; i++ {
+		c.add().WaitReady(time.Minute)
+	}
+	var out []float64
+	for run := 0; run < runs; run++ {
+		victim := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("victim-%d", run), PostgresURL: c.pg})
+		victim.WaitReady(time.Minute)
+		var info coderd.BuildInfo
+		victim.GetJSON("/api/v2/buildinfo", "", &info)
+		id := info.ReplicaID
+		clitest.Eventually(10*time.Second, func() bool { return allMeasured(c.nodes, token, id.String()) })
+		start := time.Now()
+		if sig == syscall.SIGKILL {
+			victim.Kill()
+		} else {
+			victim.Signal(sig)
+		}
+		ok := clitest.Eventually(30*time.Second, func() bool {
+			for _, n := range c.nodes {
+				var rs []coderd.Replica
+				n.GetJSON("/api/v2/replicas", token, &rs)
+				if sig == syscall.SIGTERM && listed(rs, id.String()) {
+					return false
+				}
+				if sig == syscall.SIGKILL && listed(rs, id.String()) && !unreachable(rs, info.ReplicaID.String(), n) {
+					return false
+				}
+			}
+			return true
+		})
+		if ok {
+			out = append(out, ms(time.Since(start)))
+		}
+		victim.Wait(30 * time.Second)
+		time.Sleep(500 * time.Millisecond)
+	}
+	return out
+}
+
+func listed(rs []coderd.Replica, id string) bool {
+	for _, r := range rs {
+		if r.ID.String() == id {
+			return true
+		}
+	}
+	return false
+}
+
+// unreachable: n's own row reports the peer with an error.
+func unreachable(rs []coderd.Replica, peer string, n *clitest.Process) bool {
+	var self coderd.BuildInfo
+	n.GetJSON("/api/v2/buildinfo", "", &self)
+	for _, r := range rs {
+		if r.ID != self.ReplicaID {
+			continue
+		}
+		for _, p := range r.Peers {
+			if p.ID.String() == peer {
+				return p.Error != ""
+			}
+		}
+	}
+	return false
+}
+
+func allMeasured(nodes []*clitest.Process, token, peer string) bool {
+	for _, n := range nodes {
+		var rs []coderd.Replica
+		n.GetJSON("/api/v2/replicas", token, &rs)
+		var self coderd.BuildInfo
+		n.GetJSON("/api/v2/buildinfo", "", &self)
+		found := false
+		for _, r := range rs {
+			if r.ID != self.ReplicaID {
+				continue
+			}
+			for _, p := range r.Peers {
+				if p.ID.String() == peer && p.Error == "" && p.LatencyMS > 0 {
+					found = true
+				}
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// relay measures 1 KB packets between two clients (windowed, no drops): on
+// the same replica, on two replicas, and on two derper processes meshed
+// with --mesh-with, all over TLS with the same CA, in one run.
+func relay(t *testing.T, dir, caPEM, certFile, keyFile string) []Row {
+	derper := buildDerper(t, dir)
+	meshKey := make([]byte, 32)
+	_, _ = rand.Read(meshKey)
+	pskFile := filepath.Join(dir, "mesh.key")
+	_ = os.WriteFile(pskFile, []byte(hex.EncodeToString(meshKey)), 0o600)
+	p1, p2 := clitest.FreePort(t), clitest.FreePort(t)
+	startDerper := func(port, other int) {
+		cfg := filepath.Join(dir, fmt.Sprintf("derper-%d.json", port))
+		cmd := exec.Command(derper, "-a", fmt.Sprintf("127.0.0.1:%d", port), "-http-port", "-1", "-stun=false",
+			"-certmode", "manual", "-certdir", filepath.Join(dir, "certs"), "-hostname", "127.0.0.1",
+			"-c", cfg, "-mesh-psk-file", pskFile, "-mesh-with", fmt.Sprintf("127.0.0.1:%d,127.0.0.1:%d", port, other))
+		cmd.Env = append(os.Environ(), "SSL_CERT_FILE="+caPEM)
+		var out strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+			if t.Failed() {
+				t.Logf("derper %d:\n%s", port, out.String())
+			}
+		})
+	}
+	startDerper(p1, p2)
+	startDerper(p2, p1)
+
+	pg := dbtest.NewURL(t)
+	tlsReplica := func(name string) string {
+		tlsPort := clitest.FreePort(t)
+		relayURL := fmt.Sprintf("https://127.0.0.1:%d", tlsPort)
+		p := clitest.StartReplica(t, clitest.ReplicaOptions{Name: name, PostgresURL: pg, RelayURL: relayURL, Env: []string{
+			"CODER_TLS_ENABLE=true", fmt.Sprintf("CODER_TLS_ADDRESS=127.0.0.1:%d", tlsPort),
+			"CODER_TLS_CERT_FILE=" + certFile, "CODER_TLS_KEY_FILE=" + keyFile,
+			"CODER_DERP_SERVER_MESH_CA_FILE=" + caPEM,
+		}})
+		p.WaitReady(time.Minute)
+		return relayURL
+	}
+	r1, r2 := tlsReplica("tls-1"), tlsReplica("tls-2")
+
+	type pair struct {
+		name string
+		a, b string
+	}
+	pairs := []pair{
+		{"same replica", r1, r1},
+		{"two replicas (mesh)", r1, r2},
+		{"two derpers (--mesh-with)", fmt.Sprintf("https://127.0.0.1:%d", p1), fmt.Sprintf("https://127.0.0.1:%d", p2)},
+	}
+	const packets, window = 20000, 24
+	tput := map[string][]float64{}
+	lat := map[string][]float64{}
+	losses := map[string]int{}
+	for run := 0; run < runs; run++ {
+		for _, p := range pairs { // interleaved, so the machine's state is shared fairly
+			a, b := connectRetry(p.a, 20*time.Second), connectRetry(p.b, 20*time.Second)
+			if a == nil || b == nil {
+				t.Fatalf("%s: cannot connect", p.name)
+			}
+			if !derptest.Reachable(a, b, 10*time.Second) {
+				t.Fatalf("%s: clients cannot reach each other", p.name)
+			}
+			start := time.Now()
+			lost := derptest.Exchange(a, b, packets, 1024, window, 2*time.Second)
+			secs := time.Since(start).Seconds()
+			losses[p.name] += lost
+			tput[p.name] = append(tput[p.name], float64(packets-lost)*1024/secs/1e6)
+			var rtts []float64
+			msg := make([]byte, 1024)
+			for i := 0; i < 200; i++ {
+				s := time.Now()
+				_ = a.Send(b.Key, msg)
+				if len(b.WaitPackets(a.Key, 1, time.Second)) == 0 {
+					continue
+				}
+				_ = b.Send(a.Key, msg)
+				if len(a.WaitPackets(b.Key, 1, time.Second)) == 0 {
+					continue
+				}
+				rtts = append(rtts, ms(time.Since(s)))
+			}
+			sort.Float64s(rtts)
+			if len(rtts) > 0 {
+				lat[p.name] = append(lat[p.name], rtts[len(rtts)/2])
+			}
+			_ = a.Close()
+			_ = b.Close()
+		}
+	}
+	var rows []Row
+	for _, p := range pairs {
+		note := ""
+		if losses[p.name] > 0 {
+			note = fmt.Sprintf("%d packets lost in total", losses[p.name])
+		}
+		rows = append(rows, summarize(Row{Measurement: "relay throughput, 1 KB packets, " + p.name, Unit: "MB/s", Samples: tput[p.name], Note: note}, "higher", 0))
+	}
+	med := func(name string) float64 { return summarize(Row{Samples: tput[name]}, "", 0).Median }
+	cross, same, derpers := med(pairs[1].name), med(pairs[0].name), med(pairs[2].name)
+	rows = append(rows,
+		summarize(Row{Measurement: "cross-replica / derper-pair throughput", Unit: "×", Samples: []float64{cross / derpers}, Target: "≥ 1.0×"}, "higher", 1.0),
+		summarize(Row{Measurement: "cross-replica / same-replica throughput", Unit: "×", Samples: []float64{cross / same}, Target: "≥ 0.9×"}, "higher", 0.9),
+	)
+	for _, p := range pairs {
+		rows = append(rows, summarize(Row{Measurement: "relay round trip, 1 KB, " + p.name, Unit: "ms", Samples: lat[p.name]}, "lower", 0))
+	}
+	return rows
+}
+
+func buildDerper(t *testing.T, dir string) string {
+	bin := filepath.Join(dir, "bin")
+	cmd := exec.Command("go", "install", "tailscale.com/cmd/derper@v1.102.5")
+	cmd.Env = append(os.Environ(), "GOBIN="+bin)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build derper: %v\n%s", err, out)
+	}
+	return filepath.Join(bin, "derper")
+}
+
+// heartbeatCost: queries per beat per replica and Postgres CPU with n
+// replicas idle. The DERP server is disabled so that n processes' relays
+// and probes do not compete for the machine's two cores: the database load
+// is the same either way.
+func heartbeatCost(t *testing.T, n int) []Row {
+	pg := dbtest.NewURL(t)
+	c := &cluster{t: t, pg: pg}
+	defer c.stopAll()
+	for i := 0; i < n; i++ {
+		c.add("CODER_DERP_SERVER_ENABLE=false")
+	}
+	for _, node := range c.nodes {
+		node.WaitReady(2 * time.Minute)
+	}
+	time.Sleep(6 * time.Second) // a beat passes; start-up traffic is over
+	conn, err := pgx.Connect(context.Background(), pg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var db string
+	_ = conn.QueryRow(context.Background(), "SELECT current_database()").Scan(&db)
+	xacts := func() int64 {
+		var v int64
+		_ = conn.QueryRow(context.Background(), "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", db).Scan(&v)
+		return v
+	}
+	const window = 20 * time.Second
+	x0, cpu0 := xacts(), postgresCPU()
+	time.Sleep(window)
+	x1, cpu1 := xacts(), postgresCPU()
+	qps := float64(x1-x0-1) / window.Seconds() / float64(n)
+	perBeat := qps * 5 // the default 5s interval
+	cpuPct := (cpu1 - cpu0).Seconds() / window.Seconds() * 100
+	return []Row{
+		summarize(Row{Measurement: fmt.Sprintf("heartbeat cost, N=%d: queries per beat per replica", n), Unit: "queries", Samples: []float64{perBeat}, Target: "≤ 3", Note: ""}, "lower", 3),
+		summarize(Row{Measurement: fmt.Sprintf("heartbeat cost, N=%d: queries/s per replica", n), Unit: "q/s", Samples: []float64{qps}}, "lower", 0),
+		summarize(Row{Measurement: fmt.Sprintf("heartbeat cost, N=%d: Postgres CPU (all backends)", n), Unit: "% of a core", Samples: []float64{cpuPct}}, "lower", 0),
+	}
+}
+
+// postgresCPU sums user+system CPU of every process of the postgres user
+// (or, when not root, of every process named postgres).
+func postgresCPU() time.Duration {
+	var ticks int64
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		open, closeIdx := strings.Index(s, "("), strings.LastIndex(s, ")")
+		if open < 0 || closeIdx < 0 || s[open+1:closeIdx] != "postgres" {
+			continue
+		}
+		f := strings.Fields(s[closeIdx+2:])
+		if len(f) > 13 {
+			u, _ := strconv.ParseInt(f[11], 10, 64)
+			sy, _ := strconv.ParseInt(f[12], 10, 64)
+			ticks += u + sy
+		}
+	}
+	return time.Duration(ticks) * time.Second / 100 // USER_HZ
+}
+
+// footprint: idle RSS of a replica in a 3-replica cluster.
+func footprint(t *testing.T) Row {
+	c := &cluster{t: t, pg: dbtest.NewURL(t)}
+	defer c.stopAll()
+	for i := 0; i < 3; i++ {
+		c.add().WaitReady(time.Minute)
+	}
+	time.Sleep(12 * time.Second) // a couple of beats: idle, steady state
+	var rss []float64
+	for _, n := range c.nodes {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", n.Pid()))
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "VmRSS:") {
+				kb, _ := strconv.ParseFloat(strings.Fields(l)[1], 64)
+				rss = append(rss, kb/1024)
+			}
+		}
+	}
+	return summarize(Row{Measurement: "idle RSS per replica (3-replica cluster)", Unit: "MB", Samples: rss, Target: "≤ 40 MB"}, "lower", 40)
+}
+
+// writeCerts makes a CA and a certificate for 127.0.0.1, in the layout
+// derper's manual cert mode expects (certs/127.0.0.1.crt and .key).
+func writeCerts(t *testing.T, dir string) (caFile, certFile, keyFile string) {
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "bench CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true}
+	caDER, _ := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	ca, _ := x509.ParseCertificate(caDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost"},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, _ := x509.MarshalECPrivateKey(key)
+	certs := filepath.Join(dir, "certs")
+	_ = os.MkdirAll(certs, 0o755)
+	caFile = filepath.Join(dir, "ca.pem")
+	certFile = filepath.Join(certs, "127.0.0.1.crt")
+	keyFile = filepath.Join(certs, "127.0.0.1.key")
+	_ = os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644)
+	_ = os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	_ = os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
+	return caFile, certFile, keyFile
+}
