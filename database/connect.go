@@ -59,6 +59,13 @@ func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, erro
 		return nil, fmt.Errorf("postgres URL %s is invalid: %s", where, Redact(rawURL, rootCause(err)))
 	}
 	cfg.MaxConns = opts.MaxConns
+	// pgxpool pings a connection idle for more than a second before handing
+	// it out: with a 5s heartbeat that is an extra round trip per beat.
+	// Only long-idle connections are pinged; a dead one fails its query
+	// and is replaced, and callers retry.
+	cfg.ShouldPing = func(_ context.Context, p pgxpool.ShouldPingParams) bool {
+		return p.IdleDuration > time.Minute
+	}
 	if cfg.ConnConfig.ConnectTimeout == 0 || cfg.ConnConfig.ConnectTimeout > 10*time.Second {
 		cfg.ConnConfig.ConnectTimeout = 10 * time.Second
 	}

@@ -34,6 +34,8 @@ type Replica struct {
 	Error           string
 	Peers           []PeerReport
 	Warnings        []string
+
+	raw *rawReplica // set between a scan and decode
 }
 
 // ReplicaState is what a replica writes about itself on every heartbeat.
@@ -52,24 +54,28 @@ type ReplicaState struct {
 const replicaColumns = `id, created_at, started_at, stopped_at, updated_at, hostname, region_id,
 	relay_address, version, database_latency, error, peers, warnings`
 
-func scanReplica(row pgx.Row) (Replica, error) {
-	var (
-		r         Replica
-		latencyUS int64
-		peers     []byte
-		warnings  []byte
-	)
-	err := row.Scan(&r.ID, &r.CreatedAt, &r.StartedAt, &r.StoppedAt, &r.UpdatedAt, &r.Hostname, &r.RegionID,
-		&r.RelayAddress, &r.Version, &latencyUS, &r.Error, &peers, &warnings)
-	if err != nil {
-		return Replica{}, err
+// rawReplica holds the columns that need decoding after a scan.
+type rawReplica struct {
+	latencyUS int64
+	peers     []byte
+	warnings  []byte
+}
+
+func scanTargets(r *Replica, extra ...any) []any {
+	r.raw = &rawReplica{}
+	return append([]any{&r.ID, &r.CreatedAt, &r.StartedAt, &r.StoppedAt, &r.UpdatedAt, &r.Hostname, &r.RegionID,
+		&r.RelayAddress, &r.Version, &r.raw.latencyUS, &r.Error, &r.raw.peers, &r.raw.warnings}, extra...)
+}
+
+func (r *Replica) decode() error {
+	raw := r.raw
+	r.raw = nil
+	r.DatabaseLatency = time.Duration(raw.latencyUS) * time.Microsecond
+	if err := json.Unmarshal(raw.peers, &r.Peers); err != nil {
+		return fmt.Errorf("decode peers of replica %s: %w", r.ID, err)
 	}
-	r.DatabaseLatency = time.Duration(latencyUS) * time.Microsecond
-	if err := json.Unmarshal(peers, &r.Peers); err != nil {
-		return Replica{}, fmt.Errorf("decode peers of replica %s: %w", r.ID, err)
-	}
-	if err := json.Unmarshal(warnings, &r.Warnings); err != nil {
-		return Replica{}, fmt.Errorf("decode warnings of replica %s: %w", r.ID, err)
+	if err := json.Unmarshal(raw.warnings, &r.Warnings); err != nil {
+		return fmt.Errorf("decode warnings of replica %s: %w", r.ID, err)
 	}
 	if r.Peers == nil {
 		r.Peers = []PeerReport{}
@@ -77,7 +83,15 @@ func scanReplica(row pgx.Row) (Replica, error) {
 	if r.Warnings == nil {
 		r.Warnings = []string{}
 	}
-	return r, nil
+	return nil
+}
+
+func scanReplica(row pgx.Row) (Replica, error) {
+	var r Replica
+	if err := row.Scan(scanTargets(&r)...); err != nil {
+		return Replica{}, err
+	}
+	return r, r.decode()
 }
 
 // UpsertReplica writes s as the replica's current state and stamps
@@ -143,6 +157,27 @@ func (db *DB) GetReplica(ctx context.Context, id uuid.UUID) (Replica, error) {
 		return Replica{}, fmt.Errorf("get replica %s: %w", id, err)
 	}
 	return r, nil
+}
+
+// GetReplicaIfLive returns one replica's row and whether it is live (not
+// stopped, updated within staleAfter of the database's now()). A missing
+// row is (Replica{}, false, nil).
+func (db *DB) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (Replica, bool, error) {
+	var live bool
+	var r Replica
+	row := db.pool.QueryRow(ctx, `SELECT `+replicaColumns+`, (stopped_at IS NULL AND updated_at > now() - make_interval(secs => $2))
+FROM replicas WHERE id = $1`, id, staleAfter.Seconds())
+	err := row.Scan(scanTargets(&r, &live)...)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Replica{}, false, nil
+	}
+	if err != nil {
+		return Replica{}, false, fmt.Errorf("get replica %s: %w", id, err)
+	}
+	if err := r.decode(); err != nil {
+		return Replica{}, false, err
+	}
+	return r, live, nil
 }
 
 // MarkReplicaStopped records a graceful stop: the row stays (a tombstone)
