@@ -26,18 +26,8 @@ import (
 
 	"github.com/coder-ha/coder/derpmesh"
 	"github.com/coder-ha/coder/internal/derptest"
+	"github.com/coder-ha/coder/internal/wait"
 )
-
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for: %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 func newMeshKey() string {
 	var b [32]byte
@@ -144,7 +134,7 @@ func fullMesh(t *testing.T, count int) []*node {
 		n.meshWith(t, k, nil, peers...)
 	}
 	for _, n := range nodes {
-		eventually(t, 10*time.Second, "mesh ready", n.mesh.Ready)
+		wait.For(t, 10*time.Second, "mesh ready", n.mesh.Ready)
 	}
 	return nodes
 }
@@ -187,7 +177,7 @@ func TestDeadPeerIsReportedAndComingBackOnTheSameAddressRemeshes(t *testing.T) {
 	addr := dead.http.Listener.Addr().String()
 	dead.stop()
 
-	eventually(t, 3*time.Second, "node 0 reports node 1 down", func() bool {
+	wait.For(t, 3*time.Second, "node 0 reports node 1 down", func() bool {
 		for _, s := range nodes[0].mesh.Status() {
 			if s.URL == dead.url {
 				return s.State == derpmesh.StateConnecting && s.Error != ""
@@ -215,7 +205,7 @@ func TestDeadPeerIsReportedAndComingBackOnTheSameAddressRemeshes(t *testing.T) {
 	for _, n := range []*node{nodes[0], nodes[2]} {
 		n.mesh.Reconnect(back.url)
 	}
-	eventually(t, 2*time.Second, "mesh ready again", func() bool { return nodes[0].mesh.Ready() && nodes[2].mesh.Ready() })
+	wait.For(t, 2*time.Second, "mesh ready again", func() bool { return nodes[0].mesh.Ready() && nodes[2].mesh.Ready() })
 	b := connect(t, back)
 	if !derptest.Reachable(a, b, 5*time.Second) {
 		t.Fatal("a client of the returned replica is unreachable")
@@ -268,11 +258,11 @@ func TestTLSMeshWithPrivateCA(t *testing.T) {
 	trusting := &tls.Config{RootCAs: pool}
 	a.meshWith(t, k, trusting, b)
 	b.meshWith(t, k, trusting, a)
-	eventually(t, 5*time.Second, "TLS mesh ready", func() bool { return a.mesh.Ready() && b.mesh.Ready() })
+	wait.For(t, 5*time.Second, "TLS mesh ready", func() bool { return a.mesh.Ready() && b.mesh.Ready() })
 
 	c := startNode(t, k, "", nil)
 	c.meshWith(t, k, &tls.Config{RootCAs: x509.NewCertPool()}, a) // trusts nothing
-	eventually(t, 5*time.Second, "certificate error reported", func() bool {
+	wait.For(t, 5*time.Second, "certificate error reported", func() bool {
 		st := c.mesh.Status()
 		return len(st) == 1 && strings.Contains(st[0].Error, "certificate")
 	})
@@ -329,12 +319,12 @@ func TestCloseIsIdempotentAndLeavesNoGoroutines(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.SetAddresses([]string{b.url, "http://127.0.0.1:1"})
-	eventually(t, 5*time.Second, "one peer connected", func() bool { return count(m, derpmesh.StateConnected) == 1 })
+	wait.For(t, 5*time.Second, "one peer connected", func() bool { return count(m, derpmesh.StateConnected) == 1 })
 	_ = m.Close()
 	_ = m.Close()
 	a.stop()
 	b.stop()
-	eventually(t, 5*time.Second, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= before+2 })
+	wait.For(t, 5*time.Second, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= before+2 })
 }
 
 func selfSignedCA(t *testing.T) (*x509.Certificate, *tls.Config) {

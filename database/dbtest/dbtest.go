@@ -93,32 +93,22 @@ func NewCluster(t testing.TB) *postgres.Cluster {
 // dropped at cleanup (after every cleanup registered later has run).
 func NewURL(t testing.TB) string {
 	t.Helper()
-	setupOnce.Do(func() { setupErr = setup() })
-	if setupErr != nil {
-		t.Fatalf("test postgres: %v", setupErr)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	name := "test_" + strings.ReplaceAll(uuid.NewString(), "-", "")
-	if err := withAdmin(ctx, func(conn *pgx.Conn) error {
-		return cloneTemplate(ctx, conn, name)
-	}); err != nil {
-		t.Fatalf("create test database: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		_ = withAdmin(ctx, func(conn *pgx.Conn) error {
-			_, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
-			return err
-		})
-	})
-	return withDatabase(adminURL, name)
+	return newDatabase(t, "test_", cloneTemplate)
 }
 
 // NewEmptyURL returns the URL of a new database with no schema at all, for
 // tests of what happens on a fresh database (migrations, first start).
 func NewEmptyURL(t testing.TB) string {
+	t.Helper()
+	return newDatabase(t, "empty_", func(ctx context.Context, conn *pgx.Conn, name string) error {
+		_, err := conn.Exec(ctx, "CREATE DATABASE "+name)
+		return err
+	})
+}
+
+// newDatabase creates a uniquely named database with create, drops it at
+// cleanup, and returns its URL.
+func newDatabase(t testing.TB, prefix string, create func(context.Context, *pgx.Conn, string) error) string {
 	t.Helper()
 	setupOnce.Do(func() { setupErr = setup() })
 	if setupErr != nil {
@@ -126,12 +116,9 @@ func NewEmptyURL(t testing.TB) string {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	name := "empty_" + strings.ReplaceAll(uuid.NewString(), "-", "")
-	if err := withAdmin(ctx, func(conn *pgx.Conn) error {
-		_, err := conn.Exec(ctx, "CREATE DATABASE "+name)
-		return err
-	}); err != nil {
-		t.Fatalf("create empty database: %v", err)
+	name := prefix + strings.ReplaceAll(uuid.NewString(), "-", "")
+	if err := withAdmin(ctx, func(conn *pgx.Conn) error { return create(ctx, conn, name) }); err != nil {
+		t.Fatalf("create test database: %v", err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -12,6 +12,7 @@ import (
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/database/pubsub"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
@@ -39,17 +40,6 @@ func (r *recorder) snapshot() ([]string, int) {
 	return append([]string(nil), r.payloads...), r.drops
 }
 
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for: %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func newPubsub(t *testing.T, db *database.DB) *pubsub.Pubsub {
 	t.Helper()
 	ps, err := pubsub.New(context.Background(), db, pubsub.Options{ReconnectMin: 50 * time.Millisecond, ReconnectMax: 500 * time.Millisecond})
@@ -75,7 +65,7 @@ func TestMessagesCrossReplicasInOrderPerChannel(t *testing.T) {
 		t.Fatal(err)
 	}
 	// LISTEN is asynchronous to Subscribe: publish until the first arrives.
-	eventually(t, 5*time.Second, "first message", func() bool {
+	wait.For(t, 5*time.Second, "first message", func() bool {
 		_ = a.Publish(context.Background(), "replica", []byte("hello"))
 		got, _ := onReplica.snapshot()
 		return len(got) > 0
@@ -84,7 +74,7 @@ func TestMessagesCrossReplicasInOrderPerChannel(t *testing.T) {
 	if err := a.Publish(context.Background(), "replica", []byte("sync")); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "sync marker", func() bool {
+	wait.For(t, 5*time.Second, "sync marker", func() bool {
 		got, _ := onReplica.snapshot()
 		return got[len(got)-1] == "sync"
 	})
@@ -96,7 +86,7 @@ func TestMessagesCrossReplicasInOrderPerChannel(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, 5*time.Second, "50 messages", func() bool { got, _ := onReplica.snapshot(); return len(got) == 50 })
+	wait.For(t, 5*time.Second, "50 messages", func() bool { got, _ := onReplica.snapshot(); return len(got) == 50 })
 	got, _ := onReplica.snapshot()
 	for i, p := range got {
 		if p != fmt.Sprint(i) {
@@ -114,7 +104,7 @@ func TestMessagesCrossReplicasInOrderPerChannel(t *testing.T) {
 	}
 	// A marker on the other channel proves the connection processed past
 	// the message above.
-	eventually(t, 5*time.Second, "marker", func() bool {
+	wait.For(t, 5*time.Second, "marker", func() bool {
 		_ = a.Publish(context.Background(), "other", []byte("marker"))
 		o, _ := onOther.snapshot()
 		return len(o) > 0
@@ -134,7 +124,7 @@ func TestTerminatedListenConnectionReconnectsAndSignalsDrop(t *testing.T) {
 	if _, err := ps.Subscribe("replica", r.listen); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "subscription live", func() bool {
+	wait.For(t, 5*time.Second, "subscription live", func() bool {
 		_ = ps.Publish(context.Background(), "replica", []byte("x"))
 		got, _ := r.snapshot()
 		return len(got) > 0
@@ -143,12 +133,12 @@ func TestTerminatedListenConnectionReconnectsAndSignalsDrop(t *testing.T) {
 	if _, err := db.Pool().Exec(context.Background(), "SELECT pg_terminate_backend($1)", int32(pid)); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "ErrDroppedMessages after reconnect", func() bool { _, drops := r.snapshot(); return drops > 0 })
+	wait.For(t, 10*time.Second, "ErrDroppedMessages after reconnect", func() bool { _, drops := r.snapshot(); return drops > 0 })
 	if ps.BackendPID() == pid {
 		t.Fatal("still on the terminated backend")
 	}
 	before, _ := r.snapshot()
-	eventually(t, 5*time.Second, "messages flow again", func() bool {
+	wait.For(t, 5*time.Second, "messages flow again", func() bool {
 		_ = ps.Publish(context.Background(), "replica", []byte("again"))
 		got, _ := r.snapshot()
 		return len(got) > len(before)
@@ -173,12 +163,12 @@ func TestPostgresRestartIsSurvived(t *testing.T) {
 	if err := cluster.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "disconnected", func() bool { return !ps.Connected() })
+	wait.For(t, 5*time.Second, "disconnected", func() bool { return !ps.Connected() })
 	if err := cluster.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 15*time.Second, "reconnected with a drop notice", func() bool { _, d := r.snapshot(); return d > 0 && ps.Connected() })
-	eventually(t, 5*time.Second, "messages flow again", func() bool {
+	wait.For(t, 15*time.Second, "reconnected with a drop notice", func() bool { _, d := r.snapshot(); return d > 0 && ps.Connected() })
+	wait.For(t, 5*time.Second, "messages flow again", func() bool {
 		_ = ps.Publish(ctx, "replica", []byte("back"))
 		got, _ := r.snapshot()
 		return len(got) > 0
@@ -210,7 +200,7 @@ func TestSlowListenerOverflowsWithoutBlockingOthers(t *testing.T) {
 	if _, err := ps.Subscribe("c", fast.listen); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "fast subscriber live", func() bool {
+	wait.For(t, 5*time.Second, "fast subscriber live", func() bool {
 		_ = ps.Publish(context.Background(), "c", []byte("warmup"))
 		got, _ := fast.snapshot()
 		return len(got) > 0
@@ -226,13 +216,13 @@ func TestSlowListenerOverflowsWithoutBlockingOthers(t *testing.T) {
 			t.Logf("fast got %v drops %d", got, d)
 		}
 	}()
-	eventually(t, 5*time.Second, "fast subscriber gets the last message", func() bool {
+	wait.For(t, 5*time.Second, "fast subscriber gets the last message", func() bool {
 		_ = ps.Publish(context.Background(), "c", []byte("last"))
 		got, _ := fast.snapshot()
 		return len(got) > 0 && got[len(got)-1] == "last"
 	})
 	close(release)
-	eventually(t, 5*time.Second, "slow subscriber told of drops", func() bool { _, d := slow.snapshot(); return d > 0 })
+	wait.For(t, 5*time.Second, "slow subscriber told of drops", func() bool { _, d := slow.snapshot(); return d > 0 })
 }
 
 func TestOversizedPayloadIsRefused(t *testing.T) {
