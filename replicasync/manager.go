@@ -2,8 +2,10 @@ package replicasync
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -11,162 +13,155 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/database/pubsub"
 )
 
-// Peer is a live regional peer the owner's mesh should connect to.
+// Channel is the pubsub channel replicas announce themselves on. Payloads
+// are replica ids only (NOTIFY's limit is 8000 bytes).
+const Channel = "replica"
+
+// Pubsub is what the Manager needs of LISTEN/NOTIFY.
+type Pubsub interface {
+	Subscribe(channel string, l pubsub.Listener) (cancel func(), err error)
+	Publish(ctx context.Context, channel string, payload []byte) error
+}
+
+// Peer is a live regional peer the mesh should connect to.
 type Peer struct {
 	ID           uuid.UUID
 	RelayAddress string
 }
 
 // Manager is this process's membership in the cluster. New registers and
-// starts it; Close leaves a tombstone and stops it. Its methods are safe for
-// concurrent use.
-//
-// Goroutines: the loop goroutine owns the heartbeat, the peer set and the
-// owner's callback; the probe goroutine starts one probe goroutine per peer
-// (at most one per peer at a time); the cleanup goroutine deletes dead
-// rows. mu guards the shared state and is never held across I/O or a
-// callback.
+// starts it; Close leaves a tombstone and stops it.
 type Manager struct {
-	db        *database.DB
-	ps        Pubsub
-	opts      Options
-	ownClient bool // opts.HTTPClient was made here: Close closes its idle connections
-	log       *zap.Logger
-	metrics   *metrics
+	db      *database.DB
+	ps      Pubsub
+	opts    Options
+	log     *zap.Logger
+	metrics *metrics
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	syncNow  chan struct{} // dirty flag: re-read peers (a notification arrived)
-	writeNow chan struct{} // write the row and announce it (something peers should see changed)
-	probeNow chan struct{} // probe every regional peer
+	syncNow  chan struct{} // re-read peers (a notification arrived)
+	writeNow chan struct{} // write the row and notify (something worth telling changed)
+	probeNow chan struct{} // probe every peer
 
+	// mu guards everything below. It is never held across I/O or a
+	// callback.
 	mu          sync.Mutex
 	self        database.Replica
-	peers       map[uuid.UUID]database.Replica // live, self excluded, every region; written by the loop only
-	probes      map[uuid.UUID]*probeState      // live regional peers with a relay URL
+	peers       map[uuid.UUID]database.Replica // live, self excluded, every region
+	probes      map[uuid.UUID]*probeState      // regional peers only
 	dbSamples   []time.Duration
 	dbWarned    bool
 	ownError    string
+	lastPeers   []Peer // what the callback was last told
+	callback    func([]Peer)
+	callbackDue bool // the callback has not yet been told the current set
 	beatFailing bool
-	// keepPeersUntil: right after a database outage every peer looks stale
-	// until it beats again. Until then, peers missing from the live set are
-	// kept unless their row says they stopped, so an outage does not tear
-	// the mesh down.
+	// keepPeersUntil: right after a database outage, peers that have not
+	// re-beaten yet look stale; until then the known peers are kept, so the
+	// mesh is not torn down while everyone catches up.
 	keepPeersUntil time.Time
-	callback       func([]Peer)
-	told           []Peer // what the callback was last given
-	callbackDue    bool   // SetCallback was called: tell the current set even if unchanged
+
+	// pending are replicas announced since the last sync; pendingAll asks
+	// for a full re-read (messages may have been lost, or a burst).
+	pendingMu  sync.Mutex
+	pending    map[uuid.UUID]struct{}
+	pendingAll bool
 
 	cancelSub func()
 	closeOnce sync.Once
-	closeErr  error
 }
 
-// New registers the replica (one upsert: a new row, or a revived one),
-// subscribes to Channel, reads the live replicas, announces itself, and
-// starts heartbeating, probing and cleaning up. It returns an error, and
-// starts nothing, if it cannot subscribe or the registration fails. ctx
-// bounds only this registration; Close stops the Manager.
+// probeState is what this replica knows of one peer's latency.
+type probeState struct {
+	samples  []time.Duration
+	err      string
+	warned   bool
+	inFlight bool
+}
+
+func (p *probeState) latency() time.Duration { return median(p.samples) }
+
+// New registers the replica, announces it, reads its peers and starts
+// heartbeating. It fails if the first registration fails.
 func New(ctx context.Context, db *database.DB, ps Pubsub, opts Options) (*Manager, error) {
-	opts, ownClient := opts.withDefaults()
+	opts = opts.withDefaults()
 	m := &Manager{
-		db:        db,
-		ps:        ps,
-		opts:      opts,
-		ownClient: ownClient,
-		log:       opts.Logger,
-		metrics:   newMetrics(opts.Registerer),
-		syncNow:   make(chan struct{}, 1),
-		writeNow:  make(chan struct{}, 1),
-		probeNow:  make(chan struct{}, 1),
-		peers:     map[uuid.UUID]database.Replica{},
-		probes:    map[uuid.UUID]*probeState{},
+		db:       db,
+		ps:       ps,
+		opts:     opts,
+		log:      opts.Logger,
+		metrics:  newMetrics(opts.Registerer),
+		syncNow:  make(chan struct{}, 1),
+		writeNow: make(chan struct{}, 1),
+		probeNow: make(chan struct{}, 1),
+		peers:    map[uuid.UUID]database.Replica{},
+		probes:   map[uuid.UUID]*probeState{},
+		pending:  map[uuid.UUID]struct{}{},
 	}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
-	// Subscribe first, so that no peer's announcement falls between our
-	// read of the table and our LISTEN.
 	cancelSub, err := ps.Subscribe(Channel, m.onNotification)
 	if err != nil {
 		m.cancel()
-		return nil, fmt.Errorf("replicasync: subscribe to replica notifications: %w", err)
+		return nil, fmt.Errorf("subscribe to replica notifications: %w", err)
 	}
 	m.cancelSub = cancelSub
-	if err := m.writeRow(ctx); err != nil {
+	if err := m.heartbeatWithin(ctx, 30*time.Second); err != nil {
 		cancelSub()
 		m.cancel()
-		return nil, fmt.Errorf("replicasync: register replica %s in the database: %w", opts.ID, err)
-	}
-	if err := m.readPeers(ctx); err != nil {
-		m.trigger(m.syncNow) // the loop retries at once
+		return nil, fmt.Errorf("register replica: %w", err)
 	}
 	m.publish(ctx)
-	m.log.Info("replica registered", zap.Stringer("replica_id", opts.ID), zap.String("hostname", opts.Hostname),
-		zap.Int32("region_id", opts.RegionID), zap.String("relay_url", opts.RelayAddress), zap.Int("peers", len(m.All())-1))
-	m.wg.Add(3)
+	m.wg.Add(2)
 	go m.loop()
 	go m.probeLoop()
-	go m.cleanupLoop()
 	m.trigger(m.probeNow)
 	return m, nil
 }
 
-// SetCallback sets f, the owner's view of the mesh: the live peers of this
-// replica's region that have a relay URL, self excluded.
-//
-// Contract:
-//   - f gets one Peer per relay URL, sorted by RelayAddress. When several
-//     live rows share a URL (a replica restarted before its old row went
-//     stale), the most recently created row wins, so a restarted peer
-//     replaces its predecessor at once.
-//   - f is called soon after SetCallback with the current set (possibly
-//     empty), then only when the set changes: a peer joined, left (stopped,
-//     went stale, or left the region), or a URL is now held by a different
-//     id (a peer came back under the same URL: reconnect to it). A peer that
-//     went away and came back is two changes. Quiet heartbeats never call f.
-//   - f is called from the Manager's loop goroutine: never concurrently,
-//     never with a lock held, never after Close returns. It may call the
-//     Manager's methods; it should not block for long (the loop waits).
-//   - The slice is f's to keep.
-//
-// Calling SetCallback again replaces f; the new f is told the current set.
-// nil stops the calls.
+// SetCallback sets the function told about the live regional peers (relay
+// URL set, with ids) whenever it changes: a join, a leave, or a peer that
+// came back under the same URL with a new id. It is called soon after
+// SetCallback with the current set, then on change only (never once per
+// beat), always from the Manager's loop goroutine: never concurrently and
+// never with a lock held. It must not block for long.
 func (m *Manager) SetCallback(f func([]Peer)) {
 	m.mu.Lock()
 	m.callback = f
-	m.told = nil
+	m.lastPeers = nil
 	m.callbackDue = true
 	m.mu.Unlock()
 	m.trigger(m.syncNow)
 }
 
-// Reprobe asks for an immediate probe of the live regional peer whose relay
-// URL (or id, as text) is target; unknown targets are ignored. The mesh
-// calls it when its connection to a peer breaks: a peer that refuses
-// connections is marked unreachable in this replica's row, and announced,
-// within a second instead of after 3 missed beats. If a probe of the peer
-// is under way, another one follows it.
-func (m *Manager) Reprobe(target string) {
-	var targets []database.Replica
+// Reprobe asks for an immediate probe of the peer with this relay URL (the
+// mesh calls it when its connection to the peer breaks). A peer that
+// refuses connections is marked unreachable, written and announced within a
+// second instead of after 3 missed beats.
+func (m *Manager) Reprobe(relayURL string) {
 	m.mu.Lock()
+	var target *database.Replica
 	for _, p := range m.peers {
-		if p.RegionID == m.opts.RegionID && (p.RelayAddress == target || p.ID.String() == target) {
-			targets = append(targets, p)
+		if p.RelayAddress == relayURL && p.RegionID == m.opts.RegionID {
+			p := p
+			target = &p
+			break
 		}
 	}
 	m.mu.Unlock()
-	for _, p := range targets {
-		m.startProbe(p, true)
+	if target != nil {
+		m.startProbe(*target)
 	}
 }
 
-// SetError attaches an error to this replica's row, for the owner's
-// problems peers should show (the mesh's "cannot mesh with …"). Empty
-// clears it. A change is written and announced at once; setting the same
-// value again does nothing.
+// SetError attaches an error to this replica's row (the mesh reports peers
+// it cannot mesh with). Empty clears it. A change is written and announced
+// at once.
 func (m *Manager) SetError(msg string) {
 	m.mu.Lock()
 	changed := m.ownError != msg
@@ -184,8 +179,7 @@ func (m *Manager) Self() database.Replica {
 	return m.self
 }
 
-// All is every live replica, self included, oldest first. Through a
-// database outage it is the last known set.
+// All is every live replica, self included, oldest first.
 func (m *Manager) All() []database.Replica {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -198,15 +192,10 @@ func (m *Manager) All() []database.Replica {
 	return out
 }
 
-// Regional is every live peer in this replica's region, self excluded,
-// oldest first (peers without a relay URL included).
+// Regional is every live peer in this replica's region, self excluded.
 func (m *Manager) Regional() []database.Replica {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.regionalLocked()
-}
-
-func (m *Manager) regionalLocked() []database.Replica {
 	var out []database.Replica
 	for _, p := range m.peers {
 		if p.RegionID == m.opts.RegionID {
@@ -217,38 +206,22 @@ func (m *Manager) regionalLocked() []database.Replica {
 	return out
 }
 
-// Warnings are the latency warnings in force: the database first (starting
-// "the database"), then peers, each naming the peer's hostname and relay
-// URL. Unreachable peers are not warnings here: see PeerReports.
+// Warnings are the latency warnings in force, each naming the peer (by
+// hostname and relay URL) or the database.
 func (m *Manager) Warnings() []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.warningsLocked()
 }
 
-// PeerReports is what this replica measured of each live regional peer,
-// sorted by id: as stored in its row.
+// PeerReports is what this replica measured of each regional peer.
 func (m *Manager) PeerReports() []database.PeerReport {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.peerReportsLocked()
 }
 
-// PeerLatencies is the latency (median of recent probes) of each live
-// regional peer that has been measured and is reachable.
-func (m *Manager) PeerLatencies() map[uuid.UUID]time.Duration {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	out := make(map[uuid.UUID]time.Duration, len(m.probes))
-	for id, st := range m.probes {
-		if st.err == "" && len(st.samples) > 0 {
-			out[id] = st.latency()
-		}
-	}
-	return out
-}
-
-// DatabaseLatency is the median of recent heartbeat round trips.
+// DatabaseLatency is the median of recent database round trips.
 func (m *Manager) DatabaseLatency() time.Duration {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -263,27 +236,21 @@ func (m *Manager) HeartbeatFailing() bool {
 	return m.beatFailing
 }
 
-// Close stops the loops and waits for them, marks the row stopped (a
-// tombstone) and announces it, so peers drop this replica at once. It
-// returns the error of marking the row (peers then drop the replica when
-// it goes stale). It is safe to call more than once; later calls return
-// the first call's result.
+// Close stops heartbeating, marks the row stopped and announces it, so
+// peers drop this replica at once. It is safe to call more than once.
 func (m *Manager) Close() error {
+	var err error
 	m.closeOnce.Do(func() {
 		m.stop()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if err := m.db.MarkReplicaStopped(ctx, m.opts.ID); err != nil {
-			m.closeErr = fmt.Errorf("replicasync: %w", err)
-			return
+		if err = m.db.MarkReplicaStopped(ctx, m.opts.ID); err == nil {
+			m.publish(ctx)
 		}
-		m.publish(ctx)
-		m.log.Info("replica stopped", zap.Stringer("replica_id", m.opts.ID))
 	})
-	return m.closeErr
+	return err
 }
 
-// stop ends every goroutine without touching the row.
 func (m *Manager) stop() {
 	// Under mu, so startProbe's check-then-wg.Add cannot straddle it.
 	m.mu.Lock()
@@ -291,66 +258,142 @@ func (m *Manager) stop() {
 	m.mu.Unlock()
 	m.cancelSub()
 	m.wg.Wait()
-	if m.ownClient {
-		m.opts.HTTPClient.CloseIdleConnections()
+}
+
+func (m *Manager) trigger(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
 	}
 }
 
-// loop owns the heartbeat, the notification-driven re-reads and the
-// owner's callback.
+// onNotification runs on the pubsub's goroutine: it only parses and flags.
+func (m *Manager) onNotification(_ context.Context, payload []byte, err error) {
+	if err != nil {
+		m.pendingMu.Lock()
+		m.pendingAll = true // messages may be lost: re-read everything
+		m.pendingMu.Unlock()
+		m.trigger(m.syncNow)
+		return
+	}
+	id, ok := ParseNotification(payload)
+	if !ok {
+		m.metrics.malformed.Inc()
+		m.log.Debug("ignoring malformed replica notification", zap.Int("bytes", len(payload)))
+		return
+	}
+	if id == m.opts.ID {
+		return
+	}
+	m.pendingMu.Lock()
+	m.pending[id] = struct{}{}
+	m.pendingMu.Unlock()
+	m.trigger(m.syncNow)
+}
+
+// maxTargetedReads: more announcements than this since the last sync are
+// cheaper to answer with one full read than with one read each.
+const maxTargetedReads = 8
+
+// sync answers the announcements since the last sync: one single-row read
+// per announced replica (so N replicas joining cost each peer N small
+// reads, not N full-table reads), or one full read after a gap.
+func (m *Manager) sync(ctx context.Context) {
+	m.pendingMu.Lock()
+	ids, all := m.pending, m.pendingAll || len(m.pending) > maxTargetedReads
+	m.pending, m.pendingAll = map[uuid.UUID]struct{}{}, false
+	m.pendingMu.Unlock()
+	if all || len(ids) == 0 {
+		_ = m.readPeers(ctx)
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	m.mu.Lock()
+	next := make(map[uuid.UUID]database.Replica, len(m.peers)+len(ids))
+	for id, p := range m.peers {
+		next[id] = p
+	}
+	m.mu.Unlock()
+	for id := range ids {
+		r, live, err := m.db.GetReplicaIfLive(ctx, id, m.opts.StaleAfter)
+		if err != nil {
+			_ = m.readPeers(ctx) // fall back to the full read
+			return
+		}
+		if live {
+			next[id] = r
+		} else {
+			delete(next, id)
+		}
+	}
+	m.applyPeers(next)
+}
+
+// ParseNotification reads a replica notification's payload: a replica id.
+func ParseNotification(payload []byte) (uuid.UUID, bool) {
+	if len(payload) != 36 {
+		return uuid.Nil, false
+	}
+	id, err := uuid.ParseBytes(payload)
+	if err != nil || id == uuid.Nil {
+		return uuid.Nil, false
+	}
+	return id, true
+}
+
+func (m *Manager) publish(ctx context.Context) {
+	if err := m.ps.Publish(ctx, Channel, []byte(m.opts.ID.String())); err != nil {
+		m.log.Debug("announce replica", zap.Error(err))
+	}
+}
+
+// loop owns the heartbeat, notification-driven syncs and cleanup.
 func (m *Manager) loop() {
 	defer m.wg.Done()
-	beat := newTicker(m.opts.Clock, m.opts.HeartbeatInterval)
+	beat := time.NewTicker(m.opts.HeartbeatInterval)
 	defer beat.Stop()
 	// While heartbeats fail (Postgres down), retry every second at most, so
 	// the replica is back in sync soon after the database returns.
-	retry := newTicker(m.opts.Clock, min(time.Second, m.opts.HeartbeatInterval))
+	retry := time.NewTicker(min(time.Second, m.opts.HeartbeatInterval))
 	defer retry.Stop()
+	cleanup := time.NewTicker(m.opts.CleanupInterval)
+	defer cleanup.Stop()
+	m.cleanup()
 	for {
 		select {
 		case <-m.ctx.Done():
 			return
-		case <-beat.C():
-			if m.beat(false) {
+		case <-beat.C:
+			if m.heartbeat(m.ctx) == nil {
 				m.trigger(m.probeNow)
 			}
-		case <-retry.C():
-			if m.HeartbeatFailing() && m.beat(false) {
+		case <-retry.C:
+			if m.HeartbeatFailing() && m.heartbeat(m.ctx) == nil {
 				m.trigger(m.probeNow)
 			}
 		case <-m.writeNow:
-			m.beat(true)
+			if m.heartbeat(m.ctx) == nil {
+				m.publish(m.ctx)
+			}
 		case <-m.syncNow:
-			_ = m.readPeers(m.ctx)
+			m.sync(m.ctx)
+		case <-cleanup.C:
+			m.cleanup()
 		}
-		m.tellOwner()
 	}
 }
 
-// beatTimeout bounds one query of a heartbeat.
-func (m *Manager) beatTimeout() time.Duration {
-	return min(max(m.opts.HeartbeatInterval, 2*time.Second), 10*time.Second)
+// heartbeat writes the row (reviving it if it was deleted or marked
+// stopped) and re-reads the peers: two queries. The upsert's round trip is
+// the database latency sample.
+func (m *Manager) heartbeat(ctx context.Context) error {
+	return m.heartbeatWithin(ctx, max(m.opts.HeartbeatInterval, 5*time.Second))
 }
 
-// beat is one heartbeat: write the row (and announce it if asked), then
-// re-read the peers. Two queries (three with the announcement). It reports
-// whether the row was written.
-func (m *Manager) beat(announce bool) bool {
-	if err := m.writeRow(m.ctx); err != nil {
-		m.noteBeatFailure(err)
-		return false
-	}
-	if announce {
-		m.publish(m.ctx)
-	}
-	_ = m.readPeers(m.ctx)
-	return true
-}
-
-// writeRow upserts this replica's row with what it measured (reviving the
-// row if it was deleted or marked stopped). The upsert's round trip is the
-// database latency sample.
-func (m *Manager) writeRow(ctx context.Context) error {
+// heartbeatWithin is heartbeat with a deadline: registration, at a mass
+// start when the database is busiest, gets more patience than a beat.
+func (m *Manager) heartbeatWithin(ctx context.Context, timeout time.Duration) error {
 	m.mu.Lock()
 	state := database.ReplicaState{
 		ID:              m.opts.ID,
@@ -365,12 +408,13 @@ func (m *Manager) writeRow(ctx context.Context) error {
 	}
 	m.mu.Unlock()
 
-	ctx, cancel := context.WithTimeout(ctx, m.beatTimeout())
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	start := m.opts.Clock.Now()
 	self, err := m.db.UpsertReplica(ctx, state)
-	rtt := since(m.opts.Clock, start)
+	rtt := m.opts.Clock.Now().Sub(start)
 	if err != nil {
+		m.noteBeatFailure(err)
 		return err
 	}
 	m.mu.Lock()
@@ -378,50 +422,42 @@ func (m *Manager) writeRow(ctx context.Context) error {
 	recovered := m.beatFailing
 	m.beatFailing = false
 	if recovered {
-		m.keepPeersUntil = m.opts.Clock.Now().Add(m.opts.StaleAfter)
+		m.keepPeersUntil = time.Now().Add(m.opts.StaleAfter)
 	}
 	m.dbSamples = appendSample(m.dbSamples, rtt, m.opts.Samples)
-	latency := median(m.dbSamples)
-	enough := len(m.dbSamples) >= min(minSamples, m.opts.Samples)
+	dbLatency := median(m.dbSamples)
 	m.mu.Unlock()
-
-	m.metrics.databaseLatency.Set(latency.Seconds())
 	if recovered {
 		m.log.Info("heartbeat recovered: database reachable again")
-		m.publish(ctx) // peers may have dropped us meanwhile: tell them to re-read
+		m.publish(ctx) // peers may have missed us; tell them to re-read
 	}
-	if enough {
-		m.checkDatabaseLatency(latency)
+	m.metrics.databaseLatency.Set(dbLatency.Seconds())
+	if samples := m.dbSampleCount(); samples >= min(minSamples, m.opts.Samples) {
+		m.checkDatabaseLatency(dbLatency)
 	}
-	return nil
+	return m.readPeers(ctx)
 }
 
-// noteBeatFailure counts a failed heartbeat and logs the first of an
-// outage. The peers stay as last read.
 func (m *Manager) noteBeatFailure(err error) {
-	if m.ctx.Err() != nil {
-		return // closing
-	}
 	m.metrics.heartbeatFailures.Inc()
 	m.mu.Lock()
 	first := !m.beatFailing
 	m.beatFailing = true
 	m.mu.Unlock()
-	if first {
+	if first && m.ctx.Err() == nil {
 		m.log.Warn("heartbeat failed: keeping the last known peers until the database is back", zap.Error(err))
 	}
 }
 
-// readPeers replaces the peer set with the live rows. Only the loop
-// goroutine (and New, before it starts) calls it, so m.peers has one
-// writer. On error the peer set is left as it was.
+// readPeers replaces the peer set with the live rows and tells the owner
+// if the regional relay set changed.
 func (m *Manager) readPeers(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, m.beatTimeout())
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	rows, err := m.db.LiveReplicas(ctx, m.opts.StaleAfter)
 	if err != nil {
 		if m.ctx.Err() == nil {
-			m.log.Debug("could not read peers; keeping the last known set", zap.Error(err))
+			m.log.Debug("read peers", zap.Error(err))
 		}
 		return err
 	}
@@ -431,118 +467,84 @@ func (m *Manager) readPeers(ctx context.Context) error {
 			peers[r.ID] = r
 		}
 	}
-	m.keepAfterOutage(ctx, peers)
+	m.applyPeers(peers)
+	return nil
+}
 
+// applyPeers makes peers the live peer set: logs joins and leaves, starts
+// probing newcomers and tells the owner if the regional relay set changed.
+func (m *Manager) applyPeers(peers map[uuid.UUID]database.Replica) {
 	m.mu.Lock()
-	var joined, left []database.Replica
+	if time.Now().Before(m.keepPeersUntil) {
+		for id, old := range m.peers {
+			if _, ok := peers[id]; !ok {
+				peers[id] = old
+			}
+		}
+	}
+	var joined []database.Replica
 	for id, p := range peers {
-		if _, known := m.peers[id]; !known {
+		if _, known := m.peers[id]; !known && p.RegionID == m.opts.RegionID {
 			joined = append(joined, p)
 		}
 	}
 	for id, old := range m.peers {
 		if _, still := peers[id]; !still {
-			left = append(left, old)
 			delete(m.probes, id)
 			m.metrics.peerLatency.DeleteLabelValues(id.String(), old.Hostname)
+			m.log.Info("replica left", zap.String("peer_hostname", old.Hostname), zap.Stringer("peer_id", id), zap.String("relay_url", old.RelayAddress))
 		}
 	}
 	m.peers = peers
 	m.metrics.replicas.Set(float64(len(peers) + 1))
+	current := m.regionalPeersLocked()
+	changed := !samePeers(current, m.lastPeers) || m.callbackDue
+	m.callbackDue = false
+	if changed {
+		m.lastPeers = current
+	}
+	callback := m.callback
 	m.mu.Unlock()
 
-	for _, p := range left {
-		m.log.Info("replica left", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
-	}
 	for _, p := range joined {
-		m.log.Info("replica joined", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID),
-			zap.String("relay_url", p.RelayAddress), zap.Int32("region_id", p.RegionID))
-		m.startProbe(p, false)
+		m.log.Info("replica joined", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
+		m.startProbe(p)
 	}
-	return nil
+	if changed && callback != nil {
+		callback(current)
+	}
 }
 
-// keepAfterOutage adds to peers, during the window after a database outage,
-// the known peers that look stale only because they could not beat either:
-// those whose rows still exist and are not marked stopped.
-func (m *Manager) keepAfterOutage(ctx context.Context, peers map[uuid.UUID]database.Replica) {
-	m.mu.Lock()
-	if !m.opts.Clock.Now().Before(m.keepPeersUntil) {
-		m.mu.Unlock()
-		return
-	}
-	var missing []uuid.UUID
-	for id := range m.peers {
-		if _, ok := peers[id]; !ok {
-			missing = append(missing, id)
-		}
-	}
-	m.mu.Unlock()
-	if len(missing) == 0 {
-		return
-	}
-	keep, err := m.db.UnstoppedReplicaIDs(ctx, missing)
+func (m *Manager) cleanup() {
+	ctx, cancel := context.WithTimeout(m.ctx, 30*time.Second)
+	defer cancel()
+	n, err := m.db.DeleteDeadReplicas(ctx, m.opts.Retention)
 	if err != nil {
-		keep = missing // when in doubt, keep: the window is short
-	}
-	m.mu.Lock()
-	for _, id := range keep {
-		if old, ok := m.peers[id]; ok {
-			peers[id] = old
+		if m.ctx.Err() == nil {
+			m.log.Debug("delete dead replicas", zap.Error(err))
 		}
-	}
-	m.mu.Unlock()
-}
-
-// tellOwner calls the callback if the mesh's peer set changed since it was
-// last told (or it was just set). Loop goroutine only.
-func (m *Manager) tellOwner() {
-	m.mu.Lock()
-	f := m.callback
-	if f == nil {
-		m.mu.Unlock()
 		return
 	}
-	current := m.meshPeersLocked()
-	due := m.callbackDue || !samePeers(current, m.told)
-	if due {
-		m.told = current
-		m.callbackDue = false
-	}
-	m.mu.Unlock()
-	if due {
-		f(append([]Peer(nil), current...))
+	if n > 0 {
+		m.log.Info("deleted rows of long-dead replicas", zap.Int64("rows", n), zap.Duration("retention", m.opts.Retention))
 	}
 }
 
-// meshPeersLocked is the set the callback is given: one Peer per relay URL
-// of a live regional peer, the newest row winning, sorted by URL.
-func (m *Manager) meshPeersLocked() []Peer {
-	byURL := map[string]database.Replica{}
+// regionalPeersLocked is the sorted set the mesh should connect to.
+func (m *Manager) regionalPeersLocked() []Peer {
+	var out []Peer
 	for _, p := range m.peers {
-		if p.RegionID != m.opts.RegionID || p.RelayAddress == "" {
-			continue
+		if p.RegionID == m.opts.RegionID && p.RelayAddress != "" {
+			out = append(out, Peer{ID: p.ID, RelayAddress: p.RelayAddress})
 		}
-		if cur, ok := byURL[p.RelayAddress]; ok && !newer(p, cur) {
-			continue
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].RelayAddress != out[j].RelayAddress {
+			return out[i].RelayAddress < out[j].RelayAddress
 		}
-		byURL[p.RelayAddress] = p
-	}
-	out := make([]Peer, 0, len(byURL))
-	for url, p := range byURL {
-		out = append(out, Peer{ID: p.ID, RelayAddress: url})
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].RelayAddress < out[j].RelayAddress })
+		return out[i].ID.String() < out[j].ID.String()
+	})
 	return out
-}
-
-// newer reports whether a's row was created after b's (ties broken by id,
-// so the choice is the same on every replica).
-func newer(a, b database.Replica) bool {
-	if !a.CreatedAt.Equal(b.CreatedAt) {
-		return a.CreatedAt.After(b.CreatedAt)
-	}
-	return a.ID.String() > b.ID.String()
 }
 
 func samePeers(a, b []Peer) bool {
@@ -557,35 +559,69 @@ func samePeers(a, b []Peer) bool {
 	return true
 }
 
-// cleanupLoop deletes long-dead rows at start and every CleanupInterval.
-// DeleteDeadReplicas lets one replica at a time do it.
-func (m *Manager) cleanupLoop() {
-	defer m.wg.Done()
-	t := newTicker(m.opts.Clock, m.opts.CleanupInterval)
-	defer t.Stop()
-	for {
-		m.cleanup()
-		select {
-		case <-m.ctx.Done():
-			return
-		case <-t.C():
+func (m *Manager) peerReportsLocked() []database.PeerReport {
+	out := []database.PeerReport{}
+	for id, p := range m.peers {
+		if p.RegionID != m.opts.RegionID {
+			continue
 		}
+		st := m.probes[id]
+		r := database.PeerReport{ID: id}
+		switch {
+		case p.RelayAddress == "":
+			r.Error = "peer has no relay URL"
+		case st == nil || (len(st.samples) == 0 && st.err == ""):
+			r.Error = ""
+		default:
+			r.LatencyMS = float64(st.latency().Microseconds()) / 1000
+			r.Error = st.err
+		}
+		out = append(out, r)
 	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID.String() < out[j].ID.String() })
+	return out
 }
 
-func (m *Manager) cleanup() {
-	ctx, cancel := context.WithTimeout(m.ctx, 30*time.Second)
-	defer cancel()
-	n, err := m.db.DeleteDeadReplicas(ctx, m.opts.Retention)
-	if err != nil {
-		if m.ctx.Err() == nil {
-			m.log.Debug("could not delete dead replicas; will retry", zap.Error(err))
+func (m *Manager) warningsLocked() []string {
+	out := []string{}
+	threshold := m.opts.LatencyThreshold
+	if m.dbWarned {
+		out = append(out, fmt.Sprintf("the database is %s away; every replica must be within %s of Postgres", round(median(m.dbSamples)), threshold))
+	}
+	var peerWarnings []string
+	for id, st := range m.probes {
+		if !st.warned {
+			continue
 		}
+		p := m.peers[id]
+		peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (%s) is %s away; every replica must be within %s of each other",
+			p.Hostname, p.RelayAddress, round(st.latency()), threshold))
+	}
+	sort.Strings(peerWarnings)
+	return append(out, peerWarnings...)
+}
+
+func (m *Manager) dbSampleCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.dbSamples)
+}
+
+func (m *Manager) checkDatabaseLatency(latency time.Duration) {
+	m.mu.Lock()
+	above := latency > m.opts.LatencyThreshold
+	changed := above != m.dbWarned
+	m.dbWarned = above
+	m.mu.Unlock()
+	if !changed {
 		return
 	}
-	if n > 0 {
-		m.log.Info("deleted rows of long-dead replicas", zap.Int64("rows", n), zap.Duration("retention", m.opts.Retention))
+	if above {
+		m.log.Warn("database latency above threshold", zap.Duration("latency", latency), zap.Duration("threshold", m.opts.LatencyThreshold))
+	} else {
+		m.log.Info("database latency back under threshold", zap.Duration("latency", latency), zap.Duration("threshold", m.opts.LatencyThreshold))
 	}
+	m.trigger(m.writeNow)
 }
 
 func sortReplicas(rs []database.Replica) {
@@ -595,4 +631,40 @@ func sortReplicas(rs []database.Replica) {
 		}
 		return rs[i].ID.String() < rs[j].ID.String()
 	})
+}
+
+func appendSample(s []time.Duration, d time.Duration, keep int) []time.Duration {
+	s = append(s, d)
+	if len(s) > keep {
+		s = s[len(s)-keep:]
+	}
+	return s
+}
+
+func median(s []time.Duration) time.Duration {
+	if len(s) == 0 {
+		return 0
+	}
+	c := append([]time.Duration(nil), s...)
+	sort.Slice(c, func(i, j int) bool { return c[i] < c[j] })
+	return c[len(c)/2]
+}
+
+func round(d time.Duration) time.Duration {
+	if d > time.Second {
+		return d.Round(time.Millisecond)
+	}
+	return d.Round(100 * time.Microsecond)
+}
+
+// describeProbeError turns a probe failure into a short, stable message.
+func describeProbeError(err error) string {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "connection refused"):
+		return "connection refused"
+	case errors.Is(err, context.DeadlineExceeded) || strings.Contains(msg, "Client.Timeout") || strings.Contains(msg, "deadline exceeded"):
+		return "timed out"
+	}
+	return msg
 }

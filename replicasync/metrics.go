@@ -2,20 +2,12 @@ package replicasync
 
 import "github.com/prometheus/client_golang/prometheus"
 
-// metrics are the Manager's Prometheus series. They are registered only
-// when Options.Registerer is set.
 type metrics struct {
-	// replicas is moved by readPeers.
-	replicas prometheus.Gauge
-	// peerLatency is moved by recordProbe; a series is deleted when its
-	// peer leaves or becomes unreachable (no measurement, no sample).
-	peerLatency *prometheus.GaugeVec
-	// databaseLatency is moved by heartbeat.
-	databaseLatency prometheus.Gauge
-	// heartbeatFailures is moved by noteBeatFailure.
+	replicas          prometheus.Gauge
+	peerLatency       *prometheus.GaugeVec
+	databaseLatency   prometheus.Gauge
 	heartbeatFailures prometheus.Counter
-	// malformed is moved by onNotification.
-	malformed prometheus.Counter
+	malformed         prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -26,7 +18,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		peerLatency: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "coderd_replica_peer_latency_seconds",
-			Help: "Latency to each reachable live regional peer's relay (median of recent probes). No series while a peer is unreachable.",
+			Help: "Latency to each live regional peer's relay (median of recent probes).",
 		}, []string{"peer_id", "peer_hostname"}),
 		databaseLatency: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "coderd_replica_database_latency_seconds",

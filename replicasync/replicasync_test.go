@@ -20,21 +20,11 @@ import (
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/database/pubsub"
 	"github.com/coder-ha/coder/internal/faultproxy"
+	"github.com/coder-ha/coder/internal/wait"
 	"github.com/coder-ha/coder/replicasync"
 )
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
-
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for: %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 // relay serves /derp/latency-check like a replica's relay.
 func relay(t *testing.T) *httptest.Server {
@@ -90,14 +80,14 @@ func TestReplicasSeeEachOtherWithinASecondWithoutWaitingForABeat(t *testing.T) {
 	a := start(t, db, replicasync.Options{Hostname: "a", RelayAddress: relay(t).URL})
 	began := time.Now()
 	b := start(t, db, replicasync.Options{Hostname: "b", RelayAddress: relay(t).URL})
-	eventually(t, time.Second, "a sees b", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, time.Second, "a sees b", func() bool { return sees(a, b.Self().ID) })
 	if !sees(b, a.Self().ID) {
 		t.Fatal("b does not see a right after registering")
 	}
 	t.Logf("a saw b %s after b started", time.Since(began))
 
 	_ = b.Close()
-	eventually(t, time.Second, "a drops the closed b", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, time.Second, "a drops the closed b", func() bool { return !sees(a, b.Self().ID) })
 }
 
 func TestSilentReplicaIsDroppedAfterThreeBeatsNotBefore(t *testing.T) {
@@ -106,11 +96,11 @@ func TestSilentReplicaIsDroppedAfterThreeBeatsNotBefore(t *testing.T) {
 	const beat = 300 * time.Millisecond
 	a := start(t, db, replicasync.Options{Hostname: "a", HeartbeatInterval: beat})
 	b := start(t, db, replicasync.Options{Hostname: "b", HeartbeatInterval: beat})
-	eventually(t, time.Second, "a sees b", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, time.Second, "a sees b", func() bool { return sees(a, b.Self().ID) })
 	lastBeat := b.Self().UpdatedAt
 	b.StopBeatingForTest()
 	silentAt := time.Now()
-	eventually(t, 10*beat, "a drops the silent b", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*beat, "a drops the silent b", func() bool { return !sees(a, b.Self().ID) })
 	gone := time.Since(silentAt)
 	_ = lastBeat
 	if gone < 2*beat {
@@ -131,7 +121,7 @@ func TestReplicaWithSkewedClockStaysAMember(t *testing.T) {
 	a := start(t, db, replicasync.Options{Hostname: "a", HeartbeatInterval: beat})
 	skewed := start(t, db, replicasync.Options{Hostname: "skewed", HeartbeatInterval: beat, Clock: skewedClock{-time.Hour}})
 	ahead := start(t, db, replicasync.Options{Hostname: "ahead", HeartbeatInterval: beat, Clock: skewedClock{time.Hour}})
-	eventually(t, 2*time.Second, "everyone sees three", func() bool {
+	wait.For(t, 2*time.Second, "everyone sees three", func() bool {
 		return len(a.All()) == 3 && len(skewed.All()) == 3 && len(ahead.All()) == 3
 	})
 	time.Sleep(5 * beat) // several stale windows pass; membership must hold
@@ -155,11 +145,11 @@ func TestDeletedRowComesBackWithinABeat(t *testing.T) {
 	if err := db.DeleteReplica(context.Background(), b.Self().ID); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 3*beat, "b's row is back", func() bool {
+	wait.For(t, 3*beat, "b's row is back", func() bool {
 		_, err := db.GetReplica(context.Background(), b.Self().ID)
 		return err == nil
 	})
-	eventually(t, 3*beat, "a still sees b", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 3*beat, "a still sees b", func() bool { return sees(a, b.Self().ID) })
 }
 
 func TestTwentyReplicasStartingTogetherAllSeeTwenty(t *testing.T) {
@@ -191,7 +181,7 @@ func TestTwentyReplicasStartingTogetherAllSeeTwenty(t *testing.T) {
 	if t.Failed() {
 		t.FailNow()
 	}
-	eventually(t, 5*time.Second, "all twenty see twenty", func() bool {
+	wait.For(t, 5*time.Second, "all twenty see twenty", func() bool {
 		for _, m := range managers {
 			if len(m.All()) != n {
 				return false
@@ -216,10 +206,10 @@ func TestKilledListenConnectionReconnectsAndResyncs(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := start(t, db, replicasync.Options{Hostname: "b"}) // announced while a may be reconnecting
-	eventually(t, 5*time.Second, "a sees b after its listen connection was killed", func() bool { return sees(a, b.Self().ID) })
-	eventually(t, 5*time.Second, "pubsub reconnected", ps.Connected)
+	wait.For(t, 5*time.Second, "a sees b after its listen connection was killed", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 5*time.Second, "pubsub reconnected", ps.Connected)
 	c := start(t, db, replicasync.Options{Hostname: "c"})
-	eventually(t, time.Second, "a sees c within a second", func() bool { return sees(a, c.Self().ID) })
+	wait.For(t, time.Second, "a sees c within a second", func() bool { return sees(a, c.Self().ID) })
 }
 
 // A peer 15ms away each way raises the warning (log, health, row); a fast
@@ -248,12 +238,12 @@ func TestSlowPeerRaisesLatencyWarningThatClearsOnRecovery(t *testing.T) {
 		}
 		return false
 	}
-	eventually(t, 5*time.Second, "warning about slow-peer", func() bool { return warnsAbout(watcher.Warnings(), "slow-peer") })
+	wait.For(t, 5*time.Second, "warning about slow-peer", func() bool { return warnsAbout(watcher.Warnings(), "slow-peer") })
 	w := strings.Join(watcher.Warnings(), "\n")
 	if !strings.Contains(w, proxy.URL()) {
 		t.Errorf("warning does not name the relay URL %s: %s", proxy.URL(), w)
 	}
-	eventually(t, 2*time.Second, "warning stored in watcher's row", func() bool {
+	wait.For(t, 2*time.Second, "warning stored in watcher's row", func() bool {
 		r, err := db.GetReplica(context.Background(), watcher.Self().ID)
 		return err == nil && warnsAbout(r.Warnings, "slow-peer")
 	})
@@ -279,7 +269,7 @@ func TestSlowPeerRaisesLatencyWarningThatClearsOnRecovery(t *testing.T) {
 	}
 
 	proxy.SetDelay(0)
-	eventually(t, 5*time.Second, "warning clears", func() bool { return !warnsAbout(watcher.Warnings(), "slow-peer") })
+	wait.For(t, 5*time.Second, "warning clears", func() bool { return !warnsAbout(watcher.Warnings(), "slow-peer") })
 	if logs.FilterMessage("peer replica latency back under threshold").Len() == 0 {
 		t.Fatal("no INFO line on recovery")
 	}
@@ -294,7 +284,7 @@ func TestReprobeMarksCrashedPeerUnreachableWithinASecond(t *testing.T) {
 	peerRelay := relay(t)
 	a := start(t, db, replicasync.Options{Hostname: "a", RelayAddress: relay(t).URL})
 	b := start(t, db, replicasync.Options{Hostname: "b", RelayAddress: peerRelay.URL})
-	eventually(t, 2*time.Second, "a has probed b", func() bool {
+	wait.For(t, 2*time.Second, "a has probed b", func() bool {
 		for _, p := range a.PeerReports() {
 			if p.ID == b.Self().ID && p.LatencyMS > 0 {
 				return true
@@ -305,7 +295,7 @@ func TestReprobeMarksCrashedPeerUnreachableWithinASecond(t *testing.T) {
 	peerRelay.Close()
 	crashed := time.Now()
 	a.Reprobe(peerRelay.URL)
-	eventually(t, time.Second, "b reported unreachable", func() bool {
+	wait.For(t, time.Second, "b reported unreachable", func() bool {
 		for _, p := range a.PeerReports() {
 			if p.ID == b.Self().ID && p.Error != "" {
 				return true
@@ -327,9 +317,9 @@ func TestCallbackFiresOnMembershipChangeOnly(t *testing.T) {
 		calls.Add(1)
 		last.Store(peers)
 	})
-	eventually(t, time.Second, "initial call", func() bool { return calls.Load() == 1 })
+	wait.For(t, time.Second, "initial call", func() bool { return calls.Load() == 1 })
 	b := start(t, db, replicasync.Options{Hostname: "b", HeartbeatInterval: beat, RelayAddress: relay(t).URL})
-	eventually(t, time.Second, "call on join", func() bool { return calls.Load() == 2 })
+	wait.For(t, time.Second, "call on join", func() bool { return calls.Load() == 2 })
 	if peers := last.Load().([]replicasync.Peer); len(peers) != 1 || peers[0].ID != b.Self().ID {
 		t.Fatalf("callback got %v, want just b", peers)
 	}
@@ -338,7 +328,7 @@ func TestCallbackFiresOnMembershipChangeOnly(t *testing.T) {
 		t.Fatalf("callback fired %d times across quiet beats; want no extra calls", n-2)
 	}
 	_ = b.Close()
-	eventually(t, time.Second, "call on leave", func() bool { return calls.Load() == 3 })
+	wait.For(t, time.Second, "call on leave", func() bool { return calls.Load() == 3 })
 	if peers := last.Load().([]replicasync.Peer); len(peers) != 0 {
 		t.Fatalf("after b left the callback got %v", peers)
 	}
@@ -355,7 +345,7 @@ func TestMalformedNotificationsAreIgnored(t *testing.T) {
 		}
 	}
 	b := start(t, db, replicasync.Options{Hostname: "b"})
-	eventually(t, time.Second, "a still works and sees b", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, time.Second, "a still works and sees b", func() bool { return sees(a, b.Self().ID) })
 }
 
 func FuzzParseNotification(f *testing.F) {
