@@ -1,7 +1,17 @@
 // Package faultproxy is an in-process TCP proxy that injects the network
 // faults tests need where tc netem is unavailable: added latency in each
 // direction, a stall (bytes held, connections kept), and a cut (every
-// connection closed, new ones refused until healed).
+// connection closed, new ones dropped until healed).
+//
+// Put one between a client and anything that speaks TCP (a relay, an HTTP
+// server, Postgres) and point the client at Addr() instead of the target:
+//
+//	p, err := faultproxy.New(target, faultproxy.Options{Delay: 15 * time.Millisecond})
+//	defer p.Close()
+//	p.SetDelay(0) // heal the latency; p.Cut() / p.Heal() for a partition
+//
+// It is for tests only: every method is safe for concurrent use, and the
+// faults apply to connections already open as well as new ones.
 package faultproxy
 
 import (
@@ -13,10 +23,21 @@ import (
 	"time"
 )
 
+// Options tunes a Proxy. The zero value forwards without faults.
+type Options struct {
+	// Delay is added to each direction from the start, as if SetDelay had
+	// been called before the first connection. Default 0.
+	Delay time.Duration
+	// DialTimeout bounds dialing the target for each accepted connection.
+	// Default 5s.
+	DialTimeout time.Duration
+}
+
 // Proxy forwards connections from Addr() to a target address.
 type Proxy struct {
-	target   string
-	listener net.Listener
+	target      string
+	dialTimeout time.Duration
+	listener    net.Listener
 
 	delay atomic.Int64 // nanoseconds added to each direction
 	cut   atomic.Bool
@@ -28,13 +49,22 @@ type Proxy struct {
 	wg     sync.WaitGroup
 }
 
-// New listens on a free loopback port and forwards to target.
-func New(target string) (*Proxy, error) {
+// New listens on a free loopback port and forwards each connection to
+// target (host:port). At most one Options is used.
+func New(target string, opts ...Options) (*Proxy, error) {
+	var o Options
+	if len(opts) > 0 {
+		o = opts[0]
+	}
+	if o.DialTimeout <= 0 {
+		o.DialTimeout = 5 * time.Second
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{target: target, listener: l, conns: map[net.Conn]struct{}{}}
+	p := &Proxy{target: target, dialTimeout: o.DialTimeout, listener: l, conns: map[net.Conn]struct{}{}}
+	p.delay.Store(int64(o.Delay))
 	p.wg.Add(1)
 	go p.accept()
 	return p, nil
@@ -57,8 +87,10 @@ func (p *Proxy) Stall() { p.stall.Store(true) }
 // Unstall lets bytes move again.
 func (p *Proxy) Unstall() { p.stall.Store(false) }
 
-// Cut closes every connection and refuses new ones until Heal: like a
-// network partition that resets connections.
+// Cut closes every connection and drops new ones until Heal: like a
+// network partition that resets connections. A new connection is accepted
+// and closed at once, so a client sees a reset or EOF rather than
+// "connection refused" (close the target itself for that).
 func (p *Proxy) Cut() {
 	p.cut.Store(true)
 	p.mu.Lock()
@@ -91,7 +123,7 @@ func (p *Proxy) Close() error {
 func (p *Proxy) track(c net.Conn) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed {
+	if p.closed || p.cut.Load() { // a connection accepted just before a Cut
 		return false
 	}
 	p.conns[c] = struct{}{}
@@ -122,7 +154,7 @@ func (p *Proxy) accept() {
 
 func (p *Proxy) handle(client net.Conn) {
 	defer p.wg.Done()
-	server, err := net.DialTimeout("tcp", p.target, 5*time.Second)
+	server, err := net.DialTimeout("tcp", p.target, p.dialTimeout)
 	if err != nil {
 		_ = client.Close()
 		return

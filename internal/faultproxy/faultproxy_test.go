@@ -54,3 +54,38 @@ func TestProxyDelaysCutsAndHeals(t *testing.T) {
 		t.Fatalf("request after heal: %v", err)
 	}
 }
+
+// Options.Delay applies from the first byte; Cut breaks connections that
+// are already open, not just new ones.
+func TestProxyStartsDelayedAndCutBreaksOpenConnections(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	defer srv.Close()
+	p, err := faultproxy.New(srv.Listener.Addr().String(), faultproxy.Options{Delay: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if p.Addr() == srv.Listener.Addr().String() {
+		t.Fatal("Addr is the target's, not the proxy's")
+	}
+	client := &http.Client{Timeout: 2 * time.Second} // keep-alive: one connection
+	d, err := get(t, client, p.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d < 40*time.Millisecond {
+		t.Fatalf("first request took %s; want ≥ 40ms with 20ms each way from the start", d)
+	}
+	p.Cut()
+	if _, err := get(t, client, p.URL()); err == nil {
+		t.Fatal("a kept-alive connection survived the cut")
+	}
+	p.Heal()
+	if _, err := get(t, client, p.URL()); err != nil {
+		t.Fatalf("after heal: %v", err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_ = p.Close() // idempotent
+}
