@@ -134,14 +134,14 @@ func fullMesh(t *testing.T, count int) []*node {
 		n.meshWith(t, k, nil, peers...)
 	}
 	for _, n := range nodes {
-		wait.For(t, 10*time.Second, "mesh ready", n.mesh.Ready)
+		wait.For(t, 60*time.Second, "mesh ready", n.mesh.Ready)
 	}
 	return nodes
 }
 
 func connect(t *testing.T, n *node, tlsCfg ...*tls.Config) *derptest.Client {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	c, err := derptest.Connect(ctx, n.url)
 	if err != nil {
@@ -224,8 +224,12 @@ func TestRemovedPeerIsDisconnected(t *testing.T) {
 		t.Fatalf("status still lists %v", s)
 	}
 	_ = a.Send(b.Key, []byte("after removal"))
-	if got := b.WaitPackets(a.Key, 1, 300*time.Millisecond); len(got) != 0 {
-		t.Fatal("a packet crossed a mesh connection that was removed")
+	// Reachable's own probes may still be in flight: only this payload
+	// counts.
+	for _, p := range b.WaitPackets(a.Key, 1000, 300*time.Millisecond) {
+		if string(p) == "after removal" {
+			t.Fatal("a packet crossed a mesh connection that was removed")
+		}
 	}
 }
 
