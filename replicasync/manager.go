@@ -83,6 +83,7 @@ type probeState struct {
 	err      string
 	warned   bool
 	inFlight bool
+	again    bool // asked for while in flight: probe once more after
 }
 
 func (p *probeState) latency() time.Duration { return median(p.samples) }

@@ -43,7 +43,15 @@ func (m *Manager) startProbe(p database.Replica) {
 		st = &probeState{}
 		m.probes[p.ID] = st
 	}
-	if st.inFlight || m.ctx.Err() != nil {
+	if m.ctx.Err() != nil {
+		m.mu.Unlock()
+		return
+	}
+	if st.inFlight {
+		// Probe again as soon as the one under way ends: it may have
+		// started before whatever made the caller ask (a broken mesh
+		// connection), and must not answer for it.
+		st.again = true
 		m.mu.Unlock()
 		return
 	}
@@ -57,7 +65,8 @@ func (m *Manager) startProbe(p database.Replica) {
 		// connection, and a warning needs a median, not one cold sample.
 		for {
 			latency, err := m.probe(p.RelayAddress)
-			if m.recordProbe(p, latency, err) >= minSamples || err != nil || !m.claimProbe(p.ID) {
+			samples := m.recordProbe(p, latency, err)
+			if !m.probeAgain(p.ID, samples, err) {
 				return
 			}
 		}
@@ -86,17 +95,23 @@ func (m *Manager) probe(relayURL string) (lat time.Duration, err error) {
 	return lat, nil
 }
 
-// claimProbe marks a probe of id in flight, unless one already is or the
-// Manager is closing.
-func (m *Manager) claimProbe(id uuid.UUID) bool {
+// probeAgain decides, when a probe of id ends, whether to probe it again
+// at once: when someone asked while it was under way, or while the peer
+// has too few samples for a median. Otherwise the probe is no longer in
+// flight.
+func (m *Manager) probeAgain(id uuid.UUID, samples int, err error) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	st := m.probes[id]
-	if st == nil || st.inFlight || m.ctx.Err() != nil {
+	if st == nil || m.ctx.Err() != nil {
 		return false
 	}
-	st.inFlight = true
-	return true
+	if st.again || (err == nil && samples < minSamples) {
+		st.again = false
+		return true
+	}
+	st.inFlight = false
+	return false
 }
 
 // minSamples is how many probes a peer needs before its latency can raise
@@ -110,13 +125,9 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 	m.mu.Lock()
 	st := m.probes[p.ID]
 	if st == nil || m.ctx.Err() != nil { // the peer left meanwhile
-		if st != nil {
-			st.inFlight = false
-		}
 		m.mu.Unlock()
 		return minSamples
 	}
-	st.inFlight = false
 	oldErr, oldWarned := st.err, st.warned
 	firstSample := len(st.samples) == 0 && err == nil
 	if err != nil {
