@@ -152,8 +152,9 @@ func TestDeletedRowComesBackWithinABeat(t *testing.T) {
 	wait.For(t, 3*beat, "a still sees b", func() bool { return sees(a, b.Self().ID) })
 }
 
+// Not parallel: twenty managers starting at once would starve the timing
+// of the tests that run beside it.
 func TestTwentyReplicasStartingTogetherAllSeeTwenty(t *testing.T) {
-	t.Parallel()
 	db := dbtest.NewDB(t)
 	const n = 20
 	managers := make([]*replicasync.Manager, n)
@@ -315,7 +316,7 @@ func TestReprobeMarksCrashedPeerUnreachableWithinASecond(t *testing.T) {
 func TestCallbackFiresOnMembershipChangeOnly(t *testing.T) {
 	t.Parallel()
 	db := dbtest.NewDB(t)
-	const beat = 100 * time.Millisecond
+	const beat = 300 * time.Millisecond
 	a := start(t, db, replicasync.Options{Hostname: "a", HeartbeatInterval: beat, RelayAddress: relay(t).URL})
 	var calls atomic.Int32
 	var last atomic.Value
