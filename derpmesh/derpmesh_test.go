@@ -1,360 +1,426 @@
 package derpmesh_test
 
 import (
-	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/hex"
-	"math/big"
-	"net"
-	"net/http"
-	"net/http/httptest"
-	"runtime"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"tailscale.com/derp/derpserver"
-	"tailscale.com/types/key"
-	"tailscale.com/types/logger"
+	"tailscale.com/metrics"
 
 	"github.com/coder-ha/coder/derpmesh"
 	"github.com/coder-ha/coder/internal/derptest"
+	"github.com/coder-ha/coder/internal/faultproxy"
 	"github.com/coder-ha/coder/internal/wait"
 )
 
-func newMeshKey() string {
-	var b [32]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
+func TestClientsOnTwoMeshedReplicasExchangePacketsBothWaysWithoutLoss(t *testing.T) {
+	t.Parallel()
+	nodes := fullMesh(t, 2)
+	for i, n := range nodes {
+		st := n.mesh.Status()
+		if len(st) != 1 || st[0].State != derpmesh.StateConnected || st[0].Error != "" {
+			t.Fatalf("mesh %d status: %+v", i, st)
+		}
+	}
+	a, b := connect(t, nodes[0]), connect(t, nodes[1])
+	exchangeBothWays(t, a, b, 1000)
 }
 
-// node is one replica's relay: a DERP server behind real HTTP, plus its
-// mesh.
-type node struct {
-	server *derpserver.Server
-	http   *httptest.Server
-	url    string
-	mesh   *derpmesh.Mesh
+// A replica that dies is reported (state, error, OnPeerBroken) while the
+// survivors keep forwarding; a new process on the same address is meshed
+// again by the retry loop within about MaxRetryInterval, and at once by
+// Reconnect even when the retry pause is long.
+func TestDeadReplicaIsReportedAndANewOneOnTheSameAddressIsMeshedAgain(t *testing.T) {
+	t.Parallel()
+	k := newMeshKey()
+	n0, n1, n2 := startNode(t, nodeOptions{meshKey: k}), startNode(t, nodeOptions{meshKey: k}), startNode(t, nodeOptions{meshKey: k})
+	n0.meshWith(t, meshOptions{meshKey: k}, n1, n2)                                            // fast retries
+	n1.meshWith(t, meshOptions{meshKey: k}, n0, n2)                                            //
+	n2.meshWith(t, meshOptions{meshKey: k, retry: time.Minute, maxRetry: time.Minute}, n0, n1) // only Reconnect is fast
+	for _, n := range []*node{n0, n1, n2} {
+		wait.For(t, eventually, "full mesh ready", n.mesh.Ready)
+	}
+	a, c := connect(t, n0), connect(t, n2)
 
-	mu     sync.Mutex
-	broken []string
+	deadURL, addr := n1.url, n1.http.Listener.Addr().String()
+	n1.stop()
+
+	wait.For(t, eventually, "replica 0 reports the dead peer with a connect error", func() bool {
+		s, ok := n0.peerStatus(deadURL)
+		return ok && s.State == derpmesh.StateConnecting && strings.Contains(s.Error, "cannot connect")
+	})
+	wait.For(t, eventually, "OnPeerBroken for the dead peer on both survivors", func() bool {
+		return n0.brokenCalls(deadURL) > 0 && n2.brokenCalls(deadURL) > 0
+	})
+	if n0.mesh.Ready() || n2.mesh.Ready() {
+		t.Fatal("Ready() with a peer down")
+	}
+	if n0.brokenCalls(n2.url) != 0 {
+		t.Fatal("OnPeerBroken was called for a healthy peer")
+	}
+	exchangeBothWays(t, a, c, 300)
+
+	// A new process (new DERP key, same mesh key) on the same address.
+	back := startNode(t, nodeOptions{meshKey: k, addr: addr})
+	if back.url != deadURL {
+		t.Fatalf("restarted on %s, want %s", back.url, deadURL)
+	}
+	back.meshWith(t, meshOptions{meshKey: k}, n0, n2)
+	start := time.Now()
+	wait.For(t, 10*time.Second, "replica 0 remeshes on its own", func() bool { return n0.connectedTo(deadURL) })
+	t.Logf("remeshed by the retry loop %v after the address listened again (RetryInterval %v, MaxRetryInterval %v)",
+		time.Since(start).Round(time.Millisecond), testRetry, testMaxRetry)
+
+	// Replica 2 is in a one-minute pause; Reconnect ends it.
+	if n2.connectedTo(deadURL) {
+		t.Fatal("replica 2 remeshed before its retry pause ended")
+	}
+	start = time.Now()
+	n2.mesh.Reconnect(deadURL)
+	wait.For(t, 10*time.Second, "Reconnect remeshes at once", func() bool { return n2.connectedTo(deadURL) })
+	t.Logf("Reconnect remeshed in %v", time.Since(start).Round(time.Millisecond))
+	wait.For(t, eventually, "every mesh ready again", func() bool {
+		return n0.mesh.Ready() && n2.mesh.Ready() && back.mesh.Ready()
+	})
+
+	b := connect(t, back)
+	exchangeBothWays(t, a, b, 100)
+	exchangeBothWays(t, c, b, 100)
 }
 
-func handler(s *derpserver.Server) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("/derp", derpmesh.Handler(s))
-	mux.HandleFunc("/derp/latency-check", func(w http.ResponseWriter, r *http.Request) {})
-	return mux
+// Removing a peer from the set disconnects it before SetAddresses returns:
+// this replica's clients no longer reach that peer's clients (the peer's own
+// mesh still carries the other direction).
+func TestRemovingAPeerStopsForwardingToItsClients(t *testing.T) {
+	t.Parallel()
+	nodes := fullMesh(t, 2)
+	a, b := connect(t, nodes[0]), connect(t, nodes[1])
+	if !derptest.Reachable(a, b, 15*time.Second) {
+		t.Fatal("not meshed")
+	}
+
+	if got := expvarValue(t, nodes[0], "gauge_clients_remote"); got != "1" {
+		t.Fatalf("replica 0 forwards to %s remote clients, want 1", got)
+	}
+
+	nodes[0].mesh.SetAddresses(nil)
+
+	// Synchronously: no forwarder left when SetAddresses returns.
+	if got := expvarValue(t, nodes[0], "gauge_clients_remote"); got != "0" {
+		t.Fatalf("replica 0 still forwards to %s remote clients after SetAddresses returned", got)
+	}
+	if st := nodes[0].mesh.Status(); len(st) != 0 {
+		t.Fatalf("Status still lists removed peers: %+v", st)
+	}
+	if !nodes[0].mesh.Ready() {
+		t.Fatal("a mesh with no peers is not Ready")
+	}
+	notDelivered(t, a, b, 500*time.Millisecond, "after the peer was removed")
+	if !derptest.Reachable(b, a, 15*time.Second) {
+		t.Fatal("the peer's own mesh toward us stopped working")
+	}
+	if n := nodes[0].brokenCalls(nodes[1].url); n != 0 {
+		t.Fatalf("OnPeerBroken called %d times for a deliberately removed peer", n)
+	}
 }
 
-// startNode serves a new DERP server on addr ("" = any free port).
-func startNode(t *testing.T, meshKey, addr string, tlsCfg *tls.Config) *node {
-	t.Helper()
-	s := derpserver.New(key.NewNode(), logger.Discard)
-	if err := s.SetMeshKey(meshKey); err != nil {
+// Reconnect swaps a live connection for a new one; the peer's clients that
+// stayed put are reachable through the new one (no stale forwarder left
+// behind to shadow it).
+func TestReconnectKeepsForwardingToThePeersClients(t *testing.T) {
+	t.Parallel()
+	nodes := fullMesh(t, 2)
+	a, b := connect(t, nodes[0]), connect(t, nodes[1])
+	if !derptest.Reachable(a, b, 15*time.Second) {
+		t.Fatal("not meshed")
+	}
+	for i := 0; i < 3; i++ {
+		accepted := expvarValue(t, nodes[1], "accepts")
+		nodes[0].mesh.Reconnect(nodes[1].url)
+		wait.For(t, eventually, "a new mesh connection, confirmed", func() bool {
+			return expvarValue(t, nodes[1], "accepts") != accepted && nodes[0].connectedTo(nodes[1].url)
+		})
+		if !derptest.Reachable(a, b, 15*time.Second) {
+			t.Fatalf("after Reconnect %d the peer's client is unreachable", i+1)
+		}
+		if lost := derptest.Exchange(a, b, 64, 1024, 16, 5*time.Second); lost != 0 {
+			t.Fatalf("after Reconnect %d: lost %d of 64 packets", i+1, lost)
+		}
+		if got := expvarValue(t, nodes[0], "gauge_clients_remote"); got != "1" {
+			t.Fatalf("after Reconnect %d replica 0 has %s forwarding entries, want 1", i+1, got)
+		}
+	}
+	if n := nodes[0].brokenCalls(nodes[1].url); n != 0 {
+		t.Fatalf("OnPeerBroken called %d times for requested reconnects", n)
+	}
+}
+
+// A peer that hangs without closing the connection (a partition that
+// drops instead of resetting) is noticed by the periodic ping, reported,
+// and meshed again once it answers.
+func TestHungPeerIsNoticedByPingsAndMeshedAgainWhenItAnswers(t *testing.T) {
+	t.Parallel()
+	k := newMeshKey()
+	a, b := startNode(t, nodeOptions{meshKey: k}), startNode(t, nodeOptions{meshKey: k})
+	proxy, err := faultproxy.New(b.http.Listener.Addr().String())
+	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(handler(s))
-	if addr != "" {
-		l, err := net.Listen("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
+	t.Cleanup(func() { _ = proxy.Close() })
+	via := proxy.URL()
+	a.meshWith(t, meshOptions{meshKey: k, ping: 100 * time.Millisecond, confirm: 300 * time.Millisecond, extraURLs: []string{via}})
+	wait.For(t, eventually, "meshed through the proxy", func() bool { return a.connectedTo(via) })
+
+	proxy.Stall()
+	start := time.Now()
+	wait.For(t, 10*time.Second, "the hang is noticed and reported", func() bool {
+		s, _ := a.peerStatus(via)
+		return s.State == derpmesh.StateConnecting && a.brokenCalls(via) > 0 &&
+			strings.Contains(s.Error, "peer stopped answering pings (2 in a row unanswered within 300ms)")
+	})
+	t.Logf("hang noticed after %v (PingInterval 100ms, ConfirmTimeout 300ms)", time.Since(start).Round(time.Millisecond))
+
+	proxy.Unstall()
+	wait.For(t, eventually, "meshed again", func() bool { return a.connectedTo(via) })
+	ca, cb := connect(t, a), connect(t, b)
+	if !derptest.Reachable(ca, cb, 15*time.Second) {
+		t.Fatal("not forwarding after the peer answered again")
+	}
+}
+
+func TestMeshWithAWrongKeyIsRefusedAndNeverReady(t *testing.T) {
+	t.Parallel()
+	wrong := newMeshKey()
+	a := startNode(t, nodeOptions{meshKey: wrong})
+	b := startNode(t, nodeOptions{meshKey: newMeshKey()})
+	a.meshWith(t, meshOptions{meshKey: wrong}, b)
+
+	wait.For(t, eventually, "the refusal is reported", func() bool {
+		s, ok := a.peerStatus(b.url)
+		return ok && strings.Contains(s.Error, "refused mesh privileges (mesh key mismatch?)") && strings.Contains(s.Error, b.url)
+	})
+	// Every further attempt is refused the same way: the state never
+	// leaves "connecting" and the error never turns into a plain break.
+	first := a.brokenCalls(b.url)
+	wait.For(t, eventually, "three more refused attempts", func() bool {
+		if a.mesh.Ready() {
+			t.Fatal("Ready() with a refused peer")
 		}
-		srv.Listener.Close()
-		srv.Listener = l
+		s, _ := a.peerStatus(b.url)
+		if s.State != derpmesh.StateConnecting || !strings.Contains(s.Error, "refused mesh privileges") {
+			t.Fatalf("refused peer shown as %q: %s", s.State, s.Error)
+		}
+		return a.brokenCalls(b.url) >= first+3
+	})
+	ca, cb := connect(t, a), connect(t, b)
+	notDelivered(t, ca, cb, 500*time.Millisecond, "without mesh privileges")
+}
+
+func TestTLSMeshVerifiesPeersWithTheGivenCA(t *testing.T) {
+	t.Parallel()
+	pool, serverTLS := testCA(t)
+	k := newMeshKey()
+	a := startNode(t, nodeOptions{meshKey: k, tls: serverTLS})
+	b := startNode(t, nodeOptions{meshKey: k, tls: serverTLS})
+	if !strings.HasPrefix(a.url, "https://127.0.0.1:") {
+		t.Fatalf("relay URL %s is not https", a.url)
 	}
-	if tlsCfg != nil {
-		srv.TLS = tlsCfg
-		srv.StartTLS()
-	} else {
-		srv.Start()
+	trusting := &tls.Config{RootCAs: pool}
+	a.meshWith(t, meshOptions{meshKey: k, tls: trusting}, b)
+	b.meshWith(t, meshOptions{meshKey: k, tls: trusting}, a)
+	wait.For(t, eventually, "TLS mesh ready", func() bool { return a.mesh.Ready() && b.mesh.Ready() })
+	exchangeBothWays(t, connect(t, a), connect(t, b), 200)
+
+	// A replica that trusts no extra CA cannot mesh with them, and says why.
+	c := startNode(t, nodeOptions{meshKey: k})
+	c.meshWith(t, meshOptions{meshKey: k, tls: &tls.Config{RootCAs: x509.NewCertPool()}}, a)
+	wait.For(t, eventually, "certificate error reported", func() bool {
+		s, ok := c.peerStatus(a.url)
+		return ok && strings.Contains(s.Error, "certificate") && s.State == derpmesh.StateConnecting
+	})
+	if c.mesh.Ready() {
+		t.Fatal("Ready() with an unverifiable peer")
 	}
-	n := &node{server: s, http: srv, url: srv.URL}
-	t.Cleanup(n.stop)
+}
+
+// Not parallel: 380 mesh handshakes at once would starve the timing of the
+// tests beside it on a small machine.
+func TestTwentyReplicasInOneProcessReachEachOther(t *testing.T) {
+	nodes := fullMesh(t, 20)
+	a, b := connect(t, nodes[9]), connect(t, nodes[16])
+	exchangeBothWays(t, a, b, 100)
+}
+
+// A relay URL that leads back to this replica (two replicas claiming one
+// URL) is detected, reported and not redialed, until Reconnect.
+func TestOwnRelayURLIsReportedAndNotRedialed(t *testing.T) {
+	t.Parallel()
+	k := newMeshKey()
+	a := startNode(t, nodeOptions{meshKey: k})
+	a.meshWith(t, meshOptions{meshKey: k}, a)
+
+	wait.For(t, eventually, "self-connect reported", func() bool {
+		s, ok := a.peerStatus(a.url)
+		return ok && s.Error == "relay URL points at this replica"
+	})
+	accepts := func() string { return expvarValue(t, a, "accepts") }
+	before := accepts()
+	// Far more than the retry pause: no new dial may happen.
+	time.Sleep(5 * testMaxRetry)
+	if got := accepts(); got != before {
+		t.Fatalf("the replica's own URL was redialed: accepts %s → %s", before, got)
+	}
+	if a.mesh.Ready() {
+		t.Fatal("Ready() while meshing with itself")
+	}
+	if n := a.brokenCalls(a.url); n != 0 {
+		t.Fatalf("OnPeerBroken called %d times for the replica's own URL", n)
+	}
+	a.mesh.Reconnect(a.url)
+	wait.For(t, eventually, "Reconnect tries once more", func() bool { return accepts() != before })
+}
+
+func TestNewRejectsUnsafeOrInconsistentOptions(t *testing.T) {
+	t.Parallel()
+	k := newMeshKey()
+	a := startNode(t, nodeOptions{meshKey: k})
+	for name, opts := range map[string]derpmesh.Options{
+		"no server":           {MeshKey: k},
+		"short mesh key":      {Server: a.server, MeshKey: "abc123"},
+		"another mesh key":    {Server: a.server, MeshKey: newMeshKey()},
+		"skips verification":  {Server: a.server, MeshKey: k, TLSConfig: &tls.Config{InsecureSkipVerify: true}}, //nolint:gosec // refused, which is the point
+		"custom verification": {Server: a.server, MeshKey: k, TLSConfig: &tls.Config{VerifyConnection: func(tls.ConnectionState) error { return nil }}},
+	} {
+		m, err := derpmesh.New(opts)
+		if err == nil {
+			_ = m.Close()
+			t.Errorf("%s: New succeeded", name)
+			continue
+		}
+		if strings.Contains(err.Error(), k) || strings.Contains(err.Error(), "abc123") {
+			t.Errorf("%s: the error reveals the mesh key: %v", name, err)
+		}
+	}
+}
+
+func TestInvalidRelayURLIsReportedNotDialed(t *testing.T) {
+	t.Parallel()
+	k := newMeshKey()
+	a := startNode(t, nodeOptions{meshKey: k})
+	a.meshWith(t, meshOptions{meshKey: k, extraURLs: []string{"ftp://10.0.0.1", "http://"}})
+	wait.For(t, eventually, "both reported", func() bool {
+		st := a.mesh.Status()
+		return len(st) == 2 && strings.Contains(st[0].Error, "invalid relay URL") && strings.Contains(st[1].Error, "invalid relay URL")
+	})
+	if a.mesh.Ready() {
+		t.Fatal("Ready() with invalid peers")
+	}
+}
+
+// Close is idempotent (also when called concurrently), disconnects peers,
+// and stops every goroutine: dialing, pausing, parked and connected peers,
+// and the callback goroutine.
+func TestCloseIsIdempotentAndLeavesNoGoroutines(t *testing.T) {
+	// Not parallel: it counts goroutines.
+	k := newMeshKey()
+	a, b := startNode(t, nodeOptions{meshKey: k}), startNode(t, nodeOptions{meshKey: k})
+	c, d := startNode(t, nodeOptions{meshKey: k}), startNode(t, nodeOptions{meshKey: k})
+	before := len(meshGoroutines())
+	if before != 0 {
+		t.Fatalf("derpmesh goroutines running before the test:\n%s", strings.Join(meshGoroutines(), "\n\n"))
+	}
+	extra := []string{
+		c.url, d.url, // connected, then removed
+		a.url,        // this replica: parked
+		"gopher://x", // invalid: parked
+	}
+	for port := 1; port <= 10; port++ {
+		extra = append(extra, fmt.Sprintf("http://127.0.0.1:%d", port)) // refused: pausing between attempts
+	}
+	a.meshWith(t, meshOptions{meshKey: k, extraURLs: extra}, b)
+	wait.For(t, eventually, "connected to the live peers", func() bool {
+		return a.connectedTo(b.url) && a.connectedTo(c.url) && a.connectedTo(d.url)
+	})
+	wait.For(t, eventually, "the unreachable peers reported", func() bool {
+		for port := 1; port <= 10; port++ {
+			if a.brokenCalls(fmt.Sprintf("http://127.0.0.1:%d", port)) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	if runs := peerLoops(); runs != 15 {
+		t.Fatalf("%d peer loops for 15 peers", runs)
+	}
+	if wantCurrent := "1"; expvarValue(t, b, "gauge_current_connections") != wantCurrent {
+		t.Fatalf("peer sees %s connections, want the mesh's 1", expvarValue(t, b, "gauge_current_connections"))
+	}
+
+	// Removing peers stops their goroutines before SetAddresses returns.
+	a.mesh.SetAddresses(append([]string{b.url}, extra[7:]...))
+	wait.For(t, time.Second, "7 removed peer loops gone", func() bool { return peerLoops() == 8 })
+
+	var wg sync.WaitGroup
+	for i := 0; i < 3; i++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); _ = a.mesh.Close() }()
+	}
+	wg.Wait()
+	if err := a.mesh.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	// Close waited for them; a goroutine that has just signalled it is done
+	// may still show its last frame for a moment.
+	if leaked := waitNoMeshGoroutines(); len(leaked) != 0 {
+		t.Fatalf("Close returned with derpmesh goroutines running:\n%s", strings.Join(leaked, "\n\n"))
+	}
+	if st := a.mesh.Status(); len(st) != 0 {
+		t.Fatalf("Status after Close: %+v", st)
+	}
+	a.mesh.SetAddresses([]string{b.url}) // no-op after Close
+	a.mesh.Reconnect(b.url)
+	if leaked := waitNoMeshGoroutines(); len(leaked) != 0 {
+		t.Fatal("SetAddresses after Close started goroutines")
+	}
+	wait.For(t, eventually, "the peer sees the mesh connection gone", func() bool {
+		return expvarValue(t, b, "gauge_current_connections") == "0"
+	})
+}
+
+// waitNoMeshGoroutines waits up to a second for the package's goroutines to
+// be gone and returns any left.
+func waitNoMeshGoroutines() []string {
+	deadline := time.Now().Add(time.Second)
+	for {
+		leaked := meshGoroutines()
+		if len(leaked) == 0 || time.Now().After(deadline) {
+			return leaked
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// peerLoops counts the package's per-peer goroutines.
+func peerLoops() int {
+	n := 0
+	for _, g := range meshGoroutines() {
+		if strings.Contains(g, "derpmesh.(*peer).run(") {
+			n++
+		}
+	}
 	return n
 }
 
-func (n *node) stop() {
-	n.http.CloseClientConnections()
-	n.http.Close()
-	_ = n.server.Close()
-}
-
-func (n *node) meshWith(t *testing.T, meshKey string, tlsCfg *tls.Config, peers ...*node) {
+// expvarValue reads one of n's DERP server variables.
+func expvarValue(t *testing.T, n *node, name string) string {
 	t.Helper()
-	m, err := derpmesh.New(derpmesh.Options{
-		Server: n.server, MeshKey: meshKey, TLSConfig: tlsCfg, RetryInterval: 200 * time.Millisecond,
-		OnPeerBroken: func(u string) { n.mu.Lock(); n.broken = append(n.broken, u); n.mu.Unlock() },
-	})
-	if err != nil {
-		t.Fatal(err)
+	v := n.server.ExpVar(false).(*metrics.Set).Get(name)
+	if v == nil {
+		t.Fatalf("DERP server has no variable %q", name)
 	}
-	t.Cleanup(func() { _ = m.Close() })
-	n.mesh = m
-	var urls []string
-	for _, p := range peers {
-		urls = append(urls, p.url)
-	}
-	m.SetAddresses(urls)
-}
-
-func (n *node) brokenReports(u string) int {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	c := 0
-	for _, b := range n.broken {
-		if b == u {
-			c++
-		}
-	}
-	return c
-}
-
-func fullMesh(t *testing.T, count int) []*node {
-	t.Helper()
-	k := newMeshKey()
-	nodes := make([]*node, count)
-	for i := range nodes {
-		nodes[i] = startNode(t, k, "", nil)
-	}
-	for i, n := range nodes {
-		var peers []*node
-		for j, p := range nodes {
-			if i != j {
-				peers = append(peers, p)
-			}
-		}
-		n.meshWith(t, k, nil, peers...)
-	}
-	for _, n := range nodes {
-		wait.For(t, 60*time.Second, "mesh ready", n.mesh.Ready)
-	}
-	return nodes
-}
-
-func connect(t *testing.T, n *node, tlsCfg ...*tls.Config) *derptest.Client {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	c, err := derptest.Connect(ctx, n.url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c
-}
-
-func TestClientsOnTwoMeshedReplicasExchangeWindowedPacketsWithoutLoss(t *testing.T) {
-	t.Parallel()
-	nodes := fullMesh(t, 2)
-	a, b := connect(t, nodes[0]), connect(t, nodes[1])
-	if !derptest.Reachable(a, b, 5*time.Second) || !derptest.Reachable(b, a, 5*time.Second) {
-		t.Fatal("clients on two meshed replicas cannot reach each other")
-	}
-	if lost := derptest.Exchange(a, b, 2000, 1024, 16, 2*time.Second); lost != 0 {
-		t.Fatalf("a→b lost %d of 2000 packets", lost)
-	}
-	if lost := derptest.Exchange(b, a, 2000, 1024, 16, 2*time.Second); lost != 0 {
-		t.Fatalf("b→a lost %d of 2000 packets", lost)
-	}
-}
-
-// A peer that goes away is reported (state, error, OnPeerBroken) while the
-// survivors keep forwarding; when a replica comes back on the same address,
-// Reconnect meshes with it at once.
-func TestDeadPeerIsReportedAndComingBackOnTheSameAddressRemeshes(t *testing.T) {
-	t.Parallel()
-	nodes := fullMesh(t, 3)
-	a, c := connect(t, nodes[0]), connect(t, nodes[2])
-	dead := nodes[1]
-	addr := dead.http.Listener.Addr().String()
-	dead.stop()
-
-	wait.For(t, 3*time.Second, "node 0 reports node 1 down", func() bool {
-		for _, s := range nodes[0].mesh.Status() {
-			if s.URL == dead.url {
-				return s.State == derpmesh.StateConnecting && s.Error != ""
-			}
-		}
-		return false
-	})
-	if nodes[0].brokenReports(dead.url) == 0 {
-		t.Fatal("OnPeerBroken was not called for the dead peer")
-	}
-	if nodes[0].mesh.Ready() {
-		t.Fatal("Ready() with a peer down")
-	}
-	if !derptest.Reachable(a, c, 5*time.Second) {
-		t.Fatal("survivors stopped forwarding")
-	}
-	if lost := derptest.Exchange(a, c, 500, 1024, 16, 2*time.Second); lost != 0 {
-		t.Fatalf("survivors lost %d packets", lost)
-	}
-
-	// A new process on the same address, sharing the mesh key.
-	k := nodes[0].server.MeshKey()
-	back := startNode(t, k.String(), addr, nil)
-	back.meshWith(t, k.String(), nil, nodes[0], nodes[2])
-	for _, n := range []*node{nodes[0], nodes[2]} {
-		n.mesh.Reconnect(back.url)
-	}
-	wait.For(t, 2*time.Second, "mesh ready again", func() bool { return nodes[0].mesh.Ready() && nodes[2].mesh.Ready() })
-	b := connect(t, back)
-	if !derptest.Reachable(a, b, 5*time.Second) {
-		t.Fatal("a client of the returned replica is unreachable")
-	}
-}
-
-func TestRemovedPeerIsDisconnected(t *testing.T) {
-	t.Parallel()
-	nodes := fullMesh(t, 2)
-	a, b := connect(t, nodes[0]), connect(t, nodes[1])
-	if !derptest.Reachable(a, b, 5*time.Second) {
-		t.Fatal("not meshed")
-	}
-	nodes[0].mesh.SetAddresses(nil)
-	if s := nodes[0].mesh.Status(); len(s) != 0 {
-		t.Fatalf("status still lists %v", s)
-	}
-	_ = a.Send(b.Key, []byte("after removal"))
-	// Reachable's own probes may still be in flight: only this payload
-	// counts.
-	for _, p := range b.WaitPackets(a.Key, 1000, 300*time.Millisecond) {
-		if string(p) == "after removal" {
-			t.Fatal("a packet crossed a mesh connection that was removed")
-		}
-	}
-}
-
-func TestWrongMeshKeyGetsNoPrivileges(t *testing.T) {
-	t.Parallel()
-	k := newMeshKey()
-	a, b := startNode(t, k, "", nil), startNode(t, k, "", nil)
-	a.meshWith(t, newMeshKey(), nil, b) // a random key
-	time.Sleep(500 * time.Millisecond)  // several connect attempts; none may succeed
-	if a.mesh.Ready() {
-		t.Fatal("a mesh with the wrong key reports ready")
-	}
-	st := a.mesh.Status()
-	if len(st) != 1 || !strings.Contains(st[0].Error, "mesh") {
-		t.Fatalf("status does not explain the refusal: %+v", st)
-	}
-	ca, cb := connect(t, a), connect(t, b)
-	if derptest.Reachable(cb, ca, 500*time.Millisecond) {
-		t.Fatal("packets were forwarded without mesh privileges")
-	}
-}
-
-func TestTLSMeshWithPrivateCA(t *testing.T) {
-	t.Parallel()
-	caCert, serverTLS := selfSignedCA(t)
-	pool := x509.NewCertPool()
-	pool.AddCert(caCert)
-	k := newMeshKey()
-	a, b := startNode(t, k, "", serverTLS), startNode(t, k, "", serverTLS)
-	trusting := &tls.Config{RootCAs: pool}
-	a.meshWith(t, k, trusting, b)
-	b.meshWith(t, k, trusting, a)
-	wait.For(t, 5*time.Second, "TLS mesh ready", func() bool { return a.mesh.Ready() && b.mesh.Ready() })
-
-	c := startNode(t, k, "", nil)
-	c.meshWith(t, k, &tls.Config{RootCAs: x509.NewCertPool()}, a) // trusts nothing
-	wait.For(t, 5*time.Second, "certificate error reported", func() bool {
-		st := c.mesh.Status()
-		return len(st) == 1 && strings.Contains(st[0].Error, "certificate")
-	})
-}
-
-// Not parallel: setting up 380 mesh connections would starve the timing
-// of the tests that run beside it.
-func TestTwentyMeshesInOneProcessForwardBetweenAnyTwo(t *testing.T) {
-	nodes := fullMesh(t, 20)
-	a, b := connect(t, nodes[9]), connect(t, nodes[16])
-	if !derptest.Reachable(a, b, 5*time.Second) {
-		t.Fatal("client on mesh 9 cannot reach client on mesh 16")
-	}
-}
-
-func TestServerMetricsAreExportedForSeveralServers(t *testing.T) {
-	t.Parallel()
-	nodes := fullMesh(t, 2)
-	a, b := connect(t, nodes[0]), connect(t, nodes[1])
-	derptest.Reachable(a, b, 5*time.Second)
-	for _, n := range nodes {
-		reg := prometheus.NewRegistry()
-		reg.MustRegister(derpmesh.NewServerCollector(n.server))
-		families, err := reg.Gather()
-		if err != nil {
-			t.Fatal(err)
-		}
-		names := map[string]bool{}
-		for _, f := range families {
-			names[f.GetName()] = true
-		}
-		for _, want := range []string{"coderd_derp_current_connections", "coderd_derp_packets_forwarded_out_total", "coderd_derp_clients_local"} {
-			if !names[want] {
-				t.Errorf("metric %s missing; have %v", want, names)
-			}
-		}
-	}
-}
-
-func TestCloseIsIdempotentAndLeavesNoGoroutines(t *testing.T) {
-	count := func(m *derpmesh.Mesh, state string) int {
-		n := 0
-		for _, s := range m.Status() {
-			if s.State == state {
-				n++
-			}
-		}
-		return n
-	}
-	before := runtime.NumGoroutine()
-	k := newMeshKey()
-	a, b := startNode(t, k, "", nil), startNode(t, k, "", nil)
-	m, err := derpmesh.New(derpmesh.Options{Server: a.server, MeshKey: k})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.SetAddresses([]string{b.url, "http://127.0.0.1:1"})
-	wait.For(t, 5*time.Second, "one peer connected", func() bool { return count(m, derpmesh.StateConnected) == 1 })
-	_ = m.Close()
-	_ = m.Close()
-	a.stop()
-	b.stop()
-	wait.For(t, 5*time.Second, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= before+2 })
-}
-
-func selfSignedCA(t *testing.T) (*x509.Certificate, *tls.Config) {
-	t.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	leafKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	leafTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "relay"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		KeyUsage: x509.KeyUsageDigitalSignature,
-	}
-	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, caCert, &leafKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return caCert, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{leafDER}, PrivateKey: leafKey}}}
+	return v.String()
 }

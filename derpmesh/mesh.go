@@ -2,11 +2,8 @@ package derpmesh
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
-	"math/rand/v2"
-	"net/http"
 	"sort"
 	"strings"
 	"sync"
@@ -14,136 +11,159 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
-	"tailscale.com/derp"
-	"tailscale.com/derp/derphttp"
-	"tailscale.com/derp/derpserver"
-	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
 )
 
 // Peer states reported by Status.
 const (
-	StateConnected  = "connected"  // watching the peer's clients, mesh privileges confirmed
-	StateConnecting = "connecting" // dialing, retrying, or refused
+	// StateConnected: the watch connection is up and the peer answered a
+	// ping sent after the watch request, which proves it granted mesh
+	// privileges. Packets for the peer's clients are being forwarded.
+	StateConnected = "connected"
+	// StateConnecting: everything else — dialing, waiting to redial,
+	// refused, or parked (a relay URL that is invalid or points at this
+	// replica). PeerStatus.Error says which.
+	StateConnecting = "connecting"
 )
 
-// Options configures a Mesh.
-type Options struct {
-	// Server is the local DERP server whose packets the mesh forwards.
-	// Required.
-	Server *derpserver.Server
-	// MeshKey is the deployment's mesh key (64 hex characters). Required.
-	// It is a secret: it is never logged.
-	MeshKey string
-	// TLSConfig verifies https relay URLs (RootCAs: the system roots plus
-	// any CA the operator trusts). Nil means the system roots. Verification
-	// is never skipped.
-	TLSConfig *tls.Config
-	// Logger defaults to a no-op logger.
-	Logger *zap.Logger
-	// OnPeerBroken is called when a mesh connection to a peer breaks or
-	// fails to connect, so the owner can re-probe that peer at once (a
-	// crashed replica is then noticed in well under a heartbeat). It is
-	// called from the peer's goroutine, never concurrently for one URL and
-	// never with a lock held; it must not block for long.
-	OnPeerBroken func(relayURL string)
-	// RetryInterval is the pause before redialing a peer whose connection
-	// failed (with ±20% jitter). Default 1s: the library's own loop waits a
-	// fixed 5s. Reconnect and SetAddresses cut the pause short.
-	RetryInterval time.Duration
-	// ConfirmTimeout bounds the ping that confirms mesh privileges after a
-	// connect. Default 5s.
-	ConfirmTimeout time.Duration
-	// Registerer, if set, receives coderd_derpmesh_peers{state}.
-	Registerer prometheus.Registerer
-}
-
-// PeerStatus is one peer's mesh connection as seen from here.
+// PeerStatus is one peer's mesh connection as seen from this replica.
 type PeerStatus struct {
-	URL   string    `json:"url"`
-	State string    `json:"state"`
-	Error string    `json:"error"`
+	// URL is the relay URL as given to SetAddresses, without a trailing
+	// slash.
+	URL string `json:"url"`
+	// State is StateConnected or StateConnecting.
+	State string `json:"state"`
+	// Error is why the peer is not connected: the last connect error
+	// (connection refused, TLS verification), a refusal of mesh privileges,
+	// "relay URL points at this replica", or how the last connection broke.
+	// It stays set while redialing and is empty once connected, and while
+	// the first attempt (or one asked for by Reconnect) is under way.
+	Error string `json:"error"`
+	// Since is when State last changed (for a new peer: when it was added).
 	Since time.Time `json:"since"`
 }
 
-// Mesh is the set of mesh connections from this replica's DERP server to
-// its peers. Create it with New; stop it with Close.
+// Mesh keeps a DERP server meshed with a set of peer relays. Create it with
+// New, feed it the peer set with SetAddresses, stop it with Close.
+//
+// All methods are safe for concurrent use.
 type Mesh struct {
 	opts    Options
 	log     *zap.Logger
 	meshKey key.DERPMesh
+	notify  *notifier
+	gauges  []prometheus.Collector
 
-	ctx    context.Context
+	ctx    context.Context // canceled by Close; parent of every peer's
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
 
-	mu     sync.Mutex
+	// setMu serializes SetAddresses and Close, which wait for removed
+	// peers' goroutines: so at most one goroutine ever owns a URL.
+	setMu sync.Mutex
+
+	mu     sync.Mutex // guards peers and closed
 	peers  map[string]*peer
 	closed bool
+
+	closeOnce sync.Once
+	closeDone chan struct{}
 }
 
 // New validates opts and returns an idle Mesh: it dials nothing until
-// SetAddresses.
+// SetAddresses. It fails on a missing Server, a malformed MeshKey, a
+// MeshKey different from Server's own, a TLSConfig that skips
+// verification, or a Registerer that already has coderd_derpmesh_peers.
 func New(opts Options) (*Mesh, error) {
 	if opts.Server == nil {
-		return nil, errors.New("derpmesh: Server is required")
+		return nil, errors.New("derpmesh: Options.Server is required")
 	}
 	meshKey, err := key.ParseDERPMesh(opts.MeshKey)
 	if err != nil {
-		return nil, fmt.Errorf("derpmesh: the mesh key is not 64 hex characters: %w", err)
+		// err names the rule, never the value.
+		return nil, fmt.Errorf("derpmesh: the mesh key must be 64 hex characters: %w", err)
 	}
-	if opts.Logger == nil {
-		opts.Logger = zap.NewNop()
+	if opts.Server.HasMeshKey() && !opts.Server.MeshKey().Equal(meshKey) {
+		return nil, errors.New("derpmesh: Options.MeshKey differs from the local DERP server's mesh key; peers would refuse one of them")
 	}
-	if opts.RetryInterval <= 0 {
-		opts.RetryInterval = time.Second
+	if c := opts.TLSConfig; c != nil && (c.InsecureSkipVerify || c.VerifyConnection != nil) {
+		return nil, errors.New("derpmesh: TLSConfig must not set InsecureSkipVerify or VerifyConnection; add the peers' CA to RootCAs instead")
 	}
-	if opts.ConfirmTimeout <= 0 {
-		opts.ConfirmTimeout = 5 * time.Second
+	opts = opts.withDefaults()
+	m := &Mesh{
+		opts:      opts,
+		log:       opts.Logger,
+		meshKey:   meshKey,
+		peers:     map[string]*peer{},
+		closeDone: make(chan struct{}),
 	}
-	m := &Mesh{opts: opts, log: opts.Logger, meshKey: meshKey, peers: map[string]*peer{}}
-	m.ctx, m.cancel = context.WithCancel(context.Background())
+	if !opts.Server.HasMeshKey() {
+		m.log.Warn("the local DERP server has no mesh key; peers cannot mesh with this replica")
+	}
 	if opts.Registerer != nil {
 		for _, state := range []string{StateConnected, StateConnecting} {
-			state := state
-			opts.Registerer.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			g := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name:        "coderd_derpmesh_peers",
-				Help:        "Mesh connections to peer relays by state.",
+				Help:        "Peer relays this replica's DERP server meshes with, by state (connected: mesh privileges confirmed).",
 				ConstLabels: prometheus.Labels{"state": state},
-			}, func() float64 { return float64(m.count(state)) }))
+			}, func() float64 { return float64(m.count(state)) })
+			if err := opts.Registerer.Register(g); err != nil {
+				m.unregister()
+				return nil, fmt.Errorf("derpmesh: register coderd_derpmesh_peers: %w", err)
+			}
+			m.gauges = append(m.gauges, g)
 		}
 	}
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	m.notify = newNotifier(opts.OnPeerBroken)
 	return m, nil
 }
 
-func (m *Mesh) count(state string) int {
-	n := 0
-	for _, s := range m.Status() {
-		if s.State == state {
-			n++
-		}
+func (m *Mesh) unregister() {
+	for _, g := range m.gauges {
+		m.opts.Registerer.Unregister(g)
 	}
-	return n
+	m.gauges = nil
 }
 
-// SetAddresses replaces the set of peer relay URLs to mesh with (the
-// caller filters by region and leaves itself out). Connections to URLs no
-// longer in the set are closed and their forwarders removed; new URLs are
-// dialed at once.
+// normalizeURL is the key a relay URL is known by: "http://a:1" and
+// "http://a:1/" are the same peer.
+func normalizeURL(u string) string {
+	return strings.TrimSuffix(strings.TrimSpace(u), "/")
+}
+
+// SetAddresses replaces the set of peer relay URLs to mesh with. A relay
+// URL is a replica's base URL ("http://10.0.0.1:8080"); the DERP endpoint
+// is that plus "/derp" (a URL already ending in "/derp" is used as is).
+// The caller filters by region and leaves this replica out; a URL that
+// still leads here is detected and parked with an error, which keeps Ready
+// false (two replicas claiming one relay URL is a misconfiguration).
+//
+// New URLs are dialed at once. URLs no longer in the set are disconnected
+// and their forwarders removed before SetAddresses returns, so packets for
+// those peers' clients stop being forwarded. URLs still in the set keep
+// their connection untouched (use Reconnect to replace one). Duplicates and
+// empty strings are ignored; an unparsable URL is kept and reported in
+// Status. After Close, SetAddresses does nothing.
 func (m *Mesh) SetAddresses(urls []string) {
-	want := map[string]bool{}
+	m.setMu.Lock()
+	defer m.setMu.Unlock()
+
+	want := make(map[string]bool, len(urls))
 	for _, u := range urls {
-		want[strings.TrimSuffix(u, "/")] = true
+		if u = normalizeURL(u); u != "" {
+			want[u] = true
+		}
 	}
+
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
 		return
 	}
-	var stopping []*peer
+	var removed []*peer
 	for u, p := range m.peers {
 		if !want[u] {
-			stopping = append(stopping, p)
+			removed = append(removed, p)
 			delete(m.peers, u)
 		}
 	}
@@ -151,285 +171,97 @@ func (m *Mesh) SetAddresses(urls []string) {
 		if _, ok := m.peers[u]; !ok {
 			p := m.newPeer(u)
 			m.peers[u] = p
-			m.wg.Add(1)
 			go p.run()
 		}
 	}
 	m.mu.Unlock()
-	for _, p := range stopping {
+
+	for _, p := range removed {
 		m.log.Info("leaving mesh with peer", zap.String("relay_url", p.url))
-		p.stop()
+		p.cancel()
+	}
+	for _, p := range removed {
+		<-p.done
 	}
 }
 
-// Reconnect replaces the connection to url at once (used when a peer came
-// back under the same URL): a sleeping retry is cut short and a live
-// connection is dropped and redialed.
+// Reconnect replaces the connection to url at once: a live connection is
+// closed (its forwarders removed) and redialed, a pending retry pause is
+// cut short, a dial in progress is restarted, and a URL parked as "points
+// at this replica" is tried again. Use it when the peer behind url was
+// replaced by a new process. OnPeerBroken is not called for it. A url not
+// in the current set is ignored.
 func (m *Mesh) Reconnect(url string) {
 	m.mu.Lock()
-	p := m.peers[strings.TrimSuffix(url, "/")]
+	p := m.peers[normalizeURL(url)]
 	m.mu.Unlock()
 	if p != nil {
 		p.reconnect()
 	}
 }
 
-// Status lists every peer's connection, sorted by URL.
+// Status lists every peer in the current set, sorted by URL.
 func (m *Mesh) Status() []PeerStatus {
 	m.mu.Lock()
-	peers := make([]*peer, 0, len(m.peers))
+	out := make([]PeerStatus, 0, len(m.peers))
 	for _, p := range m.peers {
-		peers = append(peers, p)
-	}
-	m.mu.Unlock()
-	out := make([]PeerStatus, 0, len(peers))
-	for _, p := range peers {
 		out = append(out, p.status())
 	}
+	m.mu.Unlock()
 	sort.Slice(out, func(i, j int) bool { return out[i].URL < out[j].URL })
 	return out
 }
 
-// Ready reports whether every peer in the current set has a working mesh
-// connection with mesh privileges (true with no peers).
+// Ready reports whether every peer in the current set is StateConnected:
+// its watch connection is up and it confirmed mesh privileges. It is true
+// with no peers. It turns false the moment a peer's connection breaks, and
+// briefly during Reconnect; owners that must not flap (a load balancer's
+// readiness) should latch it.
 func (m *Mesh) Ready() bool {
-	for _, s := range m.Status() {
-		if s.State != StateConnected {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, p := range m.peers {
+		if p.status().State != StateConnected {
 			return false
 		}
 	}
 	return true
 }
 
-// Close closes every mesh connection, removes their forwarders and waits
-// for every goroutine. It is safe to call more than once.
-func (m *Mesh) Close() error {
+func (m *Mesh) count(state string) int {
 	m.mu.Lock()
-	if m.closed {
+	defer m.mu.Unlock()
+	n := 0
+	for _, p := range m.peers {
+		if p.status().State == state {
+			n++
+		}
+	}
+	return n
+}
+
+// Close disconnects every peer, removes every forwarder the mesh
+// installed, drops pending OnPeerBroken calls, unregisters the gauge, and
+// waits for every goroutine the Mesh started. It is idempotent: every call
+// returns nil once the first has finished. It must not be called from
+// OnPeerBroken.
+func (m *Mesh) Close() error {
+	m.closeOnce.Do(func() {
+		m.setMu.Lock()
+		m.mu.Lock()
+		m.closed = true
+		peers := m.peers
+		m.peers = map[string]*peer{}
 		m.mu.Unlock()
-		return nil
-	}
-	m.closed = true
-	peers := m.peers
-	m.peers = map[string]*peer{}
-	m.mu.Unlock()
-	m.cancel()
-	for _, p := range peers {
-		p.stop()
-	}
-	m.wg.Wait()
+		m.cancel()
+		for _, p := range peers {
+			<-p.done
+		}
+		m.setMu.Unlock()
+		m.notify.close()
+		m.unregister()
+		close(m.closeDone)
+	})
+	<-m.closeDone
 	return nil
-}
-
-// Handler serves the DERP relay (with websocket support) for mounting at
-// /derp. The caller also mounts /derp/latency-check (derpserver.
-// ServeNoContent-style 200) and /derp/probe (derpserver.ProbeHandler).
-func Handler(s *derpserver.Server) http.Handler {
-	return derpserver.AddWebSocketSupport(s, derpserver.Handler(s))
-}
-
-// peer owns the mesh connection to one relay URL.
-type peer struct {
-	m      *Mesh
-	url    string
-	log    *zap.Logger
-	ctx    context.Context
-	cancel context.CancelFunc
-	done   chan struct{}
-	wake   chan struct{} // Reconnect
-
-	mu     sync.Mutex
-	state  string
-	err    string
-	since  time.Time
-	client *derphttp.Client
-}
-
-func (m *Mesh) newPeer(url string) *peer {
-	ctx, cancel := context.WithCancel(m.ctx)
-	return &peer{
-		m: m, url: url, log: m.log.With(zap.String("relay_url", url)),
-		ctx: ctx, cancel: cancel, done: make(chan struct{}), wake: make(chan struct{}, 1),
-		state: StateConnecting, since: time.Now(),
-	}
-}
-
-func (p *peer) status() PeerStatus {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return PeerStatus{URL: p.url, State: p.state, Error: p.err, Since: p.since}
-}
-
-func (p *peer) setState(state, errMsg string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.state != state {
-		p.since = time.Now()
-	}
-	p.state, p.err = state, errMsg
-}
-
-func (p *peer) stop() {
-	p.cancel()
-	p.mu.Lock()
-	c := p.client
-	p.mu.Unlock()
-	if c != nil {
-		_ = c.Close()
-	}
-	<-p.done
-}
-
-func (p *peer) reconnect() {
-	select {
-	case p.wake <- struct{}{}:
-	default:
-	}
-	p.mu.Lock()
-	c := p.client
-	p.mu.Unlock()
-	if c != nil {
-		_ = c.Close() // the run loop sees the break and redials at once
-	}
-}
-
-// run dials, watches and redials until stopped.
-func (p *peer) run() {
-	defer p.m.wg.Done()
-	defer close(p.done)
-	fast := false // redial without pausing (after Reconnect)
-	for p.ctx.Err() == nil {
-		errMsg, wasConnected, selfConnect := p.session()
-		if p.ctx.Err() != nil {
-			return
-		}
-		p.setState(StateConnecting, errMsg)
-		if selfConnect {
-			p.log.Error("relay URL points at this replica; not meshing with it")
-			<-p.ctx.Done()
-			return
-		}
-		if wasConnected {
-			p.log.Warn("mesh connection to peer broke; redialing", zap.String("error", errMsg))
-		} else {
-			p.log.Debug("mesh connect failed", zap.String("error", errMsg))
-		}
-		if f := p.m.opts.OnPeerBroken; f != nil {
-			f(p.url)
-		}
-		select {
-		case <-p.wake:
-			fast = true
-		default:
-		}
-		if fast {
-			fast = false
-			continue
-		}
-		pause := time.Duration(float64(p.m.opts.RetryInterval) * (0.8 + 0.4*rand.Float64()))
-		select {
-		case <-p.ctx.Done():
-			return
-		case <-p.wake:
-		case <-time.After(pause):
-		}
-	}
-}
-
-// session runs one connection from dial to break. It returns why it ended,
-// whether mesh privileges had been confirmed, and whether the URL turned
-// out to be this replica itself.
-func (p *peer) session() (errMsg string, confirmed, selfConnect bool) {
-	srv := p.m.opts.Server
-	client, err := derphttp.NewClient(srv.PrivateKey(), p.url+"/derp", func(format string, args ...any) {
-		p.log.Debug(fmt.Sprintf(format, args...))
-	}, netmon.NewStatic())
-	if err != nil {
-		return fmt.Sprintf("bad relay URL: %v", err), false, false
-	}
-	client.MeshKey = p.m.meshKey
-	client.WatchConnectionChanges = true
-	client.TLSConfig = p.m.opts.TLSConfig
-	p.mu.Lock()
-	p.client = client
-	p.mu.Unlock()
-	defer func() {
-		p.mu.Lock()
-		p.client = nil
-		p.mu.Unlock()
-		_ = client.Close()
-	}()
-
-	dialCtx, cancelDial := context.WithTimeout(p.ctx, 10*time.Second)
-	err = client.Connect(dialCtx)
-	cancelDial()
-	if err != nil {
-		return fmt.Sprintf("cannot connect: %v", err), false, false
-	}
-	if client.ServerPublicKey() == srv.PublicKey() {
-		return "relay URL points at this replica", false, true
-	}
-
-	// Receive until the connection breaks, installing forwarders for the
-	// peer's clients. Forwarders this session added are removed when it
-	// ends, whatever the reason.
-	present := map[key.NodePublic]bool{}
-	recvDone := make(chan error, 1)
-	go func() {
-		for {
-			msg, err := client.Recv()
-			if err != nil {
-				recvDone <- err
-				return
-			}
-			switch msg := msg.(type) {
-			case derp.PeerPresentMessage:
-				if !present[msg.Key] {
-					present[msg.Key] = true
-					srv.AddPacketForwarder(msg.Key, client)
-				}
-			case derp.PeerGoneMessage:
-				if present[msg.Peer] {
-					delete(present, msg.Peer)
-					srv.RemovePacketForwarder(msg.Peer, client)
-				}
-			}
-		}
-	}()
-	defer func() {
-		for k := range present {
-			srv.RemovePacketForwarder(k, client)
-		}
-	}()
-
-	// A peer that refuses our mesh key closes the connection as soon as it
-	// reads our WatchConnectionChanges frame, which it reads before our
-	// ping: a pong proves the privileges were granted.
-	pingCtx, cancelPing := context.WithTimeout(p.ctx, p.m.opts.ConfirmTimeout)
-	pingErr := make(chan error, 1)
-	go func() { pingErr <- client.Ping(pingCtx) }()
-	select {
-	case err := <-pingErr:
-		cancelPing()
-		if err != nil {
-			_ = client.Close()
-			<-recvDone
-			return fmt.Sprintf("peer did not confirm the mesh connection: %v", err), false, false
-		}
-	case <-recvDone:
-		cancelPing()
-		<-pingErr
-		return "peer refused mesh privileges (is its mesh key different? every replica must share one database)", false, false
-	}
-	p.setState(StateConnected, "")
-	p.log.Info("meshed with peer")
-
-	select {
-	case err := <-recvDone:
-		return fmt.Sprintf("connection lost: %v", err), true, false
-	case <-p.ctx.Done():
-		_ = client.Close()
-		<-recvDone
-		return "", true, false
-	}
 }

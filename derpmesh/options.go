@@ -1,0 +1,116 @@
+package derpmesh
+
+import (
+	"crypto/tls"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"tailscale.com/derp/derpserver"
+)
+
+// Options configures a Mesh. Server and MeshKey are required; every other
+// field has a default, applied in one place (withDefaults) and listed in
+// DefaultOptions.
+type Options struct {
+	// Server is the local DERP server whose clients' packets the mesh
+	// forwards to peers. Required. Its private key is the mesh connections'
+	// identity, so a relay URL that leads back to Server is recognised as
+	// "this replica" and not dialed again.
+	Server *derpserver.Server
+
+	// MeshKey is the deployment's mesh key: 64 hex characters
+	// (key.ParseDERPMesh). Required. If Server has a mesh key, it must be
+	// the same one. It is a secret: never logged, never in an error.
+	MeshKey string
+
+	// TLSConfig verifies peers' https relay URLs. The DERP library treats
+	// RootCAs as roots trusted IN ADDITION to the system roots (and its
+	// baked-in Let's Encrypt roots); it cannot narrow trust. Nil means the
+	// system roots. InsecureSkipVerify and VerifyConnection are refused by
+	// New (the library would panic on them).
+	TLSConfig *tls.Config
+
+	// Logger receives one line per event (connected, broke, refused); the
+	// DERP library's own chatter goes to its debug level. Default: no-op.
+	Logger *zap.Logger
+
+	// OnPeerBroken is called with a peer's relay URL when an established
+	// mesh connection to it breaks, and after every failed attempt to
+	// connect to it (so at most about once per retry pause), so the owner
+	// can ask replicasync to re-probe that peer now. It is not called for
+	// Reconnect, SetAddresses removals or Close.
+	//
+	// Calls come from one goroutine owned by the Mesh: never concurrently
+	// (for any URL), never with a lock held, and a slow callback never
+	// delays a redial. Calls for the same URL are coalesced while one is
+	// pending, and one may arrive shortly after the URL left the set. The
+	// callback may call SetAddresses, Reconnect, Status and Ready; it must
+	// not call Close (Close waits for it).
+	OnPeerBroken func(relayURL string)
+
+	// RetryInterval is the pause before the first redial of a peer whose
+	// connect attempt failed; each further failure doubles it up to
+	// MaxRetryInterval, with ±20% jitter. Shorter finds a returning peer
+	// sooner; longer dials a dead address less often. Default 1s (the
+	// library's own loop waits a fixed 5s). A connection that broke after
+	// being up for at least MaxRetryInterval is redialed at once.
+	// Reconnect and SetAddresses cut any pause short.
+	RetryInterval time.Duration
+
+	// MaxRetryInterval caps the backoff, and so bounds how long a peer that
+	// came back without Reconnect being called waits to be meshed again.
+	// Default 5s. Never less than RetryInterval.
+	MaxRetryInterval time.Duration
+
+	// ConfirmTimeout bounds each ping on a mesh connection. The first ping
+	// is sent right after the watch request, and its pong confirms the peer
+	// granted mesh privileges (a peer that refuses closes the connection
+	// instead). Until that pong the connection is kept and pinged again
+	// every ConfirmTimeout, with the wait shown in PeerStatus.Error: a slow
+	// peer is not redialed, since a new handshake would only add to its
+	// load. Default 5s, which is also the DERP library's cap on one ping.
+	ConfirmTimeout time.Duration
+
+	// PingInterval is how often an established mesh connection is pinged.
+	// Two pings in a row unanswered within ConfirmTimeout close it and
+	// redial, so a peer that dies without a TCP reset (power loss, a
+	// partition that drops packets) is noticed within about
+	// PingInterval+2×ConfirmTimeout instead of the library's 120s read
+	// timeout. Default 10s (so ~20s): one 8-byte frame each way per peer.
+	PingInterval time.Duration
+
+	// Registerer, if set, receives coderd_derpmesh_peers{state}: the number
+	// of peers per State, read at scrape time. Close unregisters it.
+	Registerer prometheus.Registerer
+}
+
+// DefaultOptions lists the defaults New applies to zero fields.
+var DefaultOptions = Options{
+	RetryInterval:    time.Second,      // a returning peer is meshed ~1s after it listens
+	MaxRetryInterval: 5 * time.Second,  // never slower than the library's fixed 5s
+	ConfirmTimeout:   5 * time.Second,  // the library caps Ping at 5s anyway
+	PingInterval:     10 * time.Second, // silent peer death noticed within ~20s
+}
+
+func (o Options) withDefaults() Options {
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	if o.RetryInterval <= 0 {
+		o.RetryInterval = DefaultOptions.RetryInterval
+	}
+	if o.MaxRetryInterval <= 0 {
+		o.MaxRetryInterval = DefaultOptions.MaxRetryInterval
+	}
+	if o.MaxRetryInterval < o.RetryInterval {
+		o.MaxRetryInterval = o.RetryInterval
+	}
+	if o.ConfirmTimeout <= 0 {
+		o.ConfirmTimeout = DefaultOptions.ConfirmTimeout
+	}
+	if o.PingInterval <= 0 {
+		o.PingInterval = DefaultOptions.PingInterval
+	}
+	return o
+}
