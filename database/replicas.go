@@ -96,8 +96,10 @@ func scanReplica(row pgx.Row) (Replica, error) {
 
 // UpsertReplica writes s as the replica's current state and stamps
 // updated_at with the database clock. A row that was deleted (by hand, or by
-// retention) is recreated; a row that was marked stopped is revived, so a
-// replica always stays a member while it beats. One round trip.
+// retention) is recreated, so a replica stays a member while it beats. A row
+// marked stopped stays stopped: only the replica's own Close marks it, and a
+// heartbeat that commits late (cancelled by Close, finished by Postgres)
+// must not bring a closed replica back. One round trip.
 func (db *DB) UpsertReplica(ctx context.Context, s ReplicaState) (Replica, error) {
 	peers, err := json.Marshal(nonNilPeers(s.Peers))
 	if err != nil {
@@ -111,7 +113,7 @@ func (db *DB) UpsertReplica(ctx context.Context, s ReplicaState) (Replica, error
 INSERT INTO replicas (id, hostname, region_id, relay_address, version, database_latency, error, peers, warnings)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (id) DO UPDATE SET
-	updated_at = now(), stopped_at = NULL,
+	updated_at = now(),
 	hostname = EXCLUDED.hostname, region_id = EXCLUDED.region_id,
 	relay_address = EXCLUDED.relay_address, version = EXCLUDED.version,
 	database_latency = EXCLUDED.database_latency, error = EXCLUDED.error,
