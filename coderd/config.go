@@ -19,7 +19,9 @@ type Config struct {
 	// mean every interface. Default 127.0.0.1:3000.
 	HTTPAddress string
 	// AccessURL is the public URL, normally the load balancer. Default
-	// http:// + HTTPAddress.
+	// http:// + HTTPAddress. Only an access URL given explicitly is taken
+	// to be a load balancer: the implicit default names this replica
+	// itself, so a relay URL may equal it (one machine, several replicas).
 	AccessURL string
 	// PostgresURL is the shared database. Empty: run the built-in Postgres
 	// in CacheDir.
@@ -105,7 +107,8 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 	if _, _, err := net.SplitHostPort(ListenAddress(c.HTTPAddress)); err != nil {
 		return c, &ConfigError{"http-address", fmt.Sprintf("%q is not host:port", c.HTTPAddress)}
 	}
-	if c.AccessURL == "" {
+	accessExplicit := c.AccessURL != ""
+	if !accessExplicit {
 		host, port, _ := net.SplitHostPort(ListenAddress(c.HTTPAddress))
 		if host == "" || host == "0.0.0.0" || host == "::" {
 			host = "127.0.0.1"
@@ -160,7 +163,10 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 			if err != nil || !relay.IsAbs() || (relay.Scheme != "http" && relay.Scheme != "https") || relay.Host == "" {
 				return c, &ConfigError{"derp-server-relay-url", fmt.Sprintf("must be an absolute http or https URL such as http://10.0.0.1:80, got %q", c.DERPServerRelayURL)}
 			}
-			if sameURL(relay, access) {
+			// The rule protects against pointing peers at the load balancer;
+			// an access URL derived from the listen address is no load
+			// balancer, it is this replica.
+			if accessExplicit && sameURL(relay, access) {
 				return c, &ConfigError{"derp-server-relay-url", fmt.Sprintf("%q equals the access URL; the access URL is the load balancer, the relay URL must reach this replica directly", c.DERPServerRelayURL)}
 			}
 			c.DERPServerRelayURL = strings.TrimSuffix(relay.String(), "/")
