@@ -243,4 +243,3 @@ func TestExampleAlertRulesPassPromtool(t *testing.T) {
 		}
 	}
 }
-
