@@ -40,6 +40,12 @@ type Config struct {
 	DERPServerRegionName string
 	// DERPConfigPath is a DERP map JSON file of custom relays.
 	DERPConfigPath string
+	// DERPServerSTUNAddress is a UDP host:port for a STUN server beside the
+	// relay (tailscale clients find their public address and direct paths
+	// with it); the DERP map advertises its port. Empty: no STUN server,
+	// and the map says STUNPort -1. Ignored with a warning when the DERP
+	// server is disabled.
+	DERPServerSTUNAddress string
 	// DERPMeshCAFile is a PEM bundle trusted for https relay URLs of peers,
 	// in addition to the system roots.
 	DERPMeshCAFile string
@@ -153,6 +159,15 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 		c.Version = "dev"
 	}
 
+	if c.DERPServerSTUNAddress != "" {
+		if !c.DERPServerEnable {
+			log.Warn("ignoring the stun address because the DERP server is disabled",
+				zap.String("stun_address", c.DERPServerSTUNAddress))
+			c.DERPServerSTUNAddress = ""
+		} else if _, _, err := net.SplitHostPort(ListenAddress(c.DERPServerSTUNAddress)); err != nil {
+			return c, &ConfigError{"derp-server-stun-address", fmt.Sprintf("%q is not host:port, e.g. 0.0.0.0:3478", c.DERPServerSTUNAddress)}
+		}
+	}
 	if c.DERPServerRelayURL != "" {
 		if !c.DERPServerEnable {
 			log.Warn("ignoring the relay URL because the DERP server is disabled; replicas sync through postgres only",
