@@ -180,7 +180,18 @@ func TestEveryValuesFileRendersStrictlyValidObjectsMatchingGolden(t *testing.T) 
 				t.Fatal(err)
 			}
 			docs := manifests(files)
-			decode(t, docs)
+			o := decode(t, docs)
+			for _, d := range o.deployments {
+				for _, c := range d.Spec.Template.Spec.Containers {
+					seen := map[string]bool{}
+					for _, e := range c.Env {
+						if seen[e.Name] {
+							t.Errorf("container %s sets %s twice", c.Name, e.Name)
+						}
+						seen[e.Name] = true
+					}
+				}
+			}
 			got := strings.Join(docs, "\n---\n") + "\n"
 			golden := filepath.Join("testdata", name+".golden")
 			if *update {
@@ -284,6 +295,9 @@ func TestWrongValuesFailWithClearMessages(t *testing.T) {
 		{"postgres env entry without a value", "", []string{"coder.env[0].name=CODER_PG_CONNECTION_URL"}, "CODER_PG_CONNECTION_URL has neither value nor valueFrom"},
 		{"postgres url and env entry", single, []string{"coder.env[0].name=CODER_PG_CONNECTION_URL", "coder.env[0].value=postgres://x@db/coder"}, "given more than once (env, url)"},
 		{"postgres url and existing secret", single, []string{"coder.postgres.existingSecret.name=db"}, "given more than once (existingSecret, url)"},
+		{"env overrides the listen address", single, []string{"coder.env[0].name=CODER_HTTP_ADDRESS", "coder.env[0].value=0.0.0.0:3000"}, "coder.env sets CODER_HTTP_ADDRESS, which the chart sets itself"},
+		{"env repeats a name", single, []string{"coder.env[0].name=CODER_VERBOSE", "coder.env[0].value=true", "coder.env[1].name=CODER_VERBOSE", "coder.env[1].value=false"}, "coder.env lists CODER_VERBOSE twice"},
+		{"access URL twice", single, []string{"coder.accessURL=https://a.example.com", "coder.env[0].name=CODER_ACCESS_URL", "coder.env[0].value=https://b.example.com"}, "the access URL is given twice"},
 		{"grace longer than termination", single, []string{"coder.shutdownGracePeriod=60s"}, "terminationGracePeriodSeconds"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -350,6 +364,48 @@ func TestPostgresURLFromCoderEnvAsInCodersChart(t *testing.T) {
 				t.Fatalf("the chart created %d Secret(s) although the URL comes from coder.env", len(o.secrets))
 			}
 		})
+	}
+}
+
+// A values file in Coder's chart's style also sets CODER_ACCESS_URL and
+// CODER_PROMETHEUS_ENABLE through coder.env: they are used as given (once
+// each), and Prometheus being on there exposes the metrics port on the
+// pods and the -metrics Service, as coder.prometheus.enable would.
+func TestCoderChartStyleAccessURLAndPrometheusFromEnv(t *testing.T) {
+	files, err := render(t, filepath.Join("testdata", "values", "coder-chart-env.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := decode(t, manifests(files))
+	env, count := envOf(t, o)
+	for _, name := range []string{"CODER_ACCESS_URL", "CODER_PROMETHEUS_ENABLE", "CODER_PROMETHEUS_ADDRESS", "CODER_PG_CONNECTION_URL"} {
+		if count[name] != 1 {
+			t.Errorf("%s appears %d times, want once", name, count[name])
+		}
+	}
+	for _, e := range env {
+		if e.Name == "CODER_ACCESS_URL" && e.Value != "https://coder.example.com" {
+			t.Errorf("CODER_ACCESS_URL = %q, want the one from coder.env", e.Value)
+		}
+		if e.Name == "CODER_PROMETHEUS_ADDRESS" && e.Value != "0.0.0.0:2112" {
+			t.Errorf("CODER_PROMETHEUS_ADDRESS = %q: the pods must listen for scrapes", e.Value)
+		}
+	}
+	ports := o.deployments[0].Spec.Template.Spec.Containers[0].Ports
+	if len(ports) != 2 || ports[1].Name != "metrics" || ports[1].ContainerPort != 2112 {
+		t.Errorf("container ports %+v, want http and metrics (2112)", ports)
+	}
+	var metricsService bool
+	for _, s := range o.services {
+		if s.Name == "coder-metrics" {
+			metricsService = true
+		}
+		if s.Name == "coder" && len(s.Spec.Ports) != 1 {
+			t.Errorf("client-facing Service exposes %+v", s.Spec.Ports)
+		}
+	}
+	if !metricsService {
+		t.Error("CODER_PROMETHEUS_ENABLE=true in coder.env did not create the coder-metrics Service")
 	}
 }
 

@@ -28,10 +28,69 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
-{{/* The access URL: the value, or the Service's cluster DNS name. */}}
+{{/*
+The coder.env entry named by the second argument, as JSON; empty when
+coder.env has none. Usage: include "coder.envEntry" (list . "NAME").
+*/}}
+{{- define "coder.envEntry" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- range $root.Values.coder.env -}}
+{{- if eq .name $name -}}{{- toJson . -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Checks coder.env against what the chart sets itself, so that no variable
+is emitted twice (a duplicate name makes server-side apply, Argo CD and
+Flux reject the Deployment, and which one wins is unclear). Entries that
+values written for Coder's own chart use are taken over from coder.env:
+CODER_PG_CONNECTION_URL, CODER_ACCESS_URL, CODER_PROMETHEUS_ENABLE and
+CODER_PROMETHEUS_ADDRESS. The rest the chart needs as it sets them.
+*/}}
+{{- define "coder.checkEnv" -}}
+{{- $managed := dict
+  "CODER_HTTP_ADDRESS" "the chart listens on 0.0.0.0:8080 (probes and Services depend on it)"
+  "CODER_ADDRESS" "the chart sets CODER_HTTP_ADDRESS=0.0.0.0:8080"
+  "POD_IP" "the chart sets it from status.podIP"
+  "CODER_DERP_SERVER_RELAY_URL" "the chart sets http://$(POD_IP):8080"
+  "CODER_SHUTDOWN_GRACE_PERIOD" "use coder.shutdownGracePeriod (checked against terminationGracePeriodSeconds)"
+  "CODER_CACHE_DIRECTORY" "the chart mounts an emptyDir there"
+-}}
+{{- $seen := dict -}}
+{{- range .Values.coder.env -}}
+{{- if hasKey $managed .name -}}
+{{- fail (printf "coder.env sets %s, which the chart sets itself: %s" .name (get $managed .name)) -}}
+{{- end -}}
+{{- if hasKey $seen .name -}}
+{{- fail (printf "coder.env lists %s twice" .name) -}}
+{{- end -}}
+{{- $_ := set $seen .name true -}}
+{{- end -}}
+{{- if and .Values.coder.accessURL (include "coder.envEntry" (list . "CODER_ACCESS_URL")) -}}
+{{- fail "the access URL is given twice (coder.accessURL and CODER_ACCESS_URL in coder.env): keep one" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when the pods serve /metrics: coder.prometheus.enable, or (as in
+Coder's chart) CODER_PROMETHEUS_ENABLE with value "true" in coder.env.
+*/}}
+{{- define "coder.prometheusEnabled" -}}
+{{- $env := include "coder.envEntry" (list . "CODER_PROMETHEUS_ENABLE") -}}
+{{- if or .Values.coder.prometheus.enable (and $env (eq (toString (fromJson $env).value) "true")) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The access URL: coder.accessURL, CODER_ACCESS_URL from coder.env (a
+plain value), or the Service's cluster DNS name. */}}
 {{- define "coder.accessURL" -}}
+{{- $env := include "coder.envEntry" (list . "CODER_ACCESS_URL") -}}
 {{- if .Values.coder.accessURL -}}
 {{- .Values.coder.accessURL -}}
+{{- else if and $env (fromJson $env).value -}}
+{{- (fromJson $env).value -}}
 {{- else -}}
 {{- printf "http://%s.%s.svc.cluster.local" (include "coder.fullname" .) .Release.Namespace -}}
 {{- end -}}
