@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -145,6 +146,32 @@ func startShell(t *testing.T, name, dir string, env []string, command string) *s
 	return p
 }
 
+// lockPort takes an exclusive flock on $TMPDIR/coder-test-ports/PORT (the
+// convention clitest's port reservations use), waiting up to d for another
+// test process that holds it, so two test runs on one machine never start
+// the README's replicas at once. It reports false when d passed.
+func lockPort(t *testing.T, port int, d time.Duration) bool {
+	t.Helper()
+	dir := filepath.Join(os.TempDir(), "coder-test-ports")
+	if err := os.MkdirAll(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, strconv.Itoa(port)), os.O_CREATE|os.O_RDWR, 0o666)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(d)
+	for syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+		if time.Now().After(deadline) {
+			_ = f.Close()
+			return false
+		}
+		time.Sleep(100 * time.Millisecond) // polling a lock held by another process
+	}
+	t.Cleanup(func() { _ = f.Close() })
+	return true
+}
+
 func portFree(addr string) bool {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -186,6 +213,11 @@ func TestReadmeCommandsWorkVerbatim(t *testing.T) {
 	if len(recipe) != 3 || !strings.HasPrefix(recipe[0], "./bin/coder server") ||
 		!strings.HasPrefix(recipe[1], "./bin/coder server") || !strings.HasPrefix(recipe[2], "curl ") {
 		t.Fatalf("the two-replica recipe is not (first replica, second replica, curl): %q", recipe)
+	}
+	for _, port := range []int{3000, 3001} {
+		if !lockPort(t, port, 3*time.Minute) {
+			t.Skipf("port %d stays reserved by another test process; the README's commands need it", port)
+		}
 	}
 	for _, addr := range []string{"127.0.0.1:3000", "127.0.0.1:3001"} {
 		if !portFree(addr) {
