@@ -56,6 +56,8 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "derp-server-region-code", "CODER_DERP_SERVER_REGION_CODE")
 	f.StringVar(&cfg.DERPServerRegionName, "derp-server-region-name", "Coder Embedded Relay", "Region name in the DERP map")
 	bindEnv(f, "derp-server-region-name", "CODER_DERP_SERVER_REGION_NAME")
+	f.StringVar(&cfg.DERPServerSTUNAddress, "derp-server-stun-address", "", "UDP host:port for a STUN server beside the relay, advertised in the DERP map (empty: off)")
+	bindEnv(f, "derp-server-stun-address", "CODER_DERP_SERVER_STUN_ADDRESS")
 	f.StringVar(&cfg.DERPConfigPath, "derp-config-path", "", "A DERP map JSON file of custom relays")
 	bindEnv(f, "derp-config-path", "CODER_DERP_CONFIG_PATH")
 	f.StringVar(&cfg.DERPMeshCAFile, "derp-server-mesh-ca-file", "", "PEM CA bundle trusted for peers' https relay URLs, besides the system roots")
