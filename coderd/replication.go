@@ -12,7 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/google/uuid"
+	"github.com/coder/quartz"
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/database/pubsub"
@@ -120,7 +120,7 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		TLSConfig:         tlsCfg,
 		Logger:            s.log.Named("replicasync"),
 		Registerer:        s.registry,
-		Clock:             offsetClock(s.cfg.DebugClockOffset),
+		Clock:             replicasync.OffsetClock(quartz.NewReal(), s.cfg.DebugClockOffset),
 	})
 	if err != nil {
 		return err
@@ -141,35 +141,29 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 	}
 	s.registry.MustRegister(derpmesh.NewServerCollector(s.derp))
 
-	ids := map[string]uuid.UUID{} // relay URL → the replica last seen there
-	r.replicas.SetCallback(func(peers []replicasync.Peer) {
-		urls := make([]string, 0, len(peers))
-		next := make(map[string]uuid.UUID, len(peers))
-		for _, p := range peers {
+	// The mesh measures peer latency over its links once it can; until
+	// then (or without a link) the manager probes over HTTP.
+	if p, ok := any(r.mesh).(replicasync.LinkPinger); ok {
+		r.replicas.SetPinger(p)
+	}
+	r.replicas.SetCallback(func(change replicasync.PeerChange) {
+		urls := make([]string, 0, len(change.Peers))
+		for _, p := range change.Peers {
 			urls = append(urls, p.RelayAddress)
-			next[p.RelayAddress] = p.ID
 		}
 		r.mesh.SetAddresses(urls)
-		for url, id := range next {
-			if old, ok := ids[url]; ok && old != id {
-				// A new process behind a known URL: redial now rather than
-				// wait for the old connection to be found dead.
-				s.log.Info("peer replaced behind the same relay URL; reconnecting", zap.String("relay_url", url))
-				r.mesh.Reconnect(url)
-			}
+		for _, url := range change.Replaced {
+			// A new process behind a known URL: redial now rather than
+			// wait for the old connection to be found dead.
+			s.log.Info("peer replaced behind the same relay URL; reconnecting", zap.String("relay_url", url))
+			r.mesh.Reconnect(url)
 		}
-		ids = next
 		r.meshSynced.Store(true)
 	})
 	r.watchDone.Add(1)
 	go s.watchMeshErrors(r)
 	return nil
 }
-
-// offsetClock is the local clock shifted by d.
-type offsetClock time.Duration
-
-func (c offsetClock) Now() time.Time { return time.Now().Add(time.Duration(c)) }
 
 // watchMeshErrors copies persistent mesh failures into this replica's row
 // (so every replica's API shows them), and clears them when they heal.
@@ -202,7 +196,9 @@ func (s *Server) stopReplication() {
 	if s.repl == nil || s.repl.replicas == nil {
 		return
 	}
-	if err := s.repl.replicas.Close(); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.repl.replicas.Leave(ctx); err != nil {
 		s.log.Warn("could not mark this replica stopped; peers will drop it after 3 heartbeats", zap.Error(err))
 	}
 }
