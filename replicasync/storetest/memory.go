@@ -26,6 +26,7 @@ var ErrDown = errors.New("storetest: database unreachable")
 type Memory struct {
 	mu        sync.Mutex
 	now       time.Time
+	clock     func() time.Time // if set, now follows it
 	rows      map[uuid.UUID]database.Replica
 	down      bool
 	cutOff    map[uuid.UUID]bool // beats of these replicas fail (partial partition)
@@ -38,11 +39,27 @@ func NewMemory(start time.Time) *Memory {
 	return &Memory{now: start, rows: map[uuid.UUID]database.Replica{}, cutOff: map[uuid.UUID]bool{}, listeners: map[int]pubsub.Listener{}}
 }
 
+// NewMemoryWithClock returns an empty store whose "database now()" is
+// clock() (a test's mock clock, or time.Now); Advance then does nothing.
+func NewMemoryWithClock(clock func() time.Time) *Memory {
+	s := NewMemory(clock())
+	s.clock = clock
+	return s
+}
+
 // Now is the store's "database now()".
 func (s *Memory) Now() time.Time {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.tickLocked()
 	return s.now
+}
+
+// tickLocked catches the store's clock up with its clock function.
+func (s *Memory) tickLocked() {
+	if s.clock != nil {
+		s.now = s.clock()
+	}
 }
 
 // Advance moves the store's clock forward.
@@ -87,6 +104,7 @@ func (s *Memory) DeleteReplica(id uuid.UUID) {
 // (an operator, or a bug).
 func (s *Memory) MarkStoppedByOther(id uuid.UUID) {
 	s.mu.Lock()
+	s.tickLocked()
 	if r, ok := s.rows[id]; ok {
 		now := s.now
 		r.StoppedAt = &now
@@ -114,6 +132,7 @@ func (s *Memory) BeatReplica(ctx context.Context, st database.ReplicaState) (dat
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.tickLocked()
 	if s.down || s.cutOff[st.ID] {
 		return database.Beat{}, ErrDown
 	}
@@ -143,6 +162,7 @@ func (s *Memory) RecentReplicas(ctx context.Context, staleAfter time.Duration) (
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.tickLocked()
 	if s.down {
 		return nil, ErrDown
 	}
@@ -170,6 +190,7 @@ func (s *Memory) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter 
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.tickLocked()
 	if s.down {
 		return database.Replica{}, false, ErrDown
 	}
@@ -188,6 +209,7 @@ func (s *Memory) MarkReplicaStopped(ctx context.Context, id uuid.UUID) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.tickLocked()
 	if s.down || s.cutOff[id] {
 		return ErrDown
 	}
@@ -206,6 +228,7 @@ func (s *Memory) DeleteDeadReplicas(ctx context.Context, retention time.Duration
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.tickLocked()
 	if s.down {
 		return 0, ErrDown
 	}
