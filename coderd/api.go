@@ -92,7 +92,7 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 		report.Database.Healthy = false
 		report.Database.Warnings = append(report.Database.Warnings, "heartbeats are failing: the database is unreachable (the relay keeps serving with the last known peers)")
 	}
-	if !s.repl.pubsub.Connected() {
+	if s.repl.pubsub != nil && !s.repl.pubsub.Connected() {
 		report.Database.Healthy = false
 		report.Database.Warnings = append(report.Database.Warnings, "the LISTEN connection is down: peers are seen only at heartbeats until it reconnects")
 	}

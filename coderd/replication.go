@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/coder/quartz"
+	"github.com/google/uuid"
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/database/pubsub"
@@ -106,11 +107,15 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 	}
 	r := &replication{stopWatch: make(chan struct{})}
 	s.repl = r
-	r.pubsub, err = pubsub.New(ctx, s.db, pubsub.Options{Logger: s.log.Named("pubsub"), Registerer: s.registry})
+	r.pubsub, err = s.openPubsub(ctx)
 	if err != nil {
 		return err
 	}
-	r.replicas, err = replicasync.New(ctx, s.db, r.pubsub, replicasync.Options{
+	var ps replicasync.Pubsub // nil: poll mode
+	if r.pubsub != nil {
+		ps = r.pubsub
+	}
+	r.replicas, err = replicasync.New(ctx, s.db, ps, replicasync.Options{
 		ID:                s.replicaID,
 		RegionID:          int32(s.cfg.DERPServerRegionID),
 		RelayAddress:      s.cfg.DERPServerRelayURL,
@@ -163,6 +168,69 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 	r.watchDone.Add(1)
 	go s.watchMeshErrors(r)
 	return nil
+}
+
+// openPubsub opens the LISTEN connection per --postgres-pubsub, or returns
+// nil for poll mode. In auto mode it checks that a notification sent
+// through the pool arrives within 2 s (through PgBouncer in transaction
+// pooling it never does) and falls back to polling if not.
+func (s *Server) openPubsub(ctx context.Context) (*pubsub.Pubsub, error) {
+	mode := s.cfg.PostgresPubsub
+	if mode == PubsubPoll {
+		s.log.Info("replica sync mode chosen", zap.String("mode", "poll"), zap.String("reason", "--postgres-pubsub=poll"))
+		return nil, nil
+	}
+	ps, err := pubsub.New(ctx, s.db, pubsub.Options{Logger: s.log.Named("pubsub"), Registerer: s.registry})
+	if err != nil {
+		if mode == PubsubAuto {
+			s.log.Warn("replica sync mode chosen", zap.String("mode", "poll"), zap.String("reason", "LISTEN failed"), zap.Error(err))
+			return nil, nil
+		}
+		return nil, err
+	}
+	if mode == PubsubListen {
+		s.log.Info("replica sync mode chosen", zap.String("mode", "listen"), zap.String("reason", "--postgres-pubsub=listen"))
+		return ps, nil
+	}
+	if err := selfTestPubsub(ctx, ps, 2*time.Second); err != nil {
+		_ = ps.Close()
+		s.log.Warn("replica sync mode chosen", zap.String("mode", "poll"),
+			zap.String("reason", "a notification sent through the pool did not arrive on the LISTEN connection (PgBouncer in transaction pooling?)"), zap.Error(err))
+		return nil, nil
+	}
+	s.log.Info("replica sync mode chosen", zap.String("mode", "listen"), zap.String("reason", "LISTEN/NOTIFY self-test passed"))
+	return ps, nil
+}
+
+// selfTestPubsub publishes a random payload on a probe channel and waits
+// for it to come back on the LISTEN connection.
+func selfTestPubsub(ctx context.Context, ps *pubsub.Pubsub, timeout time.Duration) error {
+	channel := "coder_pubsub_selftest"
+	want := uuid.NewString()
+	got := make(chan struct{}, 1)
+	cancel, err := ps.Subscribe(channel, func(_ context.Context, payload []byte, err error) {
+		if err == nil && string(payload) == want {
+			select {
+			case got <- struct{}{}:
+			default:
+			}
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("listen on the self-test channel: %w", err)
+	}
+	defer cancel()
+	ctx, done := context.WithTimeout(ctx, timeout)
+	defer done()
+	if err := ps.Publish(ctx, channel, []byte(want)); err != nil {
+		return fmt.Errorf("notify on the self-test channel: %w", err)
+	}
+	select {
+	case <-got:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("no notification within %s", timeout)
+	}
 }
 
 // watchMeshErrors copies persistent mesh failures into this replica's row
