@@ -203,7 +203,8 @@ func (s *Server) openPubsub(ctx context.Context) (*pubsub.Pubsub, error) {
 }
 
 // selfTestPubsub publishes a random payload on a probe channel and waits
-// for it to come back on the LISTEN connection.
+// for it to come back on the LISTEN connection. It publishes again every
+// 200 ms: the LISTEN may become active only after Subscribe returns.
 func selfTestPubsub(ctx context.Context, ps *pubsub.Pubsub, timeout time.Duration) error {
 	channel := "coder_pubsub_selftest"
 	want := uuid.NewString()
@@ -222,14 +223,19 @@ func selfTestPubsub(ctx context.Context, ps *pubsub.Pubsub, timeout time.Duratio
 	defer cancel()
 	ctx, done := context.WithTimeout(ctx, timeout)
 	defer done()
-	if err := ps.Publish(ctx, channel, []byte(want)); err != nil {
-		return fmt.Errorf("notify on the self-test channel: %w", err)
-	}
-	select {
-	case <-got:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("no notification within %s", timeout)
+	again := time.NewTicker(200 * time.Millisecond)
+	defer again.Stop()
+	for {
+		if err := ps.Publish(ctx, channel, []byte(want)); err != nil && ctx.Err() == nil {
+			return fmt.Errorf("notify on the self-test channel: %w", err)
+		}
+		select {
+		case <-got:
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("no notification within %s", timeout)
+		case <-again.C:
+		}
 	}
 }
 

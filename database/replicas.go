@@ -149,7 +149,9 @@ ON CONFLICT (id) DO UPDATE SET
 	peers = EXCLUDED.peers, warnings = EXCLUDED.warnings
 RETURNING `+replicaColumns+`,
 	(NOT EXISTS (SELECT 1 FROM prev)) OR ((SELECT stopped_at FROM prev) IS NOT NULL AND replicas.stopped_at IS NULL)`,
-		s.ID, s.Hostname, s.RegionID, s.RelayAddress, s.Version, s.DatabaseLatency.Microseconds(), s.Error, peers, warnings)
+		// JSON as text, not []byte: in pgx's exec and simple-protocol modes
+		// (PgBouncer in transaction pooling) bytes are sent as bytea.
+		s.ID, s.Hostname, s.RegionID, s.RelayAddress, s.Version, s.DatabaseLatency.Microseconds(), s.Error, string(peers), string(warnings))
 	var b Beat
 	if err := row.Scan(scanTargets(&b.Replica, &b.Revived)...); err != nil {
 		return Beat{}, fmt.Errorf("upsert replica %s: %w", s.ID, err)
@@ -313,4 +315,15 @@ func nonNilStrings(s []string) []string {
 		return []string{}
 	}
 	return s
+}
+
+// NotifyReplicaChange sends a replica announcement (payload: the id)
+// through the pool, without a LISTEN connection: poll-mode replicas use it
+// so that peers which do LISTEN still hear of them at once (NOTIFY works
+// through PgBouncer in transaction pooling; only LISTEN does not).
+func (db *DB) NotifyReplicaChange(ctx context.Context, channel string, id uuid.UUID) error {
+	if _, err := db.pool.Exec(ctx, "SELECT pg_notify($1, $2)", channel, id.String()); err != nil {
+		return fmt.Errorf("notify replica change: %w", err)
+	}
+	return nil
 }

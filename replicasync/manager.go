@@ -361,10 +361,13 @@ func ParseNotification(payload []byte) (uuid.UUID, bool) {
 }
 
 func (m *Manager) publish(ctx context.Context) {
-	if m.ps == nil {
-		return
+	var err error
+	if m.ps != nil {
+		err = m.ps.Publish(ctx, Channel, []byte(m.opts.ID.String()))
+	} else if n, ok := m.store.(Notifier); ok {
+		err = n.NotifyReplicaChange(ctx, Channel, m.opts.ID)
 	}
-	if err := m.ps.Publish(ctx, Channel, []byte(m.opts.ID.String())); err != nil {
+	if err != nil {
 		m.log.Debug("announce replica", zap.Error(err))
 	}
 }
@@ -459,6 +462,7 @@ func (m *Manager) beat(ctx context.Context, timeout time.Duration) error {
 	m.mu.Lock()
 	recovered := m.grace.beatSucceeded(m.clock.Now(), m.opts.StaleAfter)
 	m.cutOffWarned = false
+	registered := m.self.ID != uuid.Nil // not the first beat
 	m.self = b.Replica
 	change := m.db.observe(rtt)
 	latency := m.db.latency()
@@ -467,10 +471,10 @@ func (m *Manager) beat(ctx context.Context, timeout time.Duration) error {
 	if recovered {
 		m.log.Info("heartbeat recovered: database reachable again")
 	}
-	if b.Revived {
+	if b.Revived && registered {
 		m.log.Info("replica row was deleted or marked stopped while this replica runs; re-registered and announced")
 	}
-	if recovered || b.Revived {
+	if recovered || (b.Revived && registered) {
 		m.publish(ctx) // peers may have dropped us; tell them to re-read
 	}
 	// A stop that committed while this beat ran (b.Replica.StoppedAt set)

@@ -242,3 +242,21 @@ func TestPollModeSeesJoinsAndLeavesWithoutNotify(t *testing.T) {
 	}
 	wait.For(t, 3*time.Second, "a sees b leave by polling", func() bool { return !sees(a, b.Self().ID) })
 }
+
+// A poll-mode replica still announces itself through the pool, so a
+// replica that LISTENs sees it at once, without waiting for a beat.
+func TestPollModeReplicaIsHeardByListeningPeersAtOnce(t *testing.T) {
+	t.Parallel()
+	db := dbtest.NewDB(t)
+	listening := start(t, db, replicasync.Options{Hostname: "listening"})
+	polling, err := replicasync.New(context.Background(), db, nil, replicasync.Options{Hostname: "polling", HeartbeatInterval: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = polling.Close() })
+	wait.For(t, 2*time.Second, "the listening replica sees the polling one", func() bool { return sees(listening, polling.Self().ID) })
+	if err := polling.Leave(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	wait.For(t, 2*time.Second, "and sees it leave", func() bool { return !sees(listening, polling.Self().ID) })
+}

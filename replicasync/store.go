@@ -34,6 +34,15 @@ type Store interface {
 
 var _ Store = (*database.DB)(nil)
 
+// Notifier is optionally implemented by a Store: in poll mode (no Pubsub)
+// the Manager still announces itself through it, so replicas that do
+// LISTEN hear of a poll-mode replica at once.
+type Notifier interface {
+	NotifyReplicaChange(ctx context.Context, channel string, id uuid.UUID) error
+}
+
+var _ Notifier = (*database.DB)(nil)
+
 // Pubsub is what the Manager needs of LISTEN/NOTIFY. A nil Pubsub means
 // poll mode: the table is re-read every Options.PollInterval.
 type Pubsub interface {

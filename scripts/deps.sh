@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the server and tests need from Debian's packages, only when
 # it is missing: the PostgreSQL server binaries (for the built-in database
-# and throwaway test clusters). Safe to run again.
+# and throwaway test clusters); HAProxy with WITH_HAPROXY=1 and PgBouncer
+# with WITH_PGBOUNCER=1 for the tests that use them. Safe to run again.
 set -euo pipefail
 
 have_pg() {
@@ -13,6 +14,9 @@ missing=()
 have_pg || missing+=(postgresql)
 if [ "${WITH_HAPROXY:-0}" = 1 ] && ! command -v haproxy >/dev/null 2>&1; then
   missing+=(haproxy)
+fi
+if [ "${WITH_PGBOUNCER:-0}" = 1 ] && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  missing+=(pgbouncer)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

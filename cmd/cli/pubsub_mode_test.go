@@ -8,6 +8,7 @@ import (
 
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/internal/clitest"
+	"github.com/coder-ha/coder/internal/pgbouncertest"
 )
 
 // --postgres-pubsub: a bad value is one line naming the flag; the flag
@@ -43,5 +44,29 @@ func TestPostgresPubsubModes(t *testing.T) {
 		}
 		tc.p.Signal(syscall.SIGTERM)
 		tc.p.Wait(30 * time.Second)
+	}
+}
+
+// Behind PgBouncer in transaction pooling, auto mode finds that
+// notifications do not arrive, says so, polls, and two replicas still
+// become ready and see each other.
+func TestAutoModeFallsBackToPollBehindPgBouncer(t *testing.T) {
+	t.Parallel()
+	bouncer := pgbouncertest.Start(t, dbtest.NewURL(t))
+	env := []string{"CODER_PG_CONNECTION_URL=" + bouncer}
+	a := clitest.StartServer(t, "a", env)
+	a.WaitReady(60 * time.Second)
+	b := clitest.StartServer(t, "b", env, "--derp-server-relay-url", "http://127.0.0.1:1")
+	b.WaitReady(60 * time.Second)
+	for _, p := range []*clitest.Process{a, b} {
+		var line string
+		for _, l := range strings.Split(p.Output(), "\n") {
+			if strings.Contains(l, "replica sync mode chosen") {
+				line = l
+			}
+		}
+		if !strings.Contains(line, "poll") || !strings.Contains(line, "did not arrive") {
+			t.Errorf("want poll chosen because notifications did not arrive, got %q", line)
+		}
 	}
 }

@@ -280,3 +280,9 @@ func (s *Memory) listenersLocked() []pubsub.Listener {
 	}
 	return out
 }
+
+// NotifyReplicaChange implements replicasync.Notifier (poll-mode
+// announcements through the store).
+func (s *Memory) NotifyReplicaChange(ctx context.Context, channel string, id uuid.UUID) error {
+	return s.Publish(ctx, channel, []byte(id.String()))
+}
