@@ -51,6 +51,9 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	case !s.ready.Load():
 		w.WriteHeader(http.StatusServiceUnavailable)
 		_, _ = w.Write([]byte("starting"))
+	case s.isolated():
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = w.Write([]byte("cut off from the database; peers have dropped this replica"))
 	default:
 		_, _ = w.Write([]byte("OK"))
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"expvar"
 	"fmt"
 	"os"
 	"sort"
@@ -15,6 +16,7 @@ import (
 	"github.com/coder/quartz"
 	"github.com/google/uuid"
 	"go.uber.org/zap"
+	"tailscale.com/metrics"
 
 	"github.com/coder-ha/coder/database/pubsub"
 	"github.com/coder-ha/coder/derpmesh"
@@ -31,8 +33,34 @@ type replication struct {
 	// empty mesh before the first sync does not count as "meshed".
 	meshSynced atomic.Bool
 
+	// derpVars reads the relay's own counters (incoming mesh watchers).
+	derpVars *metrics.Set
+
 	stopWatch chan struct{}
 	watchDone sync.WaitGroup
+}
+
+// isolated reports whether this replica alone is cut off from Postgres:
+// its heartbeat has failed for longer than the stale window and no peer
+// holds a mesh link to its relay any more (peers that reach the database
+// have dropped it). In a full outage the peers keep their links, so this
+// stays false and /readyz stays 200.
+func (s *Server) isolated() bool {
+	r := s.repl
+	if r == nil || r.replicas == nil || r.derpVars == nil {
+		return false
+	}
+	return r.replicas.Isolated(incomingMeshLinks(r.derpVars))
+}
+
+// incomingMeshLinks is how many peers' mesh clients watch this relay.
+func incomingMeshLinks(vars *metrics.Set) int {
+	f, ok := vars.Get("gauge_watchers").(expvar.Func)
+	if !ok {
+		return 0
+	}
+	n, _ := f.Value().(int)
+	return n
 }
 
 // checkStartupRules enforces the rule that needs the database: with the
@@ -145,6 +173,7 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		return err
 	}
 	s.registry.MustRegister(derpmesh.NewServerCollector(s.derp))
+	r.derpVars, _ = s.derp.ExpVar(false).(*metrics.Set)
 
 	// The mesh measures peer latency over its links once it can; until
 	// then (or without a link) the manager probes over HTTP.
