@@ -60,6 +60,8 @@ type Manager struct {
 	db           latencyWindow
 	grace        outageGrace
 	cutOffWarned bool
+	skew         time.Duration // database clock minus this machine's, at the last beat
+	skewWarned   bool
 	ownError     string
 	pinger       LinkPinger
 	callback     func(PeerChange)
@@ -249,6 +251,21 @@ func (m *Manager) HeartbeatFailing() bool {
 	defer m.mu.Unlock()
 	return m.grace.failing()
 }
+
+// ClockSkew is the database's clock minus this machine's, measured at the
+// last heartbeat (within half a round trip). It is reported, never used to
+// judge liveness.
+func (m *Manager) ClockSkew() time.Duration {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.skew
+}
+
+// maxClockSkew: a machine clock further off the database's than this is
+// worth a warning.
+const maxClockSkew = time.Second
+
+func skewTooLarge(d time.Duration) bool { return d.Abs() > maxClockSkew }
 
 // CutOff reports whether this replica's own heartbeat has failed for
 // longer than the stale window: peers that can still reach the database
@@ -464,10 +481,25 @@ func (m *Manager) beat(ctx context.Context, timeout time.Duration) error {
 	m.cutOffWarned = false
 	registered := m.self.ID != uuid.Nil // not the first beat
 	m.self = b.Replica
+	// now() is the beat's transaction start: compare it with the middle of
+	// the round trip on this machine's clock.
+	m.skew = b.Replica.UpdatedAt.Sub(start.Add(rtt / 2))
+	skew := m.skew
+	skewChanged := skewTooLarge(skew) != m.skewWarned
+	m.skewWarned = skewTooLarge(skew)
 	change := m.db.observe(rtt)
 	latency := m.db.latency()
 	m.mu.Unlock()
 	m.metrics.databaseLatency.Set(latency.Seconds())
+	m.metrics.clockSkew.Set(skew.Seconds())
+	if skewChanged {
+		if skewTooLarge(skew) {
+			m.log.Warn("local clock differs from the database clock", zap.Duration("database_minus_local", skew.Round(time.Millisecond)))
+		} else {
+			m.log.Info("local clock agrees with the database clock again", zap.Duration("database_minus_local", skew.Round(time.Millisecond)))
+		}
+		m.trigger(m.writeNow)
+	}
 	if recovered {
 		m.log.Info("heartbeat recovered: database reachable again")
 	}
@@ -663,6 +695,9 @@ func (m *Manager) warningsLocked() []string {
 	threshold := m.opts.LatencyThreshold
 	if m.db.warned {
 		out = append(out, fmt.Sprintf("the database is %s away; every replica must be within %s of Postgres", round(m.db.latency()), threshold))
+	}
+	if m.skewWarned {
+		out = append(out, fmt.Sprintf("this machine's clock is %s off the database clock; membership uses the database clock, but timestamps in this replica's logs are off by as much", m.skew.Abs().Round(time.Millisecond)))
 	}
 	now := m.clock.Now()
 	if m.grace.cutOff(now, m.opts.StaleAfter) {

@@ -9,6 +9,7 @@ type metrics struct {
 	heartbeatFailures prometheus.Counter
 	malformed         prometheus.Counter
 	probeErrors       *prometheus.CounterVec
+	clockSkew         prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -37,9 +38,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "coderd_replica_peer_probe_errors_total",
 			Help: "Latency probes of a live regional peer that failed (while failing, the peer has no latency gauge).",
 		}, []string{"peer_id", "peer_hostname"}),
+		clockSkew: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "coderd_replica_clock_skew_seconds",
+			Help: "The database's clock minus this machine's, measured at the last heartbeat (reported only; liveness uses the database clock).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.replicas, m.peerLatency, m.databaseLatency, m.heartbeatFailures, m.malformed, m.probeErrors)
+		reg.MustRegister(m.replicas, m.peerLatency, m.databaseLatency, m.heartbeatFailures, m.malformed, m.probeErrors, m.clockSkew)
 	}
 	return m
 }

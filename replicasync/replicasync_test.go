@@ -135,6 +135,21 @@ func TestReplicaWithSkewedClockStaysAMember(t *testing.T) {
 			t.Fatalf("%s sees %v after 5 beats, want all three", m.Self().Hostname, names)
 		}
 	}
+	// The offset is real: each replica measures it against the database.
+	for _, tc := range []struct {
+		m    *replicasync.Manager
+		want time.Duration
+	}{{skewed, time.Hour}, {ahead, -time.Hour}} {
+		if got := tc.m.ClockSkew(); (got - tc.want).Abs() > time.Second {
+			t.Errorf("%s: clock skew %s, want about %s", tc.m.Self().Hostname, got, tc.want)
+		}
+		if w := strings.Join(tc.m.Warnings(), "\n"); !strings.Contains(w, "off the database clock") {
+			t.Errorf("%s: no clock warning: %q", tc.m.Self().Hostname, w)
+		}
+	}
+	if a.ClockSkew().Abs() > time.Second || len(a.Warnings()) != 0 {
+		t.Errorf("a replica on the database's clock reports skew %s, warnings %q", a.ClockSkew(), a.Warnings())
+	}
 }
 
 func TestDeletedRowComesBackWithinABeat(t *testing.T) {

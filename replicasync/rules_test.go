@@ -382,3 +382,28 @@ func TestPeerRestartedBehindTheSameURLAppearsOnceAndIsReplaced(t *testing.T) {
 	}
 	_ = uuid.Nil
 }
+
+// Clock skew, deterministically: a replica whose clock is an hour ahead
+// stays a member across many stale windows, and measures exactly the hour.
+func TestReplicaWithClockAnHourAheadStaysAMemberAndMeasuresIt(t *testing.T) {
+	t.Parallel()
+	c := newMemCluster(t)
+	a := c.start("a", replicasync.Options{})
+	ahead, err := replicasync.New(context.Background(), c.store, c.mem, replicasync.Options{Hostname: "ahead", HeartbeatInterval: memBeat, StaleAfter: memStale,
+		Clock: replicasync.OffsetClock(c.clock, time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ahead.Close() })
+	wait.For(t, 2*time.Second, "both see two", allSee(2, a, ahead))
+	c.step(5 * memStale)
+	if !allSee(2, a, ahead)() {
+		t.Fatal("the skewed replica lost membership")
+	}
+	if got := ahead.ClockSkew(); got != -time.Hour {
+		t.Fatalf("measured skew %s, want -1h (database minus local)", got)
+	}
+	if c.left("ahead")+c.left("a") != 0 {
+		t.Fatal("a replica left")
+	}
+}
