@@ -2,6 +2,9 @@ package replicasync_test
 
 import (
 	"context"
+	"fmt"
+	"sort"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -405,5 +408,71 @@ func TestReplicaWithClockAnHourAheadStaysAMemberAndMeasuresIt(t *testing.T) {
 	}
 	if c.left("ahead")+c.left("a") != 0 {
 		t.Fatal("a replica left")
+	}
+}
+
+// recordingPinger pings over a real TCP connect to the peer's relay and
+// records when (on the test's mock clock) each peer was measured.
+type recordingPinger struct {
+	tcp   tcpPinger
+	clock quartz.Clock
+	mu    sync.Mutex
+	at    map[string][]time.Time
+}
+
+func (p *recordingPinger) PingPeer(ctx context.Context, relayURL string) (time.Duration, bool, error) {
+	p.mu.Lock()
+	p.at[relayURL] = append(p.at[relayURL], p.clock.Now())
+	p.mu.Unlock()
+	return p.tcp.PingPeer(ctx, relayURL)
+}
+
+// Probes are spread over the heartbeat interval, each peer at its own
+// offset, rather than all at the instant of the beat.
+func TestProbesAreSpreadOverTheInterval(t *testing.T) {
+	t.Parallel()
+	c := newMemCluster(t)
+	var urls []string
+	links := map[string]bool{}
+	for i := 0; i < 4; i++ {
+		srv := relay(t)
+		urls = append(urls, srv.URL)
+		links[srv.URL] = true
+	}
+	pinger := &recordingPinger{tcp: tcpPinger{links: links}, clock: c.clock, at: map[string][]time.Time{}}
+	a := c.start("a", replicasync.Options{Pinger: pinger})
+	for i, u := range urls {
+		c.start(fmt.Sprintf("p%d", i), replicasync.Options{RelayAddress: u})
+	}
+	wait.For(t, 5*time.Second, "a measured all four", func() bool {
+		n := 0
+		for _, p := range a.PeerReports() {
+			if p.LatencyMS > 0 {
+				n++
+			}
+		}
+		return n == 4
+	})
+	roundStart := c.clock.Now()
+	c.step(memBeat) // the beat that starts a round
+	c.step(memBeat - time.Millisecond)
+	var offsets []time.Duration
+	pinger.mu.Lock()
+	for _, u := range urls {
+		for _, at := range pinger.at[u] {
+			if d := at.Sub(roundStart); d >= memBeat && d < 2*memBeat {
+				offsets = append(offsets, d-memBeat)
+			}
+		}
+	}
+	pinger.mu.Unlock()
+	sort.Slice(offsets, func(i, j int) bool { return offsets[i] < offsets[j] })
+	if len(offsets) != 4 {
+		t.Fatalf("want one probe per peer in the round, got offsets %v", offsets)
+	}
+	for i := 1; i < len(offsets); i++ {
+		if gap := offsets[i] - offsets[i-1]; gap < memBeat/8 {
+			t.Fatalf("probes bunched together: offsets %v", offsets)
+		}
 	}
 }
