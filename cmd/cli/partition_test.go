@@ -44,12 +44,16 @@ func TestReadyzFailsWhenOnlyThisReplicaIsCutOffFromPostgres(t *testing.T) {
 	b.WaitReady(60 * time.Second)
 
 	proxy.Cut()
+	cut := time.Now()
 	wait.For(t, 20*time.Second, "the cut-off replica fails /readyz", func() bool { return b.Status("/readyz") == http.StatusServiceUnavailable })
+	t.Logf("/readyz 503 %s after the cut (stale window 900ms)", time.Since(cut).Round(time.Millisecond))
 	if code := a.Status("/readyz"); code != http.StatusOK {
 		t.Fatalf("the replica that still reaches Postgres answers /readyz %d", code)
 	}
 	proxy.Heal()
+	healed := time.Now()
 	wait.For(t, 20*time.Second, "ready again once its beat gets through", func() bool { return b.Status("/readyz") == http.StatusOK })
+	t.Logf("/readyz 200 again %s after the heal", time.Since(healed).Round(time.Millisecond))
 }
 
 // A full Postgres outage, three stale windows long, never fails /readyz.
