@@ -51,6 +51,9 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	case !s.ready.Load():
 		w.WriteHeader(http.StatusServiceUnavailable)
 		_, _ = w.Write([]byte("starting"))
+	case s.isolated():
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = w.Write([]byte("cut off from the database; peers have dropped this replica"))
 	default:
 		_, _ = w.Write([]byte("OK"))
 	}
@@ -92,7 +95,7 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 		report.Database.Healthy = false
 		report.Database.Warnings = append(report.Database.Warnings, "heartbeats are failing: the database is unreachable (the relay keeps serving with the last known peers)")
 	}
-	if !s.repl.pubsub.Connected() {
+	if s.repl.pubsub != nil && !s.repl.pubsub.Connected() {
 		report.Database.Healthy = false
 		report.Database.Warnings = append(report.Database.Warnings, "the LISTEN connection is down: peers are seen only at heartbeats until it reconnects")
 	}

@@ -28,6 +28,12 @@ type Config struct {
 	PostgresURL string
 	// CacheDir keeps the built-in Postgres. Default $XDG_CACHE_HOME/coder.
 	CacheDir string
+	// PostgresPubsub is how replicas hear of each other: "listen"
+	// (LISTEN/NOTIFY), "poll" (re-read the replicas table every second;
+	// works behind PgBouncer in transaction pooling) or "auto" (listen,
+	// unless a self-test at start shows notifications do not arrive).
+	// Default auto.
+	PostgresPubsub string
 
 	// DERPServerEnable runs the embedded relay at /derp and meshes it.
 	DERPServerEnable bool
@@ -76,6 +82,13 @@ type Config struct {
 	DebugClockOffset time.Duration
 }
 
+// The values of --postgres-pubsub.
+const (
+	PubsubAuto   = "auto"
+	PubsubListen = "listen"
+	PubsubPoll   = "poll"
+)
+
 // ConfigError is a start-up rule violation: one line, naming the flag.
 type ConfigError struct {
 	Flag string
@@ -109,6 +122,13 @@ func ListenAddress(addr string) string {
 func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 	if c.HTTPAddress == "" {
 		c.HTTPAddress = "127.0.0.1:3000"
+	}
+	switch c.PostgresPubsub {
+	case "":
+		c.PostgresPubsub = PubsubAuto
+	case PubsubAuto, PubsubListen, PubsubPoll:
+	default:
+		return c, &ConfigError{"postgres-pubsub", fmt.Sprintf("must be auto, listen or poll, got %q", c.PostgresPubsub)}
 	}
 	if _, _, err := net.SplitHostPort(ListenAddress(c.HTTPAddress)); err != nil {
 		return c, &ConfigError{"http-address", fmt.Sprintf("%q is not host:port", c.HTTPAddress)}

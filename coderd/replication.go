@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"expvar"
 	"fmt"
 	"os"
 	"sort"
@@ -12,8 +13,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/google/uuid"
 	"go.uber.org/zap"
+	"tailscale.com/metrics"
 
 	"github.com/coder-ha/coder/database/pubsub"
 	"github.com/coder-ha/coder/derpmesh"
@@ -30,8 +33,34 @@ type replication struct {
 	// empty mesh before the first sync does not count as "meshed".
 	meshSynced atomic.Bool
 
+	// derpVars reads the relay's own counters (incoming mesh watchers).
+	derpVars *metrics.Set
+
 	stopWatch chan struct{}
 	watchDone sync.WaitGroup
+}
+
+// isolated reports whether this replica alone is cut off from Postgres:
+// its heartbeat has failed for longer than the stale window and no peer
+// holds a mesh link to its relay any more (peers that reach the database
+// have dropped it). In a full outage the peers keep their links, so this
+// stays false and /readyz stays 200.
+func (s *Server) isolated() bool {
+	r := s.repl
+	if r == nil || r.replicas == nil || r.derpVars == nil {
+		return false
+	}
+	return r.replicas.Isolated(incomingMeshLinks(r.derpVars))
+}
+
+// incomingMeshLinks is how many peers' mesh clients watch this relay.
+func incomingMeshLinks(vars *metrics.Set) int {
+	f, ok := vars.Get("gauge_watchers").(expvar.Func)
+	if !ok {
+		return 0
+	}
+	n, _ := f.Value().(int)
+	return n
 }
 
 // checkStartupRules enforces the rule that needs the database: with the
@@ -106,11 +135,15 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 	}
 	r := &replication{stopWatch: make(chan struct{})}
 	s.repl = r
-	r.pubsub, err = pubsub.New(ctx, s.db, pubsub.Options{Logger: s.log.Named("pubsub"), Registerer: s.registry})
+	r.pubsub, err = s.openPubsub(ctx)
 	if err != nil {
 		return err
 	}
-	r.replicas, err = replicasync.New(ctx, s.db, r.pubsub, replicasync.Options{
+	var ps replicasync.Pubsub // nil: poll mode
+	if r.pubsub != nil {
+		ps = r.pubsub
+	}
+	r.replicas, err = replicasync.New(ctx, s.db, ps, replicasync.Options{
 		ID:                s.replicaID,
 		RegionID:          int32(s.cfg.DERPServerRegionID),
 		RelayAddress:      s.cfg.DERPServerRelayURL,
@@ -120,7 +153,7 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		TLSConfig:         tlsCfg,
 		Logger:            s.log.Named("replicasync"),
 		Registerer:        s.registry,
-		Clock:             offsetClock(s.cfg.DebugClockOffset),
+		Clock:             replicasync.OffsetClock(quartz.NewReal(), s.cfg.DebugClockOffset),
 	})
 	if err != nil {
 		return err
@@ -140,25 +173,25 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		return err
 	}
 	s.registry.MustRegister(derpmesh.NewServerCollector(s.derp))
+	r.derpVars, _ = s.derp.ExpVar(false).(*metrics.Set)
 
-	ids := map[string]uuid.UUID{} // relay URL → the replica last seen there
-	r.replicas.SetCallback(func(peers []replicasync.Peer) {
-		urls := make([]string, 0, len(peers))
-		next := make(map[string]uuid.UUID, len(peers))
-		for _, p := range peers {
+	// The mesh measures peer latency over its links once it can; until
+	// then (or without a link) the manager probes over HTTP.
+	if p, ok := any(r.mesh).(replicasync.LinkPinger); ok {
+		r.replicas.SetPinger(p)
+	}
+	r.replicas.SetCallback(func(change replicasync.PeerChange) {
+		urls := make([]string, 0, len(change.Peers))
+		for _, p := range change.Peers {
 			urls = append(urls, p.RelayAddress)
-			next[p.RelayAddress] = p.ID
 		}
 		r.mesh.SetAddresses(urls)
-		for url, id := range next {
-			if old, ok := ids[url]; ok && old != id {
-				// A new process behind a known URL: redial now rather than
-				// wait for the old connection to be found dead.
-				s.log.Info("peer replaced behind the same relay URL; reconnecting", zap.String("relay_url", url))
-				r.mesh.Reconnect(url)
-			}
+		for _, url := range change.Replaced {
+			// A new process behind a known URL: redial now rather than
+			// wait for the old connection to be found dead.
+			s.log.Info("peer replaced behind the same relay URL; reconnecting", zap.String("relay_url", url))
+			r.mesh.Reconnect(url)
 		}
-		ids = next
 		r.meshSynced.Store(true)
 	})
 	r.watchDone.Add(1)
@@ -166,10 +199,74 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 	return nil
 }
 
-// offsetClock is the local clock shifted by d.
-type offsetClock time.Duration
+// openPubsub opens the LISTEN connection per --postgres-pubsub, or returns
+// nil for poll mode. In auto mode it checks that a notification sent
+// through the pool arrives within 2 s (through PgBouncer in transaction
+// pooling it never does) and falls back to polling if not.
+func (s *Server) openPubsub(ctx context.Context) (*pubsub.Pubsub, error) {
+	mode := s.cfg.PostgresPubsub
+	if mode == PubsubPoll {
+		s.log.Info("replica sync mode chosen", zap.String("mode", "poll"), zap.String("reason", "--postgres-pubsub=poll"))
+		return nil, nil
+	}
+	ps, err := pubsub.New(ctx, s.db, pubsub.Options{Logger: s.log.Named("pubsub"), Registerer: s.registry})
+	if err != nil {
+		if mode == PubsubAuto {
+			s.log.Warn("replica sync mode chosen", zap.String("mode", "poll"), zap.String("reason", "LISTEN failed"), zap.Error(err))
+			return nil, nil
+		}
+		return nil, err
+	}
+	if mode == PubsubListen {
+		s.log.Info("replica sync mode chosen", zap.String("mode", "listen"), zap.String("reason", "--postgres-pubsub=listen"))
+		return ps, nil
+	}
+	if err := selfTestPubsub(ctx, ps, 2*time.Second); err != nil {
+		_ = ps.Close()
+		s.log.Warn("replica sync mode chosen", zap.String("mode", "poll"),
+			zap.String("reason", "a notification sent through the pool did not arrive on the LISTEN connection (PgBouncer in transaction pooling?)"), zap.Error(err))
+		return nil, nil
+	}
+	s.log.Info("replica sync mode chosen", zap.String("mode", "listen"), zap.String("reason", "LISTEN/NOTIFY self-test passed"))
+	return ps, nil
+}
 
-func (c offsetClock) Now() time.Time { return time.Now().Add(time.Duration(c)) }
+// selfTestPubsub publishes a random payload on a probe channel and waits
+// for it to come back on the LISTEN connection. It publishes again every
+// 200 ms: the LISTEN may become active only after Subscribe returns.
+func selfTestPubsub(ctx context.Context, ps *pubsub.Pubsub, timeout time.Duration) error {
+	channel := "coder_pubsub_selftest"
+	want := uuid.NewString()
+	got := make(chan struct{}, 1)
+	cancel, err := ps.Subscribe(channel, func(_ context.Context, payload []byte, err error) {
+		if err == nil && string(payload) == want {
+			select {
+			case got <- struct{}{}:
+			default:
+			}
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("listen on the self-test channel: %w", err)
+	}
+	defer cancel()
+	ctx, done := context.WithTimeout(ctx, timeout)
+	defer done()
+	again := time.NewTicker(200 * time.Millisecond)
+	defer again.Stop()
+	for {
+		if err := ps.Publish(ctx, channel, []byte(want)); err != nil && ctx.Err() == nil {
+			return fmt.Errorf("notify on the self-test channel: %w", err)
+		}
+		select {
+		case <-got:
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("no notification within %s", timeout)
+		case <-again.C:
+		}
+	}
+}
 
 // watchMeshErrors copies persistent mesh failures into this replica's row
 // (so every replica's API shows them), and clears them when they heal.
@@ -202,7 +299,9 @@ func (s *Server) stopReplication() {
 	if s.repl == nil || s.repl.replicas == nil {
 		return
 	}
-	if err := s.repl.replicas.Close(); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.repl.replicas.Leave(ctx); err != nil {
 		s.log.Warn("could not mark this replica stopped; peers will drop it after 3 heartbeats", zap.Error(err))
 	}
 }

@@ -34,6 +34,10 @@ type Replica struct {
 	Error           string
 	Peers           []PeerReport
 	Warnings        []string
+	// Live is whether the row counted as live (not stopped, updated within
+	// the stale window of the database's now()) when it was read; set by
+	// the reads that judge liveness.
+	Live bool
 
 	raw *rawReplica // set between a scan and decode
 }
@@ -94,37 +98,105 @@ func scanReplica(row pgx.Row) (Replica, error) {
 	return r, r.decode()
 }
 
-// UpsertReplica writes s as the replica's current state and stamps
-// updated_at with the database clock. A row that was deleted (by hand, or by
-// retention) is recreated, so a replica stays a member while it beats. A row
-// marked stopped stays stopped: only the replica's own Close marks it, and a
-// heartbeat that commits late (cancelled by Close, finished by Postgres)
-// must not bring a closed replica back. One round trip.
-func (db *DB) UpsertReplica(ctx context.Context, s ReplicaState) (Replica, error) {
+// Beat is the result of a heartbeat write.
+type Beat struct {
+	// Replica is the row as written.
+	Replica Replica
+	// Revived is true when the beat re-created a deleted row or cleared a
+	// stopped_at that someone else set on this live replica: peers have
+	// dropped it and must be told (announce) that it is back.
+	Revived bool
+}
+
+// querier is what a heartbeat needs: the pool, or a transaction in tests.
+type querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// BeatReplica writes s as the replica's current state and stamps
+// updated_at with the database clock. A row that was deleted (by hand, or
+// by retention) is recreated. A stopped_at older than this beat's
+// transaction is cleared, so a live replica whose row was marked stopped
+// (by an operator, or a bug) is a member again at its next beat; a beat
+// whose transaction began before the stop (a heartbeat cancelled by Close
+// but committed late by Postgres) leaves the row stopped, so a replica that
+// left is never revived by its own last beat. One round trip.
+func (db *DB) BeatReplica(ctx context.Context, s ReplicaState) (Beat, error) {
+	return beatReplica(ctx, db.pool, s)
+}
+
+func beatReplica(ctx context.Context, q querier, s ReplicaState) (Beat, error) {
 	peers, err := json.Marshal(nonNilPeers(s.Peers))
 	if err != nil {
-		return Replica{}, fmt.Errorf("encode peers: %w", err)
+		return Beat{}, fmt.Errorf("encode peers: %w", err)
 	}
 	warnings, err := json.Marshal(nonNilStrings(s.Warnings))
 	if err != nil {
-		return Replica{}, fmt.Errorf("encode warnings: %w", err)
+		return Beat{}, fmt.Errorf("encode warnings: %w", err)
 	}
-	row := db.pool.QueryRow(ctx, `
+	// now() is the transaction's start: "stopped_at < now()" means the stop
+	// committed before this beat began.
+	row := q.QueryRow(ctx, `
+WITH prev AS (SELECT stopped_at FROM replicas WHERE id = $1)
 INSERT INTO replicas (id, hostname, region_id, relay_address, version, database_latency, error, peers, warnings)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (id) DO UPDATE SET
 	updated_at = now(),
+	stopped_at = CASE WHEN replicas.stopped_at < now() THEN NULL ELSE replicas.stopped_at END,
 	hostname = EXCLUDED.hostname, region_id = EXCLUDED.region_id,
 	relay_address = EXCLUDED.relay_address, version = EXCLUDED.version,
 	database_latency = EXCLUDED.database_latency, error = EXCLUDED.error,
 	peers = EXCLUDED.peers, warnings = EXCLUDED.warnings
-RETURNING `+replicaColumns,
-		s.ID, s.Hostname, s.RegionID, s.RelayAddress, s.Version, s.DatabaseLatency.Microseconds(), s.Error, peers, warnings)
-	r, err := scanReplica(row)
-	if err != nil {
-		return Replica{}, fmt.Errorf("upsert replica %s: %w", s.ID, err)
+RETURNING `+replicaColumns+`,
+	(NOT EXISTS (SELECT 1 FROM prev)) OR ((SELECT stopped_at FROM prev) IS NOT NULL AND replicas.stopped_at IS NULL)`,
+		// JSON as text, not []byte: in pgx's exec and simple-protocol modes
+		// (PgBouncer in transaction pooling) bytes are sent as bytea.
+		s.ID, s.Hostname, s.RegionID, s.RelayAddress, s.Version, s.DatabaseLatency.Microseconds(), s.Error, string(peers), string(warnings))
+	var b Beat
+	if err := row.Scan(scanTargets(&b.Replica, &b.Revived)...); err != nil {
+		return Beat{}, fmt.Errorf("upsert replica %s: %w", s.ID, err)
 	}
-	return r, nil
+	if err := b.Replica.decode(); err != nil {
+		return Beat{}, err
+	}
+	b.Replica.Live = b.Replica.StoppedAt == nil
+	return b, nil
+}
+
+// UpsertReplica is BeatReplica without the revived flag.
+func (db *DB) UpsertReplica(ctx context.Context, s ReplicaState) (Replica, error) {
+	b, err := db.BeatReplica(ctx, s)
+	return b.Replica, err
+}
+
+// RecentReplicas lists every row updated within staleAfter of the
+// database's now(), oldest first: the live ones (Live set) and the ones
+// that stopped gracefully within the window (StoppedAt set), so a reader
+// can tell a departure from a replica that merely has not beaten yet.
+func (db *DB) RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]Replica, error) {
+	rows, err := db.pool.Query(ctx, `
+SELECT `+replicaColumns+`, stopped_at IS NULL FROM replicas
+WHERE updated_at > now() - make_interval(secs => $1)
+ORDER BY created_at, id`, staleAfter.Seconds())
+	if err != nil {
+		return nil, fmt.Errorf("list recent replicas: %w", err)
+	}
+	defer rows.Close()
+	var out []Replica
+	for rows.Next() {
+		var r Replica
+		if err := rows.Scan(scanTargets(&r, &r.Live)...); err != nil {
+			return nil, fmt.Errorf("list recent replicas: %w", err)
+		}
+		if err := r.decode(); err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list recent replicas: %w", err)
+	}
+	return out, nil
 }
 
 // LiveReplicas lists replicas that have not stopped and were updated within
@@ -144,6 +216,7 @@ ORDER BY created_at, id`, staleAfter.Seconds())
 		if err != nil {
 			return nil, fmt.Errorf("list live replicas: %w", err)
 		}
+		r.Live = true
 		out = append(out, r)
 	}
 	if err := rows.Err(); err != nil {
@@ -179,6 +252,7 @@ FROM replicas WHERE id = $1`, id, staleAfter.Seconds())
 	if err := r.decode(); err != nil {
 		return Replica{}, false, err
 	}
+	r.Live = live
 	return r, live, nil
 }
 
@@ -241,4 +315,15 @@ func nonNilStrings(s []string) []string {
 		return []string{}
 	}
 	return s
+}
+
+// NotifyReplicaChange sends a replica announcement (payload: the id)
+// through the pool, without a LISTEN connection: poll-mode replicas use it
+// so that peers which do LISTEN still hear of them at once (NOTIFY works
+// through PgBouncer in transaction pooling; only LISTEN does not).
+func (db *DB) NotifyReplicaChange(ctx context.Context, channel string, id uuid.UUID) error {
+	if _, err := db.pool.Exec(ctx, "SELECT pg_notify($1, $2)", channel, id.String()); err != nil {
+		return fmt.Errorf("notify replica change: %w", err)
+	}
+	return nil
 }

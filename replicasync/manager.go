@@ -9,63 +9,65 @@ import (
 	"sync"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/google/uuid"
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/database"
-	"github.com/coder-ha/coder/database/pubsub"
 )
 
 // Channel is the pubsub channel replicas announce themselves on. Payloads
 // are replica ids only (NOTIFY's limit is 8000 bytes).
 const Channel = "replica"
 
-// Pubsub is what the Manager needs of LISTEN/NOTIFY.
-type Pubsub interface {
-	Subscribe(channel string, l pubsub.Listener) (cancel func(), err error)
-	Publish(ctx context.Context, channel string, payload []byte) error
-}
-
-// Peer is a live regional peer the mesh should connect to.
-type Peer struct {
-	ID           uuid.UUID
-	RelayAddress string
-}
+// errLeft is returned by a heartbeat asked for after Leave.
+var errLeft = errors.New("replica has left the cluster")
 
 // Manager is this process's membership in the cluster. New registers and
-// starts it; Close leaves a tombstone and stops it.
+// starts it; Leave marks it stopped and tells the peers; Close stops its
+// goroutines (leaving first if Leave was not called).
 type Manager struct {
-	db      *database.DB
-	ps      Pubsub
+	store   Store
+	ps      Pubsub // nil: poll mode
 	opts    Options
 	log     *zap.Logger
 	metrics *metrics
+	clock   quartz.Clock
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	syncNow  chan struct{} // re-read peers (a notification arrived)
-	writeNow chan struct{} // write the row and notify (something worth telling changed)
-	probeNow chan struct{} // probe every peer
+	syncNow  chan struct{} // answer the announcements since the last sync
+	writeNow chan struct{} // write the row and announce (something worth telling changed)
+	probeNow chan struct{} // start a probe round over the regional peers
+	tellNow  chan struct{} // the callback may be due
+
+	// beatMu serializes beats with Leave: once left is set no beat starts,
+	// and Leave's stop is written after any beat under way.
+	beatMu sync.Mutex
+	left   bool
+
+	leaveMu sync.Mutex
+	leftOK  bool // the stop was written
 
 	// mu guards everything below. It is never held across I/O or a
 	// callback.
-	mu          sync.Mutex
-	self        database.Replica
-	peers       map[uuid.UUID]database.Replica // live, self excluded, every region
-	probes      map[uuid.UUID]*probeState      // regional peers only
-	dbSamples   []time.Duration
-	dbWarned    bool
-	ownError    string
-	lastPeers   []Peer // what the callback was last told
-	callback    func([]Peer)
-	callbackDue bool // the callback has not yet been told the current set
-	beatFailing bool
-	// keepPeersUntil: right after a database outage, peers that have not
-	// re-beaten yet look stale; until then the known peers are kept, so the
-	// mesh is not torn down while everyone catches up.
-	keepPeersUntil time.Time
+	mu           sync.Mutex
+	self         database.Replica
+	peers        map[uuid.UUID]database.Replica // live, self excluded, every region
+	probes       map[uuid.UUID]*probeState      // regional peers only
+	db           latencyWindow
+	grace        outageGrace
+	cutOffWarned bool
+	skew         time.Duration // database clock minus this machine's, at the last beat
+	skewWarned   bool
+	ownError     string
+	pinger       LinkPinger
+	callback     func(PeerChange)
+	current      []Peer // the mesh set as of the last read
+	told         []Peer // what the callback was last told
+	tellDue      bool   // the callback must be called even if the set is unchanged
 
 	// pending are replicas announced since the last sync; pendingAll asks
 	// for a full re-read (messages may have been lost, or a burst).
@@ -75,69 +77,80 @@ type Manager struct {
 
 	cancelSub func()
 	closeOnce sync.Once
+	closeErr  error
 }
-
-// probeState is what this replica knows of one peer's latency.
-type probeState struct {
-	samples  []time.Duration
-	err      string
-	warned   bool
-	inFlight bool
-	again    bool // asked for while in flight: probe once more after
-}
-
-func (p *probeState) latency() time.Duration { return median(p.samples) }
 
 // New registers the replica, announces it, reads its peers and starts
-// heartbeating. It fails if the first registration fails.
-func New(ctx context.Context, db *database.DB, ps Pubsub, opts Options) (*Manager, error) {
+// heartbeating; it returns once running. It fails if the first
+// registration fails. A nil ps means poll mode (see Options.PollInterval).
+func New(ctx context.Context, store Store, ps Pubsub, opts Options) (*Manager, error) {
 	opts = opts.withDefaults()
 	m := &Manager{
-		db:       db,
+		store:    store,
 		ps:       ps,
 		opts:     opts,
 		log:      opts.Logger,
 		metrics:  newMetrics(opts.Registerer),
+		clock:    opts.Clock,
 		syncNow:  make(chan struct{}, 1),
 		writeNow: make(chan struct{}, 1),
 		probeNow: make(chan struct{}, 1),
+		tellNow:  make(chan struct{}, 1),
 		peers:    map[uuid.UUID]database.Replica{},
 		probes:   map[uuid.UUID]*probeState{},
 		pending:  map[uuid.UUID]struct{}{},
+		pinger:   opts.Pinger,
+		db:       latencyWindow{keep: opts.Samples, threshold: opts.LatencyThreshold},
 	}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
-	cancelSub, err := ps.Subscribe(Channel, m.onNotification)
-	if err != nil {
-		m.cancel()
-		return nil, fmt.Errorf("subscribe to replica notifications: %w", err)
+	m.cancelSub = func() {}
+	if ps != nil {
+		cancelSub, err := ps.Subscribe(Channel, m.onNotification)
+		if err != nil {
+			m.cancel()
+			return nil, fmt.Errorf("subscribe to replica notifications: %w", err)
+		}
+		m.cancelSub = cancelSub
 	}
-	m.cancelSub = cancelSub
-	if err := m.heartbeatWithin(ctx, 30*time.Second); err != nil {
-		cancelSub()
+	// Registration, at a mass start when the database is busiest, gets
+	// more patience than a beat.
+	if err := m.beat(ctx, 30*time.Second); err != nil {
+		m.cancelSub()
 		m.cancel()
 		return nil, fmt.Errorf("register replica: %w", err)
 	}
 	m.publish(ctx)
-	m.wg.Add(2)
+	_ = m.readAll(ctx)
+	m.wg.Add(3)
 	go m.loop()
 	go m.probeLoop()
+	go m.tellLoop()
 	m.trigger(m.probeNow)
 	return m, nil
 }
 
-// SetCallback sets the function told about the live regional peers (relay
-// URL set, with ids) whenever it changes: a join, a leave, or a peer that
-// came back under the same URL with a new id. It is called soon after
-// SetCallback with the current set, then on change only (never once per
-// beat), always from the Manager's loop goroutine: never concurrently and
-// never with a lock held. It must not block for long.
-func (m *Manager) SetCallback(f func([]Peer)) {
+// SetCallback sets the function told about the live regional peers
+// whenever the set changes: a join, a leave, or a new process behind a
+// known relay URL (listed in Replaced). It is called soon after SetCallback
+// with the current set, then on change only (never once per beat), from
+// the Manager's own callback goroutine: never concurrently, never with a
+// lock held, and never on the heartbeat path, so a slow callback delays
+// only later callbacks (which coalesce: the latest set wins).
+func (m *Manager) SetCallback(f func(PeerChange)) {
 	m.mu.Lock()
 	m.callback = f
-	m.lastPeers = nil
-	m.callbackDue = true
+	m.told = nil
+	m.tellDue = true
 	m.mu.Unlock()
-	m.trigger(m.syncNow)
+	m.trigger(m.tellNow)
+}
+
+// SetPinger sets the LinkPinger used for peer latency (nil: HTTP probes
+// only); it exists because the mesh is built after the Manager.
+func (m *Manager) SetPinger(p LinkPinger) {
+	m.mu.Lock()
+	m.pinger = p
+	m.mu.Unlock()
 }
 
 // Reprobe asks for an immediate probe of the peer with this relay URL (the
@@ -147,10 +160,10 @@ func (m *Manager) SetCallback(f func([]Peer)) {
 func (m *Manager) Reprobe(relayURL string) {
 	m.mu.Lock()
 	var target *database.Replica
-	for _, p := range m.peers {
-		if p.RelayAddress == relayURL && p.RegionID == m.opts.RegionID {
-			p := p
-			target = &p
+	for _, p := range m.current {
+		if p.RelayAddress == relayURL {
+			r := m.peers[p.ID]
+			target = &r
 			break
 		}
 	}
@@ -207,15 +220,17 @@ func (m *Manager) Regional() []database.Replica {
 	return out
 }
 
-// Warnings are the latency warnings in force, each naming the peer (by
-// hostname and relay URL) or the database.
+// Warnings are the warnings in force: latency (naming the peer by
+// hostname and relay URL, or the database) and a heartbeat that has failed
+// for longer than the stale window.
 func (m *Manager) Warnings() []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.warningsLocked()
 }
 
-// PeerReports is what this replica measured of each regional peer.
+// PeerReports is what this replica measured of each regional peer: the
+// median latency, or the error of the last probe (never both).
 func (m *Manager) PeerReports() []database.PeerReport {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -226,7 +241,7 @@ func (m *Manager) PeerReports() []database.PeerReport {
 func (m *Manager) DatabaseLatency() time.Duration {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return median(m.dbSamples)
+	return m.db.latency()
 }
 
 // HeartbeatFailing reports whether the last heartbeat failed to reach the
@@ -234,22 +249,79 @@ func (m *Manager) DatabaseLatency() time.Duration {
 func (m *Manager) HeartbeatFailing() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.beatFailing
+	return m.grace.failing()
 }
 
-// Close stops heartbeating, marks the row stopped and announces it, so
-// peers drop this replica at once. It is safe to call more than once.
+// ClockSkew is the database's clock minus this machine's, measured at the
+// last heartbeat (within half a round trip). It is reported, never used to
+// judge liveness.
+func (m *Manager) ClockSkew() time.Duration {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.skew
+}
+
+// maxClockSkew: a machine clock further off the database's than this is
+// worth a warning.
+const maxClockSkew = time.Second
+
+func skewTooLarge(d time.Duration) bool { return d.Abs() > maxClockSkew }
+
+// CutOff reports whether this replica's own heartbeat has failed for
+// longer than the stale window: peers that can still reach the database
+// have dropped it. In a full database outage every replica is cut off;
+// Isolated tells the two apart.
+func (m *Manager) CutOff() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.grace.cutOff(m.clock.Now(), m.opts.StaleAfter)
+}
+
+// Isolated is the readiness rule for a partial partition: this replica is
+// cut off, it knows regional peers, and none of them still holds a mesh
+// link to it (incomingMeshLinks, counted by the owner from its relay). In a
+// full outage peers keep everyone (nobody's beat succeeds), so their links
+// stay and Isolated is false; when only this replica is cut off, the peers
+// drop it and close their links. A lone replica is never isolated.
+func (m *Manager) Isolated(incomingMeshLinks int) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.grace.cutOff(m.clock.Now(), m.opts.StaleAfter) && len(m.current) > 0 && incomingMeshLinks == 0
+}
+
+// Leave marks this replica stopped and announces it, so peers drop it at
+// once (memberlist's Leave). No heartbeat starts after Leave, and one
+// under way cannot undo it. The goroutines keep running (reads still
+// answer) until Close. Calling it again after it succeeded does nothing.
+func (m *Manager) Leave(ctx context.Context) error {
+	m.leaveMu.Lock()
+	defer m.leaveMu.Unlock()
+	if m.leftOK {
+		return nil
+	}
+	m.beatMu.Lock()
+	m.left = true
+	m.beatMu.Unlock()
+	if err := m.store.MarkReplicaStopped(ctx, m.opts.ID); err != nil {
+		return fmt.Errorf("leave the cluster: %w", err)
+	}
+	m.leftOK = true
+	m.publish(ctx)
+	m.log.Info("left the cluster")
+	return nil
+}
+
+// Close stops every goroutine and waits for them, leaving first (5 s at
+// most) if Leave was not called or failed. The error is Leave's. It is
+// safe to call more than once.
 func (m *Manager) Close() error {
-	var err error
 	m.closeOnce.Do(func() {
 		m.stop()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if err = m.db.MarkReplicaStopped(ctx, m.opts.ID); err == nil {
-			m.publish(ctx)
-		}
+		m.closeErr = m.Leave(ctx)
 	})
-	return err
+	return m.closeErr
 }
 
 func (m *Manager) stop() {
@@ -259,6 +331,7 @@ func (m *Manager) stop() {
 	m.mu.Unlock()
 	m.cancelSub()
 	m.wg.Wait()
+	m.opts.HTTPClient.CloseIdleConnections()
 }
 
 func (m *Manager) trigger(ch chan struct{}) {
@@ -292,45 +365,6 @@ func (m *Manager) onNotification(_ context.Context, payload []byte, err error) {
 	m.trigger(m.syncNow)
 }
 
-// maxTargetedReads: more announcements than this since the last sync are
-// cheaper to answer with one full read than with one read each.
-const maxTargetedReads = 8
-
-// sync answers the announcements since the last sync: one single-row read
-// per announced replica (so N replicas joining cost each peer N small
-// reads, not N full-table reads), or one full read after a gap.
-func (m *Manager) sync(ctx context.Context) {
-	m.pendingMu.Lock()
-	ids, all := m.pending, m.pendingAll || len(m.pending) > maxTargetedReads
-	m.pending, m.pendingAll = map[uuid.UUID]struct{}{}, false
-	m.pendingMu.Unlock()
-	if all || len(ids) == 0 {
-		_ = m.readPeers(ctx)
-		return
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	m.mu.Lock()
-	next := make(map[uuid.UUID]database.Replica, len(m.peers)+len(ids))
-	for id, p := range m.peers {
-		next[id] = p
-	}
-	m.mu.Unlock()
-	for id := range ids {
-		r, live, err := m.db.GetReplicaIfLive(ctx, id, m.opts.StaleAfter)
-		if err != nil {
-			_ = m.readPeers(ctx) // fall back to the full read
-			return
-		}
-		if live {
-			next[id] = r
-		} else {
-			delete(next, id)
-		}
-	}
-	m.applyPeers(next)
-}
-
 // ParseNotification reads a replica notification's payload: a replica id.
 func ParseNotification(payload []byte) (uuid.UUID, bool) {
 	if len(payload) != 36 {
@@ -344,57 +378,81 @@ func ParseNotification(payload []byte) (uuid.UUID, bool) {
 }
 
 func (m *Manager) publish(ctx context.Context) {
-	if err := m.ps.Publish(ctx, Channel, []byte(m.opts.ID.String())); err != nil {
+	var err error
+	if m.ps != nil {
+		err = m.ps.Publish(ctx, Channel, []byte(m.opts.ID.String()))
+	} else if n, ok := m.store.(Notifier); ok {
+		err = n.NotifyReplicaChange(ctx, Channel, m.opts.ID)
+	}
+	if err != nil {
 		m.log.Debug("announce replica", zap.Error(err))
 	}
 }
 
-// loop owns the heartbeat, notification-driven syncs and cleanup.
+// loop owns the heartbeat, its retries, notification-driven syncs, polls
+// and cleanup.
 func (m *Manager) loop() {
 	defer m.wg.Done()
-	beat := time.NewTicker(m.opts.HeartbeatInterval)
+	beat := m.clock.NewTicker(m.opts.HeartbeatInterval, "beat")
 	defer beat.Stop()
-	// While heartbeats fail (Postgres down), retry every second at most, so
-	// the replica is back in sync soon after the database returns.
-	retry := time.NewTicker(min(time.Second, m.opts.HeartbeatInterval))
+	// While heartbeats fail (Postgres down), retry about every
+	// RetryInterval, so the replica is back in sync soon after the
+	// database returns; jittered, so replicas do not return in lockstep.
+	retry := m.clock.NewTimer(time.Hour, "retry")
+	retry.Stop()
 	defer retry.Stop()
-	cleanup := time.NewTicker(m.opts.CleanupInterval)
+	var poll <-chan time.Time
+	if m.ps == nil {
+		t := m.clock.NewTicker(m.opts.PollInterval, "poll")
+		defer t.Stop()
+		poll = t.C
+	}
+	cleanup := m.clock.NewTicker(m.opts.CleanupInterval, "cleanup")
 	defer cleanup.Stop()
 	m.cleanup()
+	heartbeat := func() {
+		err := m.beat(m.ctx, max(m.opts.HeartbeatInterval, 5*time.Second))
+		if err == nil {
+			_ = m.readAll(m.ctx)
+			m.trigger(m.probeNow)
+			return
+		}
+		if !errors.Is(err, errLeft) && m.ctx.Err() == nil {
+			retry.Reset(jitter(m.opts.RetryInterval), "retry")
+		}
+	}
 	for {
 		select {
 		case <-m.ctx.Done():
 			return
 		case <-beat.C:
-			if m.heartbeat(m.ctx) == nil {
-				m.trigger(m.probeNow)
-			}
+			heartbeat()
 		case <-retry.C:
-			if m.HeartbeatFailing() && m.heartbeat(m.ctx) == nil {
-				m.trigger(m.probeNow)
+			if m.HeartbeatFailing() {
+				heartbeat()
 			}
 		case <-m.writeNow:
-			if m.heartbeat(m.ctx) == nil {
-				m.publish(m.ctx)
-			}
+			heartbeat()
 		case <-m.syncNow:
 			m.sync(m.ctx)
+		case <-poll:
+			_ = m.readAll(m.ctx)
 		case <-cleanup.C:
 			m.cleanup()
 		}
 	}
 }
 
-// heartbeat writes the row (reviving it if it was deleted or marked
-// stopped) and re-reads the peers: two queries. The upsert's round trip is
-// the database latency sample.
-func (m *Manager) heartbeat(ctx context.Context) error {
-	return m.heartbeatWithin(ctx, max(m.opts.HeartbeatInterval, 5*time.Second))
-}
-
-// heartbeatWithin is heartbeat with a deadline: registration, at a mass
-// start when the database is busiest, gets more patience than a beat.
-func (m *Manager) heartbeatWithin(ctx context.Context, timeout time.Duration) error {
+// beat writes the row (re-creating it if deleted, clearing a stop someone
+// else set) and takes the round trip as a database latency sample. A
+// revived row, or the first beat after an outage, is announced: peers may
+// have dropped this replica.
+func (m *Manager) beat(ctx context.Context, timeout time.Duration) error {
+	m.beatMu.Lock()
+	defer m.beatMu.Unlock()
+	if m.left {
+		return errLeft
+	}
 	m.mu.Lock()
 	state := database.ReplicaState{
 		ID:              m.opts.ID,
@@ -402,7 +460,7 @@ func (m *Manager) heartbeatWithin(ctx context.Context, timeout time.Duration) er
 		RegionID:        m.opts.RegionID,
 		RelayAddress:    m.opts.RelayAddress,
 		Version:         m.opts.Version,
-		DatabaseLatency: median(m.dbSamples),
+		DatabaseLatency: m.db.latency(),
 		Error:           m.ownError,
 		Peers:           m.peerReportsLocked(),
 		Warnings:        m.warningsLocked(),
@@ -411,115 +469,197 @@ func (m *Manager) heartbeatWithin(ctx context.Context, timeout time.Duration) er
 
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	start := m.opts.Clock.Now()
-	self, err := m.db.UpsertReplica(ctx, state)
-	rtt := m.opts.Clock.Now().Sub(start)
+	start := m.clock.Now()
+	b, err := m.store.BeatReplica(ctx, state)
+	rtt := m.clock.Since(start)
 	if err != nil {
 		m.noteBeatFailure(err)
 		return err
 	}
 	m.mu.Lock()
-	m.self = self
-	recovered := m.beatFailing
-	m.beatFailing = false
-	if recovered {
-		m.keepPeersUntil = time.Now().Add(m.opts.StaleAfter)
-	}
-	m.dbSamples = appendSample(m.dbSamples, rtt, m.opts.Samples)
-	dbLatency := median(m.dbSamples)
+	recovered := m.grace.beatSucceeded(m.clock.Now(), m.opts.StaleAfter)
+	m.cutOffWarned = false
+	registered := m.self.ID != uuid.Nil // not the first beat
+	m.self = b.Replica
+	// now() is the beat's transaction start: compare it with the middle of
+	// the round trip on this machine's clock.
+	m.skew = b.Replica.UpdatedAt.Sub(start.Add(rtt / 2))
+	skew := m.skew
+	skewChanged := skewTooLarge(skew) != m.skewWarned
+	m.skewWarned = skewTooLarge(skew)
+	change := m.db.observe(rtt)
+	latency := m.db.latency()
 	m.mu.Unlock()
+	m.metrics.databaseLatency.Set(latency.Seconds())
+	m.metrics.clockSkew.Set(skew.Seconds())
+	if skewChanged {
+		if skewTooLarge(skew) {
+			m.log.Warn("local clock differs from the database clock", zap.Duration("database_minus_local", skew.Round(time.Millisecond)))
+		} else {
+			m.log.Info("local clock agrees with the database clock again", zap.Duration("database_minus_local", skew.Round(time.Millisecond)))
+		}
+		m.trigger(m.writeNow)
+	}
 	if recovered {
 		m.log.Info("heartbeat recovered: database reachable again")
-		m.publish(ctx) // peers may have missed us; tell them to re-read
 	}
-	m.metrics.databaseLatency.Set(dbLatency.Seconds())
-	if samples := m.dbSampleCount(); samples >= min(minSamples, m.opts.Samples) {
-		m.checkDatabaseLatency(dbLatency)
+	if b.Revived && registered {
+		m.log.Info("replica row was deleted or marked stopped while this replica runs; re-registered and announced")
 	}
-	return m.readPeers(ctx)
+	if recovered || (b.Revived && registered) {
+		m.publish(ctx) // peers may have dropped us; tell them to re-read
+	}
+	// A stop that committed while this beat ran (b.Replica.StoppedAt set)
+	// is cleared by the next beat, which then announces the revival.
+	switch {
+	case change.warnedNow && !change.warnedBefore:
+		m.log.Warn("database latency above threshold", zap.Duration("latency", latency), zap.Duration("threshold", m.opts.LatencyThreshold))
+		m.trigger(m.writeNow)
+	case !change.warnedNow && change.warnedBefore:
+		m.log.Info("database latency back under threshold", zap.Duration("latency", latency), zap.Duration("threshold", m.opts.LatencyThreshold))
+		m.trigger(m.writeNow)
+	}
+	return nil
 }
 
 func (m *Manager) noteBeatFailure(err error) {
 	m.metrics.heartbeatFailures.Inc()
+	now := m.clock.Now()
 	m.mu.Lock()
-	first := !m.beatFailing
-	m.beatFailing = true
+	first := m.grace.beatFailed(now)
+	cutOff := m.grace.cutOff(now, m.opts.StaleAfter) && !m.cutOffWarned
+	if cutOff {
+		m.cutOffWarned = true
+	}
+	since := now.Sub(m.grace.failingSince)
 	m.mu.Unlock()
-	if first && m.ctx.Err() == nil {
+	if m.ctx.Err() != nil {
+		return
+	}
+	if first {
 		m.log.Warn("heartbeat failed: keeping the last known peers until the database is back", zap.Error(err))
+	}
+	if cutOff {
+		m.log.Warn("heartbeat failing for longer than the stale window: replicas that reach the database consider this one gone",
+			zap.Duration("failing_for", since.Round(time.Millisecond)), zap.Duration("stale_after", m.opts.StaleAfter), zap.Error(err))
 	}
 }
 
-// readPeers replaces the peer set with the live rows and tells the owner
-// if the regional relay set changed.
-func (m *Manager) readPeers(ctx context.Context) error {
+// maxTargetedReads: more announcements than this since the last sync are
+// cheaper to answer with one full read than with one read each.
+const maxTargetedReads = 8
+
+// sync answers the announcements since the last sync: one single-row read
+// per announced replica (so N replicas joining cost each peer N small
+// reads, not N full-table reads), or one full read after a gap.
+func (m *Manager) sync(ctx context.Context) {
+	m.pendingMu.Lock()
+	pending, all := m.pending, m.pendingAll || len(m.pending) > maxTargetedReads
+	m.pending, m.pendingAll = map[uuid.UUID]struct{}{}, false
+	m.pendingMu.Unlock()
+	if all || len(pending) == 0 {
+		_ = m.readAll(ctx)
+		return
+	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	rows, err := m.db.LiveReplicas(ctx, m.opts.StaleAfter)
+	var rows []database.Replica
+	ids := make([]uuid.UUID, 0, len(pending))
+	for id := range pending {
+		ids = append(ids, id)
+		r, _, err := m.store.GetReplicaIfLive(ctx, id, m.opts.StaleAfter)
+		if err != nil {
+			_ = m.readAll(ctx) // fall back to the full read
+			return
+		}
+		if r.ID != uuid.Nil { // the row exists; r.Live says whether it counts
+			rows = append(rows, r)
+		}
+	}
+	m.apply(rows, false, ids)
+}
+
+// readAll reads every recent row and applies it.
+func (m *Manager) readAll(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	rows, err := m.store.RecentReplicas(ctx, m.opts.StaleAfter)
 	if err != nil {
 		if m.ctx.Err() == nil {
 			m.log.Debug("read peers", zap.Error(err))
 		}
 		return err
 	}
-	peers := make(map[uuid.UUID]database.Replica, len(rows))
-	for _, r := range rows {
-		if r.ID != m.opts.ID {
-			peers[r.ID] = r
-		}
-	}
-	m.applyPeers(peers)
+	m.apply(rows, true, nil)
 	return nil
 }
 
-// applyPeers makes peers the live peer set: logs joins and leaves, starts
-// probing newcomers and tells the owner if the regional relay set changed.
-func (m *Manager) applyPeers(peers map[uuid.UUID]database.Replica) {
+// apply makes a read the live peer set (by the outage grace rule): logs
+// joins and leaves, starts probing newcomers and has the owner told if the
+// mesh set changed.
+func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	m.mu.Lock()
-	if time.Now().Before(m.keepPeersUntil) {
-		for id, old := range m.peers {
-			if _, ok := peers[id]; !ok {
-				peers[id] = old
-			}
-		}
-	}
-	var joined []database.Replica
-	for id, p := range peers {
-		if _, known := m.peers[id]; !known && p.RegionID == m.opts.RegionID {
+	mayDrop := m.grace.mayDropStale(m.clock.Now())
+	next := nextPeers(m.peers, rows, full, ids, m.opts.ID, mayDrop)
+	var joined, left []database.Replica
+	for id, p := range next {
+		if _, known := m.peers[id]; !known {
 			joined = append(joined, p)
 		}
 	}
 	for id, old := range m.peers {
-		if _, still := peers[id]; !still {
+		if _, still := next[id]; !still {
+			left = append(left, old)
 			delete(m.probes, id)
-			m.metrics.peerLatency.DeleteLabelValues(id.String(), old.Hostname)
-			m.log.Info("replica left", zap.String("peer_hostname", old.Hostname), zap.Stringer("peer_id", id), zap.String("relay_url", old.RelayAddress))
 		}
 	}
-	m.peers = peers
-	m.metrics.replicas.Set(float64(len(peers) + 1))
-	current := m.regionalPeersLocked()
-	changed := !samePeers(current, m.lastPeers) || m.callbackDue
-	m.callbackDue = false
-	if changed {
-		m.lastPeers = current
-	}
-	callback := m.callback
+	m.peers = next
+	m.metrics.replicas.Set(float64(len(next) + 1))
+	current := meshPeers(next, m.opts.RegionID)
+	changed := !samePeers(current, m.current)
+	m.current = current
 	m.mu.Unlock()
 
+	for _, p := range left {
+		m.metrics.peerLatency.DeleteLabelValues(p.ID.String(), p.Hostname)
+		m.metrics.probeErrors.DeleteLabelValues(p.ID.String(), p.Hostname)
+		m.log.Info("replica left", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress), zap.Bool("stopped", p.StoppedAt != nil))
+	}
 	for _, p := range joined {
 		m.log.Info("replica joined", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
 		m.startProbe(p)
 	}
-	if changed && callback != nil {
-		callback(current)
+	if changed {
+		m.trigger(m.tellNow)
+	}
+}
+
+// tellLoop runs the callback, off the heartbeat path. Changes that arrive
+// while it runs coalesce: the next call gets the latest set.
+func (m *Manager) tellLoop() {
+	defer m.wg.Done()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-m.tellNow:
+		}
+		m.mu.Lock()
+		f, current, told, due := m.callback, m.current, m.told, m.tellDue
+		if f == nil || (!due && samePeers(current, told)) {
+			m.mu.Unlock()
+			continue
+		}
+		m.told, m.tellDue = current, false
+		m.mu.Unlock()
+		f(diffPeers(told, current))
 	}
 }
 
 func (m *Manager) cleanup() {
 	ctx, cancel := context.WithTimeout(m.ctx, 30*time.Second)
 	defer cancel()
-	n, err := m.db.DeleteDeadReplicas(ctx, m.opts.Retention)
+	n, err := m.store.DeleteDeadReplicas(ctx, m.opts.Retention)
 	if err != nil {
 		if m.ctx.Err() == nil {
 			m.log.Debug("delete dead replicas", zap.Error(err))
@@ -531,51 +671,18 @@ func (m *Manager) cleanup() {
 	}
 }
 
-// regionalPeersLocked is the sorted set the mesh should connect to.
-func (m *Manager) regionalPeersLocked() []Peer {
-	var out []Peer
-	for _, p := range m.peers {
-		if p.RegionID == m.opts.RegionID && p.RelayAddress != "" {
-			out = append(out, Peer{ID: p.ID, RelayAddress: p.RelayAddress})
-		}
-	}
-	sort.Slice(out, func(i, j int) bool {
-		if out[i].RelayAddress != out[j].RelayAddress {
-			return out[i].RelayAddress < out[j].RelayAddress
-		}
-		return out[i].ID.String() < out[j].ID.String()
-	})
-	return out
-}
-
-func samePeers(a, b []Peer) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
-
 func (m *Manager) peerReportsLocked() []database.PeerReport {
 	out := []database.PeerReport{}
 	for id, p := range m.peers {
 		if p.RegionID != m.opts.RegionID {
 			continue
 		}
-		st := m.probes[id]
 		r := database.PeerReport{ID: id}
-		switch {
-		case p.RelayAddress == "":
+		if st := m.probes[id]; st != nil {
+			r = st.w.report(id)
+		}
+		if p.RelayAddress == "" {
 			r.Error = "peer has no relay URL"
-		case st == nil || (len(st.samples) == 0 && st.err == ""):
-			r.Error = ""
-		default:
-			r.LatencyMS = float64(st.latency().Microseconds()) / 1000
-			r.Error = st.err
 		}
 		out = append(out, r)
 	}
@@ -586,43 +693,28 @@ func (m *Manager) peerReportsLocked() []database.PeerReport {
 func (m *Manager) warningsLocked() []string {
 	out := []string{}
 	threshold := m.opts.LatencyThreshold
-	if m.dbWarned {
-		out = append(out, fmt.Sprintf("the database is %s away; every replica must be within %s of Postgres", round(median(m.dbSamples)), threshold))
+	if m.db.warned {
+		out = append(out, fmt.Sprintf("the database is %s away; every replica must be within %s of Postgres", round(m.db.latency()), threshold))
+	}
+	if m.skewWarned {
+		out = append(out, fmt.Sprintf("this machine's clock is %s off the database clock; membership uses the database clock, but timestamps in this replica's logs are off by as much", m.skew.Abs().Round(time.Millisecond)))
+	}
+	now := m.clock.Now()
+	if m.grace.cutOff(now, m.opts.StaleAfter) {
+		out = append(out, fmt.Sprintf("the database has not accepted this replica's heartbeat for %s (stale window %s): if other replicas reach it, they consider this replica gone",
+			now.Sub(m.grace.failingSince).Round(time.Second), m.opts.StaleAfter))
 	}
 	var peerWarnings []string
 	for id, st := range m.probes {
-		if !st.warned {
+		if !st.w.warned {
 			continue
 		}
 		p := m.peers[id]
 		peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (%s) is %s away; every replica must be within %s of each other",
-			p.Hostname, p.RelayAddress, round(st.latency()), threshold))
+			p.Hostname, p.RelayAddress, round(st.w.latency()), threshold))
 	}
 	sort.Strings(peerWarnings)
 	return append(out, peerWarnings...)
-}
-
-func (m *Manager) dbSampleCount() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return len(m.dbSamples)
-}
-
-func (m *Manager) checkDatabaseLatency(latency time.Duration) {
-	m.mu.Lock()
-	above := latency > m.opts.LatencyThreshold
-	changed := above != m.dbWarned
-	m.dbWarned = above
-	m.mu.Unlock()
-	if !changed {
-		return
-	}
-	if above {
-		m.log.Warn("database latency above threshold", zap.Duration("latency", latency), zap.Duration("threshold", m.opts.LatencyThreshold))
-	} else {
-		m.log.Info("database latency back under threshold", zap.Duration("latency", latency), zap.Duration("threshold", m.opts.LatencyThreshold))
-	}
-	m.trigger(m.writeNow)
 }
 
 func sortReplicas(rs []database.Replica) {
@@ -632,23 +724,6 @@ func sortReplicas(rs []database.Replica) {
 		}
 		return rs[i].ID.String() < rs[j].ID.String()
 	})
-}
-
-func appendSample(s []time.Duration, d time.Duration, keep int) []time.Duration {
-	s = append(s, d)
-	if len(s) > keep {
-		s = s[len(s)-keep:]
-	}
-	return s
-}
-
-func median(s []time.Duration) time.Duration {
-	if len(s) == 0 {
-		return 0
-	}
-	c := append([]time.Duration(nil), s...)
-	sort.Slice(c, func(i, j int) bool { return c[i] < c[j] })
-	return c[len(c)/2]
 }
 
 func round(d time.Duration) time.Duration {

@@ -8,6 +8,8 @@ type metrics struct {
 	databaseLatency   prometheus.Gauge
 	heartbeatFailures prometheus.Counter
 	malformed         prometheus.Counter
+	probeErrors       *prometheus.CounterVec
+	clockSkew         prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -32,9 +34,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "coderd_replica_malformed_notifications_total",
 			Help: "Replica notifications ignored because their payload was not a replica id.",
 		}),
+		probeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coderd_replica_peer_probe_errors_total",
+			Help: "Latency probes of a live regional peer that failed (while failing, the peer has no latency gauge).",
+		}, []string{"peer_id", "peer_hostname"}),
+		clockSkew: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "coderd_replica_clock_skew_seconds",
+			Help: "The database's clock minus this machine's, measured at the last heartbeat (reported only; liveness uses the database clock).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.replicas, m.peerLatency, m.databaseLatency, m.heartbeatFailures, m.malformed)
+		reg.MustRegister(m.replicas, m.peerLatency, m.databaseLatency, m.heartbeatFailures, m.malformed, m.probeErrors, m.clockSkew)
 	}
 	return m
 }

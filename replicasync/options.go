@@ -7,20 +7,11 @@ import (
 	"os"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
-
-// Clock tells the time for measurements and bookkeeping. It never decides
-// whether a replica is alive: that is the database's now().
-type Clock interface {
-	Now() time.Time
-}
-
-type realClock struct{}
-
-func (realClock) Now() time.Time { return time.Now() }
 
 // Options configures a Manager. Zero fields take the defaults listed on
 // each; DefaultOptions shows them in one place.
@@ -59,6 +50,21 @@ type Options struct {
 	Retention time.Duration
 	// CleanupInterval is how often dead rows are looked for. Default 1h.
 	CleanupInterval time.Duration
+	// RetryInterval is how soon a failed heartbeat is retried (±20%
+	// jitter, so replicas do not return to a recovering database all at
+	// once). Shorter resyncs sooner after an outage at the cost of more
+	// failed connection attempts during one. Default min(1s,
+	// HeartbeatInterval).
+	RetryInterval time.Duration
+	// PollInterval is how often the table is re-read in poll mode (a nil
+	// Pubsub: LISTEN/NOTIFY unavailable, e.g. behind PgBouncer in
+	// transaction pooling). Shorter converges sooner at the cost of one
+	// full read per replica per interval. Default 1s.
+	PollInterval time.Duration
+	// Pinger, if set, measures peer latency over established mesh links;
+	// peers without a link are probed over HTTP. Default nil: HTTP only.
+	// SetPinger sets it after construction.
+	Pinger LinkPinger
 
 	// HTTPClient probes peers. Default: a keep-alive client; TLSConfig
 	// (if set) verifies https relay URLs.
@@ -69,8 +75,10 @@ type Options struct {
 	Logger *zap.Logger
 	// Registerer, if set, receives the coderd_replica* metrics.
 	Registerer prometheus.Registerer
-	// Clock defaults to the real clock.
-	Clock Clock
+	// Clock is used for every local time decision (tickers, timers,
+	// round trips, the outage grace window); never for liveness, which is
+	// the store's now(). Default: the real clock.
+	Clock quartz.Clock
 }
 
 // DefaultOptions returns the defaults every zero field of Options takes.
@@ -86,6 +94,8 @@ func DefaultOptions() Options {
 		Samples:           5,
 		Retention:         24 * time.Hour,
 		CleanupInterval:   time.Hour,
+		RetryInterval:     time.Second,
+		PollInterval:      time.Second,
 	}
 }
 
@@ -121,11 +131,17 @@ func (o Options) withDefaults() Options {
 	if o.CleanupInterval <= 0 {
 		o.CleanupInterval = d.CleanupInterval
 	}
+	if o.RetryInterval <= 0 {
+		o.RetryInterval = min(d.RetryInterval, o.HeartbeatInterval)
+	}
+	if o.PollInterval <= 0 {
+		o.PollInterval = d.PollInterval
+	}
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
 	}
 	if o.Clock == nil {
-		o.Clock = realClock{}
+		o.Clock = quartz.NewReal()
 	}
 	if o.HTTPClient == nil {
 		o.HTTPClient = &http.Client{

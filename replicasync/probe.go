@@ -15,18 +15,55 @@ import (
 	"github.com/coder-ha/coder/database"
 )
 
-// probeLoop probes every regional peer when asked (each beat, and when a
-// peer joins).
+// probeState is what this replica knows of one peer's latency.
+type probeState struct {
+	w        latencyWindow
+	inFlight bool
+	again    bool // asked for while in flight: probe once more after
+}
+
+// probeLoop runs a probe round after each successful beat, spreading the
+// regional peers over the heartbeat interval (peer i of n at i/n of it), so
+// a replica with many peers does not probe them all at once and every peer
+// is not probed by everyone at the same instant.
 func (m *Manager) probeLoop() {
 	defer m.wg.Done()
+	next := m.clock.NewTimer(time.Hour, "probe")
+	next.Stop()
+	defer next.Stop()
+	var queue []Peer
+	var spacing time.Duration
+	probeNext := func() {
+		if len(queue) == 0 {
+			return
+		}
+		p := queue[0]
+		queue = queue[1:]
+		m.mu.Lock()
+		r, ok := m.peers[p.ID]
+		m.mu.Unlock()
+		if ok {
+			m.startProbe(r)
+		}
+		if len(queue) > 0 {
+			next.Reset(spacing, "probe")
+		}
+	}
 	for {
 		select {
 		case <-m.ctx.Done():
 			return
 		case <-m.probeNow:
-			for _, p := range m.Regional() {
-				m.startProbe(p)
+			m.mu.Lock()
+			queue = append([]Peer(nil), m.current...)
+			m.mu.Unlock()
+			if len(queue) > 0 {
+				spacing = m.opts.HeartbeatInterval / time.Duration(len(queue))
 			}
+			next.Stop()
+			probeNext()
+		case <-next.C:
+			probeNext()
 		}
 	}
 }
@@ -38,14 +75,18 @@ func (m *Manager) startProbe(p database.Replica) {
 		return
 	}
 	m.mu.Lock()
-	st := m.probes[p.ID]
-	if st == nil {
-		st = &probeState{}
-		m.probes[p.ID] = st
-	}
 	if m.ctx.Err() != nil {
 		m.mu.Unlock()
 		return
+	}
+	if _, live := m.peers[p.ID]; !live {
+		m.mu.Unlock()
+		return
+	}
+	st := m.probes[p.ID]
+	if st == nil {
+		st = &probeState{w: latencyWindow{keep: m.opts.Samples, threshold: m.opts.LatencyThreshold}}
+		m.probes[p.ID] = st
 	}
 	if st.inFlight {
 		// Probe again as soon as the one under way ends: it may have
@@ -73,22 +114,32 @@ func (m *Manager) startProbe(p database.Replica) {
 	}()
 }
 
-// probe measures one GET of the peer's latency-check endpoint.
-func (m *Manager) probe(relayURL string) (lat time.Duration, err error) {
+// probe measures one round trip to the peer: over its mesh link when the
+// LinkPinger has one, otherwise one GET of its latency-check endpoint.
+func (m *Manager) probe(relayURL string) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(m.ctx, m.opts.ProbeTimeout)
 	defer cancel()
+	m.mu.Lock()
+	pinger := m.pinger
+	m.mu.Unlock()
+	if pinger != nil {
+		rtt, ok, err := pinger.PingPeer(ctx, relayURL)
+		if ok {
+			return rtt, err
+		}
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(relayURL, "/")+"/derp/latency-check", nil)
 	if err != nil {
 		return 0, err
 	}
-	start := m.opts.Clock.Now()
+	start := m.clock.Now()
 	resp, err := m.opts.HTTPClient.Do(req)
 	if err != nil {
 		return 0, err
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
 	resp.Body.Close()
-	lat = m.opts.Clock.Now().Sub(start)
+	lat := m.clock.Since(start)
 	if resp.StatusCode/100 != 2 {
 		return lat, fmt.Errorf("latency check answered %s", resp.Status)
 	}
@@ -106,7 +157,7 @@ func (m *Manager) probeAgain(id uuid.UUID, samples int, err error) bool {
 	if st == nil || m.ctx.Err() != nil {
 		return false
 	}
-	if st.again || (err == nil && samples < minSamples) {
+	if st.again || (err == nil && samples < min(minSamples, m.opts.Samples)) {
 		st.again = false
 		return true
 	}
@@ -114,13 +165,10 @@ func (m *Manager) probeAgain(id uuid.UUID, samples int, err error) bool {
 	return false
 }
 
-// minSamples is how many probes a peer needs before its latency can raise
-// a warning.
-const minSamples = 3
-
 // recordProbe stores a probe's result and, when the peer's warning or error
-// state changed, logs it once and has the row written and announced. It
-// returns how many samples the peer now has.
+// state changed, logs it once and has the row written and announced. An
+// error replaces the latency (report, warning and gauge) until the peer
+// answers again. It returns how many samples the peer now has.
 func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err error) int {
 	m.mu.Lock()
 	st := m.probes[p.ID]
@@ -128,39 +176,39 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 		m.mu.Unlock()
 		return minSamples
 	}
-	oldErr, oldWarned := st.err, st.warned
-	firstSample := len(st.samples) == 0 && err == nil
+	var c latencyChange
 	if err != nil {
-		st.err = describeProbeError(err)
+		c = st.w.fail(describeProbeError(err))
 	} else {
-		st.err = ""
-		st.samples = appendSample(st.samples, latency, m.opts.Samples)
-		st.warned = len(st.samples) >= min(minSamples, m.opts.Samples) && st.latency() > m.opts.LatencyThreshold
+		c = st.w.observe(latency)
 	}
-	samples := len(st.samples)
-	current := st.latency()
-	newErr, newWarned := st.err, st.warned
+	samples := len(st.w.samples)
+	current := st.w.latency()
 	m.mu.Unlock()
 
-	if err == nil {
-		m.metrics.peerLatency.WithLabelValues(p.ID.String(), p.Hostname).Set(current.Seconds())
+	id, host := p.ID.String(), p.Hostname
+	if err != nil {
+		m.metrics.peerLatency.DeleteLabelValues(id, host)
+		m.metrics.probeErrors.WithLabelValues(id, host).Inc()
+	} else {
+		m.metrics.peerLatency.WithLabelValues(id, host).Set(current.Seconds())
 	}
 	fields := []zap.Field{zap.String("peer_hostname", p.Hostname), zap.String("relay_url", p.RelayAddress), zap.Stringer("peer_id", p.ID)}
 	switch {
-	case newWarned && !oldWarned:
+	case c.warnedNow && !c.warnedBefore:
 		m.log.Warn("peer replica latency above threshold", append(fields, zap.Duration("latency", current), zap.Duration("threshold", m.opts.LatencyThreshold))...)
-	case !newWarned && oldWarned:
+	case !c.warnedNow && c.warnedBefore && c.errNow == "":
 		m.log.Info("peer replica latency back under threshold", append(fields, zap.Duration("latency", current), zap.Duration("threshold", m.opts.LatencyThreshold))...)
 	}
 	switch {
-	case newErr != "" && oldErr == "":
-		m.log.Warn("peer replica unreachable", append(fields, zap.String("error", newErr))...)
-	case newErr == "" && oldErr != "":
+	case c.errNow != "" && c.errBefore == "":
+		m.log.Warn("peer replica unreachable", append(fields, zap.String("error", c.errNow))...)
+	case c.errNow == "" && c.errBefore != "":
 		m.log.Info("peer replica reachable again", fields...)
 	}
 	// The first measurement of a new peer is worth telling too: the matrix
 	// every replica shows should not wait a beat to fill in.
-	if newErr != oldErr || newWarned != oldWarned || firstSample {
+	if c.changed() {
 		m.trigger(m.writeNow)
 	}
 	return samples

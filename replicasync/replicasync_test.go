@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/google/uuid"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -110,17 +111,17 @@ func TestSilentReplicaIsDroppedAfterThreeBeatsNotBefore(t *testing.T) {
 
 // Liveness is decided by the database clock: a replica whose machine's
 // clock is an hour off stays a member and sees its peers.
-type skewedClock struct{ offset time.Duration }
-
-func (c skewedClock) Now() time.Time { return time.Now().Add(c.offset) }
+func skewedClock(offset time.Duration) quartz.Clock {
+	return replicasync.OffsetClock(quartz.NewReal(), offset)
+}
 
 func TestReplicaWithSkewedClockStaysAMember(t *testing.T) {
 	t.Parallel()
 	db := dbtest.NewDB(t)
 	const beat = 300 * time.Millisecond
 	a := start(t, db, replicasync.Options{Hostname: "a", HeartbeatInterval: beat})
-	skewed := start(t, db, replicasync.Options{Hostname: "skewed", HeartbeatInterval: beat, Clock: skewedClock{-time.Hour}})
-	ahead := start(t, db, replicasync.Options{Hostname: "ahead", HeartbeatInterval: beat, Clock: skewedClock{time.Hour}})
+	skewed := start(t, db, replicasync.Options{Hostname: "skewed", HeartbeatInterval: beat, Clock: skewedClock(-time.Hour)})
+	ahead := start(t, db, replicasync.Options{Hostname: "ahead", HeartbeatInterval: beat, Clock: skewedClock(time.Hour)})
 	wait.For(t, 2*time.Second, "everyone sees three", func() bool {
 		return len(a.All()) == 3 && len(skewed.All()) == 3 && len(ahead.All()) == 3
 	})
@@ -133,6 +134,21 @@ func TestReplicaWithSkewedClockStaysAMember(t *testing.T) {
 			}
 			t.Fatalf("%s sees %v after 5 beats, want all three", m.Self().Hostname, names)
 		}
+	}
+	// The offset is real: each replica measures it against the database.
+	for _, tc := range []struct {
+		m    *replicasync.Manager
+		want time.Duration
+	}{{skewed, time.Hour}, {ahead, -time.Hour}} {
+		if got := tc.m.ClockSkew(); (got - tc.want).Abs() > time.Second {
+			t.Errorf("%s: clock skew %s, want about %s", tc.m.Self().Hostname, got, tc.want)
+		}
+		if w := strings.Join(tc.m.Warnings(), "\n"); !strings.Contains(w, "off the database clock") {
+			t.Errorf("%s: no clock warning: %q", tc.m.Self().Hostname, w)
+		}
+	}
+	if a.ClockSkew().Abs() > time.Second || len(a.Warnings()) != 0 {
+		t.Errorf("a replica on the database's clock reports skew %s, warnings %q", a.ClockSkew(), a.Warnings())
 	}
 }
 
@@ -320,9 +336,9 @@ func TestCallbackFiresOnMembershipChangeOnly(t *testing.T) {
 	a := start(t, db, replicasync.Options{Hostname: "a", HeartbeatInterval: beat, RelayAddress: relay(t).URL})
 	var calls atomic.Int32
 	var last atomic.Value
-	a.SetCallback(func(peers []replicasync.Peer) {
+	a.SetCallback(func(change replicasync.PeerChange) {
 		calls.Add(1)
-		last.Store(peers)
+		last.Store(change.Peers)
 	})
 	wait.For(t, time.Second, "initial call", func() bool { return calls.Load() == 1 })
 	b := start(t, db, replicasync.Options{Hostname: "b", HeartbeatInterval: beat, RelayAddress: relay(t).URL})

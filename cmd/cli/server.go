@@ -44,6 +44,8 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "access-url", "CODER_ACCESS_URL")
 	pf.StringVar(&cfg.PostgresURL, "postgres-url", "", "The shared Postgres every replica meets in; empty starts the built-in Postgres")
 	bindEnv(pf, "postgres-url", "CODER_PG_CONNECTION_URL")
+	f.StringVar(&cfg.PostgresPubsub, "postgres-pubsub", "auto", "How replicas hear of each other: listen (LISTEN/NOTIFY), poll (read the replicas table every second; for PgBouncer transaction pooling) or auto")
+	bindEnv(f, "postgres-pubsub", "CODER_POSTGRES_PUBSUB")
 	pf.StringVar(&cfg.CacheDir, "cache-dir", coderd.DefaultCacheDir(), "Where the built-in Postgres keeps its data")
 	bindEnv(pf, "cache-dir", "CODER_CACHE_DIRECTORY")
 	f.BoolVar(&cfg.DERPServerEnable, "derp-server-enable", true, "Run the embedded DERP relay at /derp")

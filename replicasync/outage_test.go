@@ -1,0 +1,91 @@
+package replicasync_test
+
+import (
+	"context"
+	"net/url"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/database/pubsub"
+	"github.com/coder-ha/coder/internal/faultproxy"
+	"github.com/coder-ha/coder/internal/wait"
+	"github.com/coder-ha/coder/replicasync"
+)
+
+// Item 2 against real Postgres: every replica reaches the database through
+// a fault proxy that is cut for three stale windows. Nobody drops anybody:
+// zero "replica left" events, before or after the database returns.
+func TestRealPostgresOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
+	t.Parallel()
+	raw := dbtest.NewURL(t)
+	u, err := url.Parse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := faultproxy.New(u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = proxy.Close() })
+	u.Host = proxy.Addr()
+	ctx := context.Background()
+	db, err := database.Connect(ctx, u.String(), database.ConnectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(db.Close)
+
+	core, logs := observer.New(zapcore.InfoLevel)
+	const beat = 300 * time.Millisecond
+	const stale = 3 * beat
+	var ms []*replicasync.Manager
+	for _, name := range []string{"a", "b", "c"} {
+		ps, err := pubsub.New(ctx, db, pubsub.Options{ReconnectMin: 50 * time.Millisecond, ReconnectMax: 500 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = ps.Close() })
+		m, err := replicasync.New(ctx, db, ps, replicasync.Options{Hostname: name, HeartbeatInterval: beat, StaleAfter: stale,
+			Logger: zap.New(core).With(zap.String("self", name))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = m.Close() })
+		ms = append(ms, m)
+	}
+	wait.For(t, 5*time.Second, "everyone sees three", allSee(3, ms...))
+
+	proxy.Cut()
+	wait.For(t, 5*time.Second, "every heartbeat fails", func() bool {
+		for _, m := range ms {
+			if !m.HeartbeatFailing() {
+				return false
+			}
+		}
+		return true
+	})
+	time.Sleep(3 * stale) // the outage itself
+	proxy.Heal()
+	wait.For(t, 15*time.Second, "every heartbeat recovers", func() bool {
+		for _, m := range ms {
+			if m.HeartbeatFailing() {
+				return false
+			}
+		}
+		return true
+	})
+	wait.For(t, 5*time.Second, "everyone still sees three", allSee(3, ms...))
+	time.Sleep(2 * stale) // past the grace window: still nobody leaves
+	if !allSee(3, ms...)() {
+		t.Fatal("peers dropped after the grace window")
+	}
+	if n := logs.FilterMessage("replica left").Len(); n != 0 {
+		t.Fatalf("%d \"replica left\" events through a %s outage; want 0", n, 3*stale)
+	}
+}
