@@ -38,6 +38,21 @@ type Config struct {
 	DERPServerRegionName string
 	// DERPConfigPath is a DERP map JSON file of custom relays.
 	DERPConfigPath string
+	// DERPServerVerifyClientURL is an admission webhook in tailscale's
+	// format (headscale serves one at /verify). Empty: every client may use
+	// the relay. Mesh connections are admitted by the mesh key, never here.
+	DERPServerVerifyClientURL string
+	// DERPServerVerifyClientURLFailOpen admits new clients while the
+	// webhook cannot be reached. Default false (fail closed).
+	DERPServerVerifyClientURLFailOpen bool
+	// DERPServerMaxConnections caps DERP client connections per replica
+	// (mesh connections never count). 0: relayguard.DefaultMaxConnections;
+	// negative: no cap.
+	DERPServerMaxConnections int
+	// DERPServerAcceptRate is new DERP client connections accepted per
+	// second per replica. 0: relayguard.DefaultAcceptRate; negative: no
+	// limit.
+	DERPServerAcceptRate float64
 	// DERPMeshCAFile is a PEM bundle trusted for https relay URLs of peers,
 	// in addition to the system roots.
 	DERPMeshCAFile string
@@ -145,6 +160,12 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 	}
 	if c.TLSEnable && (c.TLSCertFile == "" || c.TLSKeyFile == "") {
 		return c, &ConfigError{"tls-cert-file", "--tls-enable needs --tls-cert-file and --tls-key-file"}
+	}
+	if c.DERPServerVerifyClientURL != "" {
+		u, err := url.Parse(c.DERPServerVerifyClientURL)
+		if err != nil || !u.IsAbs() || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return c, &ConfigError{"derp-server-verify-client-url", "must be an absolute http or https URL such as https://headscale.example.com/verify"}
+		}
 	}
 	if c.Version == "" {
 		c.Version = "dev"

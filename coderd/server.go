@@ -16,12 +16,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
+	"golang.org/x/time/rate"
 	"tailscale.com/derp/derpserver"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/postgres"
+	"github.com/coder-ha/coder/relayguard"
 )
 
 // Server is one running replica. New brings it up; Shutdown drains it and
@@ -35,6 +37,7 @@ type Server struct {
 	deploymentID string
 	replicaID    uuid.UUID
 	derp         *derpserver.Server // nil when the DERP server is disabled
+	guard        *relayguard.Guard  // admission and limits for derp; nil with it
 	derpMap      *tailcfg.DERPMap
 	registry     *prometheus.Registry
 	tokens       *tokenValidator
@@ -98,6 +101,23 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		s.derp = derpserver.New(key.NewNode(), derpLogf(log))
 		if err := s.derp.SetMeshKey(meshKey); err != nil {
 			return nil, fmt.Errorf("set derp mesh key: %w", err)
+		}
+		s.guard, err = relayguard.New(s.derp, relayguard.Options{
+			VerifyURL:      cfg.DERPServerVerifyClientURL,
+			FailOpen:       cfg.DERPServerVerifyClientURLFailOpen,
+			MaxConnections: cfg.DERPServerMaxConnections,
+			AcceptRate:     rate.Limit(cfg.DERPServerAcceptRate),
+			Logger:         log.Named("relayguard"),
+			Registerer:     s.registry,
+		})
+		if err != nil {
+			return nil, err
+		}
+		if cfg.DERPServerVerifyClientURL != "" {
+			log.Info("derp clients are admitted by the webhook",
+				zap.Bool("fail_open", cfg.DERPServerVerifyClientURLFailOpen))
+		} else {
+			log.Warn("no --derp-server-verify-client-url: anyone who reaches /derp may relay through this replica")
 		}
 	}
 	if err := s.listen(); err != nil {
@@ -176,8 +196,27 @@ func (s *Server) listen() error {
 	return nil
 }
 
+// HTTP server timeouts for ordinary (non-upgraded) requests. They bound
+// what a slow or idle client can hold: a connection that never finishes its
+// headers, a body trickled in, a response never read. The relay clears the
+// read and write deadlines on the connections it upgrades (relayguard's
+// Handler), so long-lived DERP connections are not cut by them.
+const (
+	httpReadHeaderTimeout = 10 * time.Second
+	httpReadTimeout       = 30 * time.Second
+	httpWriteTimeout      = 60 * time.Second
+	httpIdleTimeout       = 120 * time.Second
+)
+
 func (s *Server) serve(l net.Listener, h http.Handler) {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: zap.NewStdLog(s.log.Named("http"))}
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: httpReadHeaderTimeout,
+		ReadTimeout:       httpReadTimeout,
+		WriteTimeout:      httpWriteTimeout,
+		IdleTimeout:       httpIdleTimeout,
+		ErrorLog:          zap.NewStdLog(s.log.Named("http")),
+	}
 	s.servers = append(s.servers, srv)
 	s.listeners = append(s.listeners, l)
 	s.serveWG.Add(1)
@@ -232,6 +271,9 @@ func (s *Server) closeAll() error {
 	if s.derp != nil {
 		// Hijacked relay connections are not tracked by http.Server.
 		_ = s.derp.Close()
+	}
+	if s.guard != nil {
+		_ = s.guard.Close()
 	}
 	s.serveWG.Wait()
 	s.closeReplication()
