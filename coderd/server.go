@@ -90,7 +90,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		return nil, err
 	}
 	s.registry.MustRegister(newPoolCollector(s.db.Pool()))
-	s.tokens = newTokenValidator(s.db)
+	s.tokens = newTokenValidator(s.db, tokenValidatorOptions{Logger: log.Named("auth")})
 
 	var meshKey string
 	if cfg.DERPServerEnable {

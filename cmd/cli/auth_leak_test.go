@@ -1,0 +1,63 @@
+package cli_test
+
+import (
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/internal/clitest"
+	"github.com/coder-ha/coder/internal/faultproxy"
+)
+
+// While Postgres is unreachable, a request with a token the replica has
+// never seen gets a 503 that says nothing about the database: not its
+// host, port, user or name, and no driver error.
+func TestBadTokenDuringDatabaseOutageLeaksNoDatabaseDetails(t *testing.T) {
+	t.Parallel()
+	pg := dbtest.NewURL(t)
+	u, err := url.Parse(pg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := faultproxy.New(u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = proxy.Close() })
+	u.Host = proxy.Addr()
+	r := clitest.StartReplica(t, clitest.ReplicaOptions{Name: "r", PostgresURL: u.String()})
+	r.WaitReady(60 * time.Second)
+
+	proxy.Cut()
+	t.Cleanup(proxy.Heal)
+
+	var status int
+	var body string
+	if !clitest.Eventually(30*time.Second, func() bool {
+		req, _ := http.NewRequest(http.MethodGet, r.URL+"/api/v2/replicas", nil)
+		req.Header.Set("Coder-Session-Token", "abcdefghij-notarealsecretatall")
+		resp, err := (&http.Client{Timeout: 15 * time.Second}).Do(req)
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		status, body = resp.StatusCode, string(b)
+		return status == http.StatusServiceUnavailable
+	}) {
+		t.Fatalf("a fake token while the database is down got %d, want 503: %s", status, body)
+	}
+	dbName := strings.TrimPrefix(u.Path, "/")
+	for _, secret := range []string{proxy.Addr(), "127.0.0.1", dbName, u.User.Username(), "user=", "database=", "failed to connect", "SQLSTATE"} {
+		if secret != "" && strings.Contains(body, secret) {
+			t.Errorf("the answer to an unauthenticated caller contains %q: %s", secret, body)
+		}
+	}
+	if !strings.Contains(r.Output(), "cannot check api tokens") {
+		t.Errorf("the database failure was not logged server-side")
+	}
+}
