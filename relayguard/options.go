@@ -10,12 +10,14 @@ import (
 )
 
 // DefaultMaxConnections is the default cap on concurrent DERP client
-// connections per replica. The Helm chart limits a pod to 512 MiB; an idle
-// relayed client costs about 40 KiB of Go heap and stacks (measured with
-// real DERP clients, see docs/security.md), a busy one with full send
-// queues several times that. 4000 busy-ish clients stay well under 512 MiB
-// and leave room for the process itself.
-const DefaultMaxConnections = 4000
+// connections per replica, sized for the Helm chart's 512 MiB memory limit:
+// an idle client connection measured 39 KiB of the server's RSS (real DERP
+// clients, 500 to 2000 of them); a busy one whose two send queues (32
+// packets each) hold MTU-sized packets adds ~85 KiB, and the garbage
+// collector needs headroom on top. Budgeting 200 KiB per client after 64
+// MiB for the process itself gives (512-64) MiB / 200 KiB ≈ 2290; 2000
+// leaves a margin. Scale it with the memory limit.
+const DefaultMaxConnections = 2000
 
 // DefaultAcceptRate is the default number of new client connections a
 // replica accepts per second (the token bucket's refill rate; the burst is
