@@ -173,7 +173,7 @@ func (s *Server) listen() error {
 	s.serve(l, handler)
 
 	if s.cfg.TLSEnable {
-		cert, err := tls.LoadX509KeyPair(s.cfg.TLSCertFile, s.cfg.TLSKeyFile)
+		certs, err := newCertReloader(s.cfg.TLSCertFile, s.cfg.TLSKeyFile, tlsReloadInterval, s.log.Named("tls"))
 		if err != nil {
 			return &ConfigError{"tls-cert-file", fmt.Sprintf("load key pair: %v", err)}
 		}
@@ -181,7 +181,7 @@ func (s *Server) listen() error {
 		if err != nil {
 			return &ConfigError{"tls-address", fmt.Sprintf("listen on %s: %v", s.cfg.TLSAddress, err)}
 		}
-		s.serve(tls.NewListener(tl, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}), handler)
+		s.serve(tls.NewListener(tl, &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12}), handler)
 	}
 	if s.cfg.PrometheusEnable {
 		ml, err := net.Listen("tcp", ListenAddress(s.cfg.PrometheusAddress))
@@ -207,6 +207,10 @@ const (
 	httpWriteTimeout      = 60 * time.Second
 	httpIdleTimeout       = 120 * time.Second
 )
+
+// tlsReloadInterval is how often, at most, the TLS certificate files are
+// checked for a change (on a handshake).
+const tlsReloadInterval = 10 * time.Second
 
 func (s *Server) serve(l net.Listener, h http.Handler) {
 	srv := &http.Server{
