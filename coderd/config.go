@@ -75,6 +75,12 @@ type Config struct {
 	TLSCertFile string
 	TLSKeyFile  string
 
+	// HTTPReadTimeout and HTTPWriteTimeout bound reading a whole request and
+	// writing its answer on the HTTP and TLS listeners (not on connections
+	// the relay upgrades). Zero: 30s and 60s. Not flags: tests shorten them.
+	HTTPReadTimeout  time.Duration
+	HTTPWriteTimeout time.Duration
+
 	// Version is reported in buildinfo and the replica row.
 	Version string
 
@@ -166,6 +172,12 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 		if err != nil || !u.IsAbs() || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			return c, &ConfigError{"derp-server-verify-client-url", "must be an absolute http or https URL such as https://headscale.example.com/verify"}
 		}
+	}
+	if c.HTTPReadTimeout <= 0 {
+		c.HTTPReadTimeout = httpReadTimeout
+	}
+	if c.HTTPWriteTimeout <= 0 {
+		c.HTTPWriteTimeout = httpWriteTimeout
 	}
 	if c.Version == "" {
 		c.Version = "dev"

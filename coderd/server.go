@@ -198,9 +198,9 @@ func (s *Server) listen() error {
 
 // HTTP server timeouts for ordinary (non-upgraded) requests. They bound
 // what a slow or idle client can hold: a connection that never finishes its
-// headers, a body trickled in, a response never read. The relay clears the
-// read and write deadlines on the connections it upgrades (relayguard's
-// Handler), so long-lived DERP connections are not cut by them.
+// headers, a body trickled in, a response never read. net/http clears the
+// deadlines of a connection the relay hijacks, so long-lived DERP
+// connections (plain or WebSocket) are not cut by them.
 const (
 	httpReadHeaderTimeout = 10 * time.Second
 	httpReadTimeout       = 30 * time.Second
@@ -216,8 +216,8 @@ func (s *Server) serve(l net.Listener, h http.Handler) {
 	srv := &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: httpReadHeaderTimeout,
-		ReadTimeout:       httpReadTimeout,
-		WriteTimeout:      httpWriteTimeout,
+		ReadTimeout:       s.cfg.HTTPReadTimeout,
+		WriteTimeout:      s.cfg.HTTPWriteTimeout,
 		IdleTimeout:       httpIdleTimeout,
 		ErrorLog:          zap.NewStdLog(s.log.Named("http")),
 	}

@@ -12,10 +12,10 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// Handler wraps the relay's HTTP handler (derpmesh.Handler). For every
-// upgrade request it clears the HTTP server's read and write deadlines
-// (the relay connection is long-lived; the server's timeouts are for
-// ordinary requests) and watches, through an httptrace hook on the
+// Handler wraps the relay's HTTP handler (derpmesh.Handler). The HTTP
+// server's read and write timeouts do not reach relay connections:
+// net/http clears a connection's deadlines when the relay hijacks it. For
+// every upgrade request Handler watches, through an httptrace hook on the
 // request's context, for the DERP library's admission call: that call
 // happens only for clients without the mesh key, so it is where such a
 // connection is counted against the cap and the accept rate. The verify
@@ -29,10 +29,6 @@ func (g *Guard) Handler(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		rc := http.NewResponseController(w)
-		_ = rc.SetReadDeadline(time.Time{})
-		_ = rc.SetWriteDeadline(time.Time{})
-
 		c := &conn{g: g, ip: remoteIP(r.RemoteAddr)}
 		defer c.release()
 		ctx := httptrace.WithClientTrace(r.Context(), &httptrace.ClientTrace{GotConn: c.onVerify})
