@@ -116,7 +116,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		if cfg.DERPServerVerifyClientURL != "" {
 			log.Info("derp clients are admitted by the webhook",
 				zap.Bool("fail_open", cfg.DERPServerVerifyClientURLFailOpen))
-		} else {
+		} else if host, _, _ := net.SplitHostPort(ListenAddress(cfg.HTTPAddress)); host == "" || !net.ParseIP(host).IsLoopback() {
 			log.Warn("no --derp-server-verify-client-url: anyone who reaches /derp may relay through this replica")
 		}
 	}

@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 	"tailscale.com/types/key"
 
 	"github.com/coder-ha/coder/internal/derptest"
@@ -202,4 +204,25 @@ func TestAcceptRateLimitRefusesBursts(t *testing.T) {
 	b := startRelay(t, mk, relayguard.Options{})
 	meshPair(t, mk, a, b)
 	works(t, c1, connect(t, b), "a mesh formed while the rate limit is exhausted")
+}
+
+// Webhook health is logged once per change, not once per client.
+func TestWebhookHealthIsLoggedOncePerChange(t *testing.T) {
+	t.Parallel()
+	hook := newWebhook(t, "down")
+	core, logs := observer.New(zap.InfoLevel)
+	a := startRelay(t, newMeshKey(), relayguard.Options{VerifyURL: hook.url(), Logger: zap.New(core)})
+	other := connect(t, a) // refused too: the webhook is down
+	for i := 0; i < 4; i++ {
+		assertRefused(t, a, key.NewNode(), other, "a new client while the webhook is down")
+	}
+	if n := logs.FilterMessage("derp admission webhook is failing: new clients are admitted only from recent verdicts").Len(); n != 1 {
+		t.Fatalf("the failing webhook was logged %d times for 5 refused clients, want once", n)
+	}
+	hook.setMode("allow")
+	c1, c2 := connect(t, a), connect(t, a)
+	works(t, c1, c2, "clients once the webhook is back")
+	if n := logs.FilterMessage("derp admission webhook is answering again").Len(); n != 1 {
+		t.Fatalf("the recovery was logged %d times, want once", n)
+	}
 }

@@ -3,8 +3,10 @@ package cli_test
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -159,4 +161,76 @@ func TestBadVerifyClientURLIsRefusedAtStart(t *testing.T) {
 	if out := p.Output(); !strings.Contains(out, "--derp-server-verify-client-url") || strings.Contains(out, "goroutine") {
 		t.Fatalf("want a one-line error naming the flag, got:\n%s", out)
 	}
+}
+
+// Past --derp-server-max-connections a replica refuses new clients, keeps
+// the ones it has, stays meshed with its peer (mesh connections never
+// count), and says so in /metrics.
+func TestRelayConnectionCapRefusesNewClientsOnly(t *testing.T) {
+	t.Parallel()
+	pg := dbtest.NewURL(t)
+	promPort := clitest.FreePort(t)
+	r1 := clitest.StartReplica(t, clitest.ReplicaOptions{Name: "capped", PostgresURL: pg, Env: []string{
+		"CODER_DERP_SERVER_MAX_CONNECTIONS=2",
+		"CODER_PROMETHEUS_ENABLE=true", "CODER_PROMETHEUS_ADDRESS=127.0.0.1:" + strconv.Itoa(promPort),
+	}})
+	r1.WaitReady(60 * time.Second)
+	c1, err := dialKey(t, r1, key.NewNode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := dialKey(t, r1, key.NewNode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !derptest.Reachable(c1, c2, 15*time.Second) {
+		t.Fatal("two clients under the cap cannot reach each other")
+	}
+
+	// The peer joins while r1 is at its cap: the mesh forms both ways.
+	r2 := clitest.StartReplica(t, clitest.ReplicaOptions{Name: "peer", PostgresURL: pg})
+	r2.WaitReady(60 * time.Second)
+	c3, err := dialKey(t, r2, key.NewNode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !derptest.Reachable(c3, c1, 15*time.Second) || !derptest.Reachable(c1, c3, 15*time.Second) {
+		t.Fatal("a client on the peer cannot reach a client on the capped replica: mesh connections were refused")
+	}
+
+	if extra, err := dialKey(t, r1, key.NewNode()); err == nil {
+		if derptest.Reachable(extra, c1, 2*time.Second) || derptest.Reachable(c1, extra, 2*time.Second) {
+			t.Fatal("a third client relayed through a replica capped at 2")
+		}
+		_ = extra.Close()
+	}
+	if !derptest.Reachable(c1, c2, 10*time.Second) || !derptest.Reachable(c2, c1, 10*time.Second) {
+		t.Fatal("existing clients stopped working at the cap")
+	}
+	metrics := scrapeText(t, "http://127.0.0.1:"+strconv.Itoa(promPort)+"/metrics")
+	for _, want := range []string{`coderd_derp_clients_refused_total{reason="limit"} `, "coderd_derp_capped_connections 2", "coderd_derp_max_connections 2"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	if strings.Contains(metrics, `coderd_derp_clients_refused_total{reason="limit"} 0`) {
+		t.Error(`coderd_derp_clients_refused_total{reason="limit"} is 0 after a refusal`)
+	}
+	if out := r1.Output(); !strings.Contains(out, "derp connection cap reached") {
+		t.Errorf("no log line about the cap")
+	}
+}
+
+func scrapeText(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
