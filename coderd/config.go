@@ -53,6 +53,10 @@ type Config struct {
 	// second per replica. 0: relayguard.DefaultAcceptRate; negative: no
 	// limit.
 	DERPServerAcceptRate float64
+	// DERPServerAcceptRatePerIP is the same per client IP address. 0: off
+	// (behind a load balancer that hides client addresses every client
+	// shares one).
+	DERPServerAcceptRatePerIP float64
 	// DERPMeshCAFile is a PEM bundle trusted for https relay URLs of peers,
 	// in addition to the system roots.
 	DERPMeshCAFile string

@@ -103,12 +103,13 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 			return nil, fmt.Errorf("set derp mesh key: %w", err)
 		}
 		s.guard, err = relayguard.New(s.derp, relayguard.Options{
-			VerifyURL:      cfg.DERPServerVerifyClientURL,
-			FailOpen:       cfg.DERPServerVerifyClientURLFailOpen,
-			MaxConnections: cfg.DERPServerMaxConnections,
-			AcceptRate:     rate.Limit(cfg.DERPServerAcceptRate),
-			Logger:         log.Named("relayguard"),
-			Registerer:     s.registry,
+			VerifyURL:       cfg.DERPServerVerifyClientURL,
+			FailOpen:        cfg.DERPServerVerifyClientURLFailOpen,
+			MaxConnections:  cfg.DERPServerMaxConnections,
+			AcceptRate:      rate.Limit(cfg.DERPServerAcceptRate),
+			AcceptRatePerIP: rate.Limit(cfg.DERPServerAcceptRatePerIP),
+			Logger:          log.Named("relayguard"),
+			Registerer:      s.registry,
 		})
 		if err != nil {
 			return nil, err

@@ -90,7 +90,10 @@ func New(s *derpserver.Server, opts Options) (*Guard, error) {
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return nil, fmt.Errorf("relay guard: listen on loopback: %w", err)
+		var err6 error
+		if ln, err6 = net.Listen("tcp", "[::1]:0"); err6 != nil {
+			return nil, fmt.Errorf("relay guard: listen on loopback: %w", errors.Join(err, err6))
+		}
 	}
 	const path = "/verify"
 	mux := http.NewServeMux()

@@ -226,3 +226,15 @@ func TestWebhookHealthIsLoggedOncePerChange(t *testing.T) {
 		t.Fatalf("the recovery was logged %d times, want once", n)
 	}
 }
+
+func TestPerIPAcceptRateRefusesBurstsFromOneAddress(t *testing.T) {
+	t.Parallel()
+	// The replica-wide rate is unlimited; one new client per minute per IP.
+	a := startRelay(t, newMeshKey(), relayguard.Options{AcceptRate: -1, AcceptRatePerIP: 1.0 / 60})
+	c1 := connect(t, a)
+	wait.For(t, eventually, "the first client to be counted", func() bool { return a.guard.Connections() == 1 })
+	assertRefused(t, a, key.NewNode(), c1, "a second client from the same IP within the minute")
+	if got := a.metric(t, "coderd_derp_clients_refused_total", map[string]string{"reason": "rate"}); got < 1 {
+		t.Errorf("coderd_derp_clients_refused_total{reason=rate} = %v, want ≥ 1", got)
+	}
+}

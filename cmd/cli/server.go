@@ -65,6 +65,8 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "derp-server-max-connections", "CODER_DERP_SERVER_MAX_CONNECTIONS")
 	f.Float64Var(&cfg.DERPServerAcceptRate, "derp-server-accept-rate", relayguard.DefaultAcceptRate, "New DERP client connections accepted per second per replica (burst: twice that); -1: no limit")
 	bindEnv(f, "derp-server-accept-rate", "CODER_DERP_SERVER_ACCEPT_RATE")
+	f.Float64Var(&cfg.DERPServerAcceptRatePerIP, "derp-server-accept-rate-per-ip", 0, "New DERP client connections accepted per second per client IP (burst: twice that); 0: off")
+	bindEnv(f, "derp-server-accept-rate-per-ip", "CODER_DERP_SERVER_ACCEPT_RATE_PER_IP")
 	f.StringVar(&cfg.DERPConfigPath, "derp-config-path", "", "A DERP map JSON file of custom relays")
 	bindEnv(f, "derp-config-path", "CODER_DERP_CONFIG_PATH")
 	f.StringVar(&cfg.DERPMeshCAFile, "derp-server-mesh-ca-file", "", "PEM CA bundle trusted for peers' https relay URLs, besides the system roots")
