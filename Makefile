@@ -38,7 +38,8 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-## deps: install the system packages the server and tests need (PostgreSQL binaries)
+## deps: install the system packages the server and tests need (PostgreSQL binaries;
+## HAProxy, PgBouncer, promtool with WITH_HAPROXY=1, WITH_PGBOUNCER=1, WITH_PROMTOOL=1)
 deps:
 	@./scripts/deps.sh
 

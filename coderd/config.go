@@ -19,7 +19,9 @@ type Config struct {
 	// mean every interface. Default 127.0.0.1:3000.
 	HTTPAddress string
 	// AccessURL is the public URL, normally the load balancer. Default
-	// http:// + HTTPAddress.
+	// http:// + HTTPAddress. Only an access URL given explicitly is taken
+	// to be a load balancer: the implicit default names this replica
+	// itself, so a relay URL may equal it (one machine, several replicas).
 	AccessURL string
 	// PostgresURL is the shared database. Empty: run the built-in Postgres
 	// in CacheDir.
@@ -57,6 +59,12 @@ type Config struct {
 	// (behind a load balancer that hides client addresses every client
 	// shares one).
 	DERPServerAcceptRatePerIP float64
+	// DERPServerSTUNAddress is a UDP host:port for a STUN server beside the
+	// relay (tailscale clients find their public address and direct paths
+	// with it); the DERP map advertises its port. Empty: no STUN server,
+	// and the map says STUNPort -1. Ignored with a warning when the DERP
+	// server is disabled.
+	DERPServerSTUNAddress string
 	// DERPMeshCAFile is a PEM bundle trusted for https relay URLs of peers,
 	// in addition to the system roots.
 	DERPMeshCAFile string
@@ -130,7 +138,8 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 	if _, _, err := net.SplitHostPort(ListenAddress(c.HTTPAddress)); err != nil {
 		return c, &ConfigError{"http-address", fmt.Sprintf("%q is not host:port", c.HTTPAddress)}
 	}
-	if c.AccessURL == "" {
+	accessExplicit := c.AccessURL != ""
+	if !accessExplicit {
 		host, port, _ := net.SplitHostPort(ListenAddress(c.HTTPAddress))
 		if host == "" || host == "0.0.0.0" || host == "::" {
 			host = "127.0.0.1"
@@ -187,6 +196,15 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 		c.Version = "dev"
 	}
 
+	if c.DERPServerSTUNAddress != "" {
+		if !c.DERPServerEnable {
+			log.Warn("ignoring the stun address because the DERP server is disabled",
+				zap.String("stun_address", c.DERPServerSTUNAddress))
+			c.DERPServerSTUNAddress = ""
+		} else if _, _, err := net.SplitHostPort(ListenAddress(c.DERPServerSTUNAddress)); err != nil {
+			return c, &ConfigError{"derp-server-stun-address", fmt.Sprintf("%q is not host:port, e.g. 0.0.0.0:3478", c.DERPServerSTUNAddress)}
+		}
+	}
 	if c.DERPServerRelayURL != "" {
 		if !c.DERPServerEnable {
 			log.Warn("ignoring the relay URL because the DERP server is disabled; replicas sync through postgres only",
@@ -197,7 +215,10 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 			if err != nil || !relay.IsAbs() || (relay.Scheme != "http" && relay.Scheme != "https") || relay.Host == "" {
 				return c, &ConfigError{"derp-server-relay-url", fmt.Sprintf("must be an absolute http or https URL such as http://10.0.0.1:80, got %q", c.DERPServerRelayURL)}
 			}
-			if sameURL(relay, access) {
+			// The rule protects against pointing peers at the load balancer;
+			// an access URL derived from the listen address is no load
+			// balancer, it is this replica.
+			if accessExplicit && sameURL(relay, access) {
 				return c, &ConfigError{"derp-server-relay-url", fmt.Sprintf("%q equals the access URL; the access URL is the load balancer, the relay URL must reach this replica directly", c.DERPServerRelayURL)}
 			}
 			c.DERPServerRelayURL = strings.TrimSuffix(relay.String(), "/")

@@ -14,7 +14,8 @@ import (
 // buildDERPMap builds the map clients use to find relays: the embedded
 // region (one node: the access URL, i.e. the load balancer in front of every
 // replica) when the DERP server is enabled, plus the custom relays of
-// cfg.DERPConfigPath.
+// cfg.DERPConfigPath. The embedded node says STUNPort -1 (no STUN); with
+// --derp-server-stun-address, setSTUNPort fills in the bound port.
 func buildDERPMap(cfg Config) (*tailcfg.DERPMap, error) {
 	m := &tailcfg.DERPMap{Regions: map[int]*tailcfg.DERPRegion{}}
 	if cfg.DERPConfigPath != "" {
@@ -76,4 +77,14 @@ func buildDERPMap(cfg Config) (*tailcfg.DERPMap, error) {
 		Nodes:      []*tailcfg.DERPNode{node},
 	}
 	return m, nil
+}
+
+// setSTUNPort advertises a STUN server on the embedded region's node (same
+// host as the access URL, UDP port port).
+func setSTUNPort(m *tailcfg.DERPMap, regionID, port int) {
+	if r := m.Regions[regionID]; r != nil {
+		for _, n := range r.Nodes {
+			n.STUNPort = port
+		}
+	}
 }

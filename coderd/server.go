@@ -39,6 +39,7 @@ type Server struct {
 	derp         *derpserver.Server // nil when the DERP server is disabled
 	guard        *relayguard.Guard  // admission and limits for derp; nil with it
 	derpMap      *tailcfg.DERPMap
+	stun         *stunServer // nil unless --derp-server-stun-address
 	registry     *prometheus.Registry
 	tokens       *tokenValidator
 	repl         *replication
@@ -164,6 +165,15 @@ func (s *Server) openDatabase(ctx context.Context) error {
 // listen binds the HTTP (and TLS, and metrics) listeners and serves. The
 // API answers /readyz with 503 until the replica is registered and meshed.
 func (s *Server) listen() error {
+	if s.cfg.DERPServerSTUNAddress != "" {
+		// Before the API serves, so the DERP map it serves names the port.
+		st, err := listenSTUN(s.cfg.DERPServerSTUNAddress, s.log, s.registry)
+		if err != nil {
+			return err
+		}
+		s.stun = st
+		setSTUNPort(s.derpMap, s.cfg.DERPServerRegionID, st.Port())
+	}
 	handler := s.routes()
 	addr := ListenAddress(s.cfg.HTTPAddress)
 	l, err := net.Listen("tcp", addr)
@@ -281,6 +291,9 @@ func (s *Server) closeAll() error {
 		_ = s.guard.Close()
 	}
 	s.serveWG.Wait()
+	if s.stun != nil {
+		_ = s.stun.Close()
+	}
 	s.closeReplication()
 	if s.db != nil {
 		s.db.Close()

@@ -155,7 +155,7 @@ func decode(t *testing.T, docs []string) objects {
 	return o
 }
 
-var valuesFiles = []string{"single", "ha3", "existing-secret", "loadbalancer-ingress-monitoring"}
+var valuesFiles = []string{"single", "ha3", "existing-secret", "loadbalancer-ingress-monitoring", "coder-chart-env"}
 
 func TestChartLintsClean(t *testing.T) {
 	for _, name := range valuesFiles {
@@ -180,7 +180,18 @@ func TestEveryValuesFileRendersStrictlyValidObjectsMatchingGolden(t *testing.T) 
 				t.Fatal(err)
 			}
 			docs := manifests(files)
-			decode(t, docs)
+			o := decode(t, docs)
+			for _, d := range o.deployments {
+				for _, c := range d.Spec.Template.Spec.Containers {
+					seen := map[string]bool{}
+					for _, e := range c.Env {
+						if seen[e.Name] {
+							t.Errorf("container %s sets %s twice", c.Name, e.Name)
+						}
+						seen[e.Name] = true
+					}
+				}
+			}
 			got := strings.Join(docs, "\n---\n") + "\n"
 			golden := filepath.Join("testdata", name+".golden")
 			if *update {
@@ -280,7 +291,13 @@ func TestWrongValuesFailWithClearMessages(t *testing.T) {
 		{"replicaCount=three", single, []string{"coder.replicaCount=three"}, "replicaCount"},
 		{"replicaCount=0", single, []string{"coder.replicaCount=0"}, "replicaCount"},
 		{"misspelled key", single, []string{"coder.replicas=3"}, "replicas"},
-		{"no postgres", "", nil, "coder.postgres.url or coder.postgres.existingSecret.name is required"},
+		{"no postgres", "", nil, "set coder.postgres.url, coder.postgres.existingSecret.name, or a CODER_PG_CONNECTION_URL entry in coder.env"},
+		{"postgres env entry without a value", "", []string{"coder.env[0].name=CODER_PG_CONNECTION_URL"}, "CODER_PG_CONNECTION_URL has neither value nor valueFrom"},
+		{"postgres url and env entry", single, []string{"coder.env[0].name=CODER_PG_CONNECTION_URL", "coder.env[0].value=postgres://x@db/coder"}, "given more than once (env, url)"},
+		{"postgres url and existing secret", single, []string{"coder.postgres.existingSecret.name=db"}, "given more than once (existingSecret, url)"},
+		{"env overrides the listen address", single, []string{"coder.env[0].name=CODER_HTTP_ADDRESS", "coder.env[0].value=0.0.0.0:3000"}, "coder.env sets CODER_HTTP_ADDRESS, which the chart sets itself"},
+		{"env repeats a name", single, []string{"coder.env[0].name=CODER_VERBOSE", "coder.env[0].value=true", "coder.env[1].name=CODER_VERBOSE", "coder.env[1].value=false"}, "coder.env lists CODER_VERBOSE twice"},
+		{"access URL twice", single, []string{"coder.accessURL=https://a.example.com", "coder.env[0].name=CODER_ACCESS_URL", "coder.env[0].value=https://b.example.com"}, "the access URL is given twice"},
 		{"grace longer than termination", single, []string{"coder.shutdownGracePeriod=60s"}, "terminationGracePeriodSeconds"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -292,6 +309,176 @@ func TestWrongValuesFailWithClearMessages(t *testing.T) {
 				t.Fatalf("error does not mention %q: %v", tc.want, err)
 			}
 		})
+	}
+}
+
+// envOf returns the coder container's environment and how often each
+// name appears.
+func envOf(t *testing.T, o objects) ([]corev1.EnvVar, map[string]int) {
+	t.Helper()
+	if len(o.deployments) != 1 {
+		t.Fatalf("%d deployments", len(o.deployments))
+	}
+	env := o.deployments[0].Spec.Template.Spec.Containers[0].Env
+	count := map[string]int{}
+	for _, e := range env {
+		count[e.Name]++
+	}
+	return env, count
+}
+
+// Values written for Coder's own chart, with the Postgres URL in coder.env
+// (a secretKeyRef or a plain value), render: the container gets exactly one
+// CODER_PG_CONNECTION_URL, the user's, and the chart creates no Secret of
+// its own.
+func TestPostgresURLFromCoderEnvAsInCodersChart(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		valuesFile string
+		sets       []string
+		check      func(corev1.EnvVar) bool
+	}{
+		{"secretKeyRef", filepath.Join("testdata", "values", "coder-chart-env.yaml"), nil, func(e corev1.EnvVar) bool {
+			return e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil && e.ValueFrom.SecretKeyRef.Name == "coder-db-url" && e.ValueFrom.SecretKeyRef.Key == "url"
+		}},
+		{"plain value", "", []string{"coder.env[0].name=CODER_PG_CONNECTION_URL", "coder.env[0].value=postgres://coder@db:5432/coder"}, func(e corev1.EnvVar) bool {
+			return e.Value == "postgres://coder@db:5432/coder" && e.ValueFrom == nil
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			files, err := render(t, tc.valuesFile, tc.sets...)
+			if err != nil {
+				t.Fatalf("values in Coder's chart's style do not render: %v", err)
+			}
+			o := decode(t, manifests(files))
+			env, count := envOf(t, o)
+			if count["CODER_PG_CONNECTION_URL"] != 1 {
+				t.Fatalf("CODER_PG_CONNECTION_URL appears %d times, want once", count["CODER_PG_CONNECTION_URL"])
+			}
+			for _, e := range env {
+				if e.Name == "CODER_PG_CONNECTION_URL" && !tc.check(e) {
+					t.Fatalf("CODER_PG_CONNECTION_URL is not the one from coder.env: %+v", e)
+				}
+			}
+			if len(o.secrets) != 0 {
+				t.Fatalf("the chart created %d Secret(s) although the URL comes from coder.env", len(o.secrets))
+			}
+		})
+	}
+}
+
+// A values file in Coder's chart's style also sets CODER_ACCESS_URL and
+// CODER_PROMETHEUS_ENABLE through coder.env: they are used as given (once
+// each), and Prometheus being on there exposes the metrics port on the
+// pods and the -metrics Service, as coder.prometheus.enable would.
+func TestCoderChartStyleAccessURLAndPrometheusFromEnv(t *testing.T) {
+	files, err := render(t, filepath.Join("testdata", "values", "coder-chart-env.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := decode(t, manifests(files))
+	env, count := envOf(t, o)
+	for _, name := range []string{"CODER_ACCESS_URL", "CODER_PROMETHEUS_ENABLE", "CODER_PROMETHEUS_ADDRESS", "CODER_PG_CONNECTION_URL"} {
+		if count[name] != 1 {
+			t.Errorf("%s appears %d times, want once", name, count[name])
+		}
+	}
+	for _, e := range env {
+		if e.Name == "CODER_ACCESS_URL" && e.Value != "https://coder.example.com" {
+			t.Errorf("CODER_ACCESS_URL = %q, want the one from coder.env", e.Value)
+		}
+		if e.Name == "CODER_PROMETHEUS_ADDRESS" && e.Value != "0.0.0.0:2112" {
+			t.Errorf("CODER_PROMETHEUS_ADDRESS = %q: the pods must listen for scrapes", e.Value)
+		}
+	}
+	ports := o.deployments[0].Spec.Template.Spec.Containers[0].Ports
+	if len(ports) != 2 || ports[1].Name != "metrics" || ports[1].ContainerPort != 2112 {
+		t.Errorf("container ports %+v, want http and metrics (2112)", ports)
+	}
+	var metricsService bool
+	for _, s := range o.services {
+		if s.Name == "coder-metrics" {
+			metricsService = true
+		}
+		if s.Name == "coder" && len(s.Spec.Ports) != 1 {
+			t.Errorf("client-facing Service exposes %+v", s.Spec.Ports)
+		}
+	}
+	if !metricsService {
+		t.Error("CODER_PROMETHEUS_ENABLE=true in coder.env did not create the coder-metrics Service")
+	}
+}
+
+// With the chart's own Postgres sources the variable is set once too.
+func TestPostgresURLFromValuesIsSetOnce(t *testing.T) {
+	for _, name := range []string{"single", "existing-secret"} {
+		files, err := render(t, filepath.Join("testdata", "values", name+".yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, count := envOf(t, decode(t, manifests(files))); count["CODER_PG_CONNECTION_URL"] != 1 {
+			t.Fatalf("%s: CODER_PG_CONNECTION_URL appears %d times", name, count["CODER_PG_CONNECTION_URL"])
+		}
+	}
+}
+
+// The client-facing Service never carries the metrics port, even with
+// Prometheus on; a separate headless -metrics Service does, and the
+// ServiceMonitor selects that Service only.
+func TestMetricsPortIsNotOnTheClientFacingService(t *testing.T) {
+	files, err := render(t, filepath.Join("testdata", "values", "loadbalancer-ingress-monitoring.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := decode(t, manifests(files))
+	var client, metrics *corev1.Service
+	for i := range o.services {
+		switch o.services[i].Name {
+		case "coder":
+			client = &o.services[i]
+		case "coder-metrics":
+			metrics = &o.services[i]
+		}
+	}
+	if client == nil || metrics == nil {
+		t.Fatalf("want Services coder and coder-metrics, got %d services", len(o.services))
+	}
+	if len(client.Spec.Ports) != 1 || client.Spec.Ports[0].Name != "http" {
+		t.Fatalf("client-facing Service (%s) exposes %+v; want only http", client.Spec.Type, client.Spec.Ports)
+	}
+	if metrics.Spec.Type != corev1.ServiceTypeClusterIP || metrics.Spec.ClusterIP != "None" ||
+		len(metrics.Spec.Ports) != 1 || metrics.Spec.Ports[0].Port != 2112 || metrics.Spec.Ports[0].TargetPort.String() != "metrics" {
+		t.Fatalf("metrics Service is not a headless ClusterIP with port 2112→metrics: %+v", metrics.Spec)
+	}
+	if len(o.others) != 1 {
+		t.Fatalf("want one ServiceMonitor, got %d", len(o.others))
+	}
+	sel, _ := o.others[0]["spec"].(map[string]any)["selector"].(map[string]any)["matchLabels"].(map[string]any)
+	matches := func(labels map[string]string) bool {
+		for k, v := range sel {
+			if labels[k] != v {
+				return false
+			}
+		}
+		return true
+	}
+	if !matches(metrics.Labels) || matches(client.Labels) {
+		t.Fatalf("ServiceMonitor selector %v must select coder-metrics (%v) and not coder (%v)", sel, metrics.Labels, client.Labels)
+	}
+	for k, v := range metrics.Spec.Selector {
+		if o.deployments[0].Spec.Template.Labels[k] != v {
+			t.Fatalf("metrics Service selector %v does not select the pods", metrics.Spec.Selector)
+		}
+	}
+
+	// Without Prometheus there is no metrics Service and no metrics port.
+	files, err = render(t, filepath.Join("testdata", "values", "ha3.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o = decode(t, manifests(files))
+	if len(o.services) != 1 || len(o.services[0].Spec.Ports) != 1 {
+		t.Fatalf("without coder.prometheus.enable: %d services, ports %+v", len(o.services), o.services[0].Spec.Ports)
 	}
 }
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the server and tests need from Debian's packages, only when
 # it is missing: the PostgreSQL server binaries (for the built-in database
-# and throwaway test clusters). Safe to run again.
+# and throwaway test clusters), and on request HAProxy (WITH_HAPROXY=1),
+# PgBouncer (WITH_PGBOUNCER=1) and promtool from the prometheus package
+# (WITH_PROMTOOL=1). Safe to run again; quick when everything is present.
 set -euo pipefail
 
 have_pg() {
@@ -9,10 +11,21 @@ have_pg() {
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
 }
 
+# have BINARY: on PATH, or in /usr/sbin (not on every user's PATH).
+have() {
+  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]
+}
+
 missing=()
 have_pg || missing+=(postgresql)
-if [ "${WITH_HAPROXY:-0}" = 1 ] && ! command -v haproxy >/dev/null 2>&1; then
+if [ "${WITH_HAPROXY:-0}" = 1 ] && ! have haproxy; then
   missing+=(haproxy)
+fi
+if [ "${WITH_PGBOUNCER:-0}" = 1 ] && ! have pgbouncer; then
+  missing+=(pgbouncer)
+fi
+if [ "${WITH_PROMTOOL:-0}" = 1 ] && ! have promtool; then
+  missing+=(prometheus)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -27,3 +40,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The packaged services are not wanted: the tests start their own.
+for svc in pgbouncer prometheus; do
+  if [[ " ${missing[*]} " == *" $svc "* ]] && command -v systemctl >/dev/null 2>&1; then
+    $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  fi
+done

@@ -67,6 +67,8 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "derp-server-accept-rate", "CODER_DERP_SERVER_ACCEPT_RATE")
 	f.Float64Var(&cfg.DERPServerAcceptRatePerIP, "derp-server-accept-rate-per-ip", 0, "New DERP client connections accepted per second per client IP (burst: twice that); 0: off")
 	bindEnv(f, "derp-server-accept-rate-per-ip", "CODER_DERP_SERVER_ACCEPT_RATE_PER_IP")
+	f.StringVar(&cfg.DERPServerSTUNAddress, "derp-server-stun-address", "", "UDP host:port for a STUN server beside the relay, advertised in the DERP map (empty: off)")
+	bindEnv(f, "derp-server-stun-address", "CODER_DERP_SERVER_STUN_ADDRESS")
 	f.StringVar(&cfg.DERPConfigPath, "derp-config-path", "", "A DERP map JSON file of custom relays")
 	bindEnv(f, "derp-config-path", "CODER_DERP_CONFIG_PATH")
 	f.StringVar(&cfg.DERPMeshCAFile, "derp-server-mesh-ca-file", "", "PEM CA bundle trusted for peers' https relay URLs, besides the system roots")
