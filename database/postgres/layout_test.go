@@ -155,3 +155,23 @@ func TestRootNeverLoosensParentDirectories(t *testing.T) {
 		t.Errorf("the password is not kept in the cache dir: %v", err)
 	}
 }
+
+// Cache directories the server creates itself (a first start) are made
+// traversable, so the data stays in the cache dir.
+func TestRootKeepsDataInACacheDirItCreates(t *testing.T) {
+	t.Parallel()
+	requireRootWithPostgres(t)
+	base := tempDir(t)
+	if err := os.Chmod(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(base, "cache", "coder", "postgres")
+	shared := filepath.Join(tempDir(t), "shared")
+	c := run(t, postgres.Options{Dir: dir, SharedDir: shared})
+	if got := c.DataDir(); got != filepath.Join(dir, "data") {
+		t.Errorf("data dir %s, want %s", got, filepath.Join(dir, "data"))
+	}
+	if _, err := os.Stat(shared); err == nil {
+		t.Errorf("the shared directory was created although the cache dir is reachable")
+	}
+}

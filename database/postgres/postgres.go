@@ -148,7 +148,14 @@ func New(opts Options) (*Cluster, error) {
 		return nil, err
 	}
 	c := &Cluster{opts: opts, data: filepath.Join(opts.Dir, "data")}
-	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+	// As root, directories we create on the way may be traversed (never
+	// listed) by others, so the postgres user can reach the data below
+	// them; existing directories are left as they are.
+	perm := os.FileMode(0o700)
+	if os.Geteuid() == 0 {
+		perm = 0o711
+	}
+	if err := os.MkdirAll(opts.Dir, perm); err != nil {
 		return nil, fmt.Errorf("postgres: create %s: %w", opts.Dir, err)
 	}
 	if os.Geteuid() == 0 {
