@@ -146,6 +146,9 @@ func (g *Guard) Close() error {
 func (g *Guard) Connections() int { return int(g.conns.Load()) }
 
 // serveVerify answers the DERP library's admission question for one client.
+// A question that did not come through Handler's hook (another local
+// process, or a library version that drops the request context) is
+// refused: the guard fails closed, never open.
 func (g *Guard) serveVerify(w http.ResponseWriter, r *http.Request) {
 	var req tailcfg.DERPAdmitClientRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, 4<<10)).Decode(&req); err != nil {
