@@ -12,8 +12,9 @@ import (
 )
 
 // routes builds the HTTP handler: health endpoints, the API and the relay.
-// No middleware wraps /derp: the relay hijacks the connection, which needs
-// the server's own ResponseWriter (http.Hijacker).
+// Only the relay guard wraps /derp (it passes the server's own
+// ResponseWriter through): the relay hijacks the connection, which needs
+// http.Hijacker.
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -28,7 +29,7 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /api/v2/replicas", s.tokens.requireToken(http.HandlerFunc(s.handleReplicas)))
 	mux.Handle("GET /api/v2/debug/health", s.tokens.requireToken(http.HandlerFunc(s.handleHealth)))
 	if s.derp != nil {
-		mux.Handle("/derp", derpmesh.Handler(s.derp))
+		mux.Handle("/derp", s.guard.Handler(derpmesh.Handler(s.derp)))
 		mux.HandleFunc("/derp/latency-check", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
 		mux.HandleFunc("/derp/probe", derpserver.ProbeHandler)
 	}

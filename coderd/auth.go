@@ -2,49 +2,167 @@ package coderd
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"net/http"
 	"strings"
 	"sync"
 	"time"
 
+	"go.uber.org/zap"
+	"golang.org/x/sync/singleflight"
+	"tailscale.com/util/lru"
+
 	"github.com/coder-ha/coder/database"
 )
 
-// tokenValidator checks API tokens against the database and remembers
-// tokens it has accepted for a while, so the API keeps answering operators
-// through a short Postgres outage.
+// apiKeyChecker is what token checks need from the database.
+type apiKeyChecker interface {
+	// ValidateAPIKey returns nil for a valid token,
+	// database.ErrInvalidToken for one that does not authenticate, and any
+	// other error when the database could not answer.
+	ValidateAPIKey(ctx context.Context, token string) error
+}
+
+// tokenValidatorOptions tunes a tokenValidator; zero fields get the
+// defaults noted.
+type tokenValidatorOptions struct {
+	// ValidTTL: an accepted token is trusted this long without asking the
+	// database, so operators keep API access through a short Postgres
+	// outage. Default 5m.
+	ValidTTL time.Duration
+	// InvalidTTL: a refused token is refused this long without asking the
+	// database, so a flood of bad tokens costs one query per distinct
+	// token. Default 30s (a token created meanwhile works after that).
+	InvalidTTL time.Duration
+	// CacheSize bounds each cache (least recently used out). Default 10000.
+	CacheSize int
+	// MaxConcurrentLookups bounds the database queries token checks run at
+	// once, so a flood of distinct fake tokens cannot take the pool's
+	// connections from heartbeats. Default 2.
+	MaxConcurrentLookups int
+	// LookupWait is how long a check waits for a lookup slot before
+	// answering 503. Default 5s.
+	LookupWait time.Duration
+	// Logger gets database failures (never the token). Default no-op.
+	Logger *zap.Logger
+}
+
+// tokenValidator checks API tokens against the database with a cache of
+// accepted and of refused tokens (keyed by the token's SHA-256, never the
+// token itself), one lookup at a time per token, and a bound on concurrent
+// lookups.
 type tokenValidator struct {
-	db  *database.DB
-	ttl time.Duration
+	db   apiKeyChecker
+	opts tokenValidatorOptions
+	sem  chan struct{}
 
-	mu    sync.Mutex
-	valid map[string]time.Time // token → accepted until
+	flight singleflight.Group
+
+	mu      sync.Mutex
+	valid   lru.Cache[[32]byte, time.Time] // guarded by mu: hash → trusted until
+	invalid lru.Cache[[32]byte, time.Time] // guarded by mu: hash → refused until
+	lastLog time.Time                      // guarded by mu: last database failure logged
 }
 
-func newTokenValidator(db *database.DB) *tokenValidator {
-	return &tokenValidator{db: db, ttl: 5 * time.Minute, valid: map[string]time.Time{}}
+// errTokenCheckUnavailable is a check that could not reach a verdict: the
+// database failed or every lookup slot stayed busy.
+var errTokenCheckUnavailable = errors.New("token check unavailable")
+
+func newTokenValidator(db apiKeyChecker, opts tokenValidatorOptions) *tokenValidator {
+	if opts.ValidTTL <= 0 {
+		opts.ValidTTL = 5 * time.Minute
+	}
+	if opts.InvalidTTL <= 0 {
+		opts.InvalidTTL = 30 * time.Second
+	}
+	if opts.CacheSize <= 0 {
+		opts.CacheSize = 10_000
+	}
+	if opts.MaxConcurrentLookups <= 0 {
+		opts.MaxConcurrentLookups = 2
+	}
+	if opts.LookupWait <= 0 {
+		opts.LookupWait = 5 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	v := &tokenValidator{db: db, opts: opts, sem: make(chan struct{}, opts.MaxConcurrentLookups)}
+	v.valid.MaxEntries = opts.CacheSize
+	v.invalid.MaxEntries = opts.CacheSize
+	return v
 }
 
+// check returns nil for a valid token, database.ErrInvalidToken for an
+// invalid one, and errTokenCheckUnavailable when no verdict could be had.
 func (v *tokenValidator) check(ctx context.Context, token string) error {
+	sum := sha256.Sum256([]byte(token))
+	now := time.Now()
 	v.mu.Lock()
-	until, ok := v.valid[token]
-	v.mu.Unlock()
-	if ok && time.Now().Before(until) {
+	if until, ok := v.valid.GetOk(sum); ok && now.Before(until) {
+		v.mu.Unlock()
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	if err := v.db.ValidateAPIKey(ctx, token); err != nil {
-		return err
+	if until, ok := v.invalid.GetOk(sum); ok && now.Before(until) {
+		v.mu.Unlock()
+		return database.ErrInvalidToken
 	}
-	v.mu.Lock()
-	if len(v.valid) > 10_000 { // bounded: forget everything rather than grow
-		v.valid = map[string]time.Time{}
-	}
-	v.valid[token] = time.Now().Add(v.ttl)
 	v.mu.Unlock()
-	return nil
+
+	_, err, _ := v.flight.Do(string(sum[:]), func() (any, error) {
+		return nil, v.lookup(sum, token)
+	})
+	return err
+}
+
+// lookup asks the database (under the concurrency bound) and caches the
+// verdict. It runs detached from any one request so that a caller giving
+// up does not fail the others waiting on the same token.
+func (v *tokenValidator) lookup(sum [32]byte, token string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), v.opts.LookupWait+5*time.Second)
+	defer cancel()
+	wait := time.NewTimer(v.opts.LookupWait)
+	defer wait.Stop()
+	select {
+	case v.sem <- struct{}{}:
+	case <-wait.C:
+		v.logFailure(errors.New("every token lookup slot stayed busy"))
+		return errTokenCheckUnavailable
+	}
+	err := v.db.ValidateAPIKey(ctx, token)
+	<-v.sem
+	now := time.Now()
+	switch {
+	case err == nil:
+		v.mu.Lock()
+		v.valid.Set(sum, now.Add(v.opts.ValidTTL))
+		v.invalid.Delete(sum)
+		v.mu.Unlock()
+		return nil
+	case errors.Is(err, database.ErrInvalidToken):
+		v.mu.Lock()
+		v.invalid.Set(sum, now.Add(v.opts.InvalidTTL))
+		v.mu.Unlock()
+		return database.ErrInvalidToken
+	default:
+		v.logFailure(err)
+		return errTokenCheckUnavailable
+	}
+}
+
+// logFailure logs why token checks fail, at most every 10 seconds: the
+// detail stays server-side, the caller gets a generic 503.
+func (v *tokenValidator) logFailure(err error) {
+	v.mu.Lock()
+	now := time.Now()
+	if now.Sub(v.lastLog) < 10*time.Second {
+		v.mu.Unlock()
+		return
+	}
+	v.lastLog = now
+	v.mu.Unlock()
+	v.opts.Logger.Warn("cannot check api tokens: the database is unavailable", zap.Error(err))
 }
 
 // tokenFromRequest reads "Authorization: Bearer <t>" or
@@ -60,7 +178,8 @@ func tokenFromRequest(r *http.Request) string {
 }
 
 // requireToken answers 401 with a JSON message unless the request carries a
-// valid API token.
+// valid API token, and 503 with a generic message when the database cannot
+// say: a caller without a valid token never sees database details.
 func (v *tokenValidator) requireToken(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		token := tokenFromRequest(r)
@@ -73,7 +192,8 @@ func (v *tokenValidator) requireToken(next http.Handler) http.Handler {
 				writeError(w, http.StatusUnauthorized, "Invalid API token.", "")
 				return
 			}
-			writeError(w, http.StatusServiceUnavailable, "Could not check the API token: the database is unavailable.", err.Error())
+			w.Header().Set("Retry-After", "5")
+			writeError(w, http.StatusServiceUnavailable, "Could not check the API token right now; try again shortly.", "")
 			return
 		}
 		next.ServeHTTP(w, r)

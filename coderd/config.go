@@ -46,6 +46,25 @@ type Config struct {
 	DERPServerRegionName string
 	// DERPConfigPath is a DERP map JSON file of custom relays.
 	DERPConfigPath string
+	// DERPServerVerifyClientURL is an admission webhook in tailscale's
+	// format (headscale serves one at /verify). Empty: every client may use
+	// the relay. Mesh connections are admitted by the mesh key, never here.
+	DERPServerVerifyClientURL string
+	// DERPServerVerifyClientURLFailOpen admits new clients while the
+	// webhook cannot be reached. Default false (fail closed).
+	DERPServerVerifyClientURLFailOpen bool
+	// DERPServerMaxConnections caps DERP client connections per replica
+	// (mesh connections never count). 0: relayguard.DefaultMaxConnections;
+	// negative: no cap.
+	DERPServerMaxConnections int
+	// DERPServerAcceptRate is new DERP client connections accepted per
+	// second per replica. 0: relayguard.DefaultAcceptRate; negative: no
+	// limit.
+	DERPServerAcceptRate float64
+	// DERPServerAcceptRatePerIP is the same per client IP address. 0: off
+	// (behind a load balancer that hides client addresses every client
+	// shares one).
+	DERPServerAcceptRatePerIP float64
 	// DERPServerSTUNAddress is a UDP host:port for a STUN server beside the
 	// relay (tailscale clients find their public address and direct paths
 	// with it); the DERP map advertises its port. Empty: no STUN server,
@@ -73,6 +92,12 @@ type Config struct {
 	TLSAddress  string // default 127.0.0.1:3443
 	TLSCertFile string
 	TLSKeyFile  string
+
+	// HTTPReadTimeout and HTTPWriteTimeout bound reading a whole request and
+	// writing its answer on the HTTP and TLS listeners (not on connections
+	// the relay upgrades). Zero: 30s and 60s. Not flags: tests shorten them.
+	HTTPReadTimeout  time.Duration
+	HTTPWriteTimeout time.Duration
 
 	// Version is reported in buildinfo and the replica row.
 	Version string
@@ -174,6 +199,18 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 	}
 	if c.TLSEnable && (c.TLSCertFile == "" || c.TLSKeyFile == "") {
 		return c, &ConfigError{"tls-cert-file", "--tls-enable needs --tls-cert-file and --tls-key-file"}
+	}
+	if c.DERPServerVerifyClientURL != "" {
+		u, err := url.Parse(c.DERPServerVerifyClientURL)
+		if err != nil || !u.IsAbs() || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return c, &ConfigError{"derp-server-verify-client-url", "must be an absolute http or https URL such as https://headscale.example.com/verify"}
+		}
+	}
+	if c.HTTPReadTimeout <= 0 {
+		c.HTTPReadTimeout = httpReadTimeout
+	}
+	if c.HTTPWriteTimeout <= 0 {
+		c.HTTPWriteTimeout = httpWriteTimeout
 	}
 	if c.Version == "" {
 		c.Version = "dev"

@@ -20,6 +20,9 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = enc.Encode(v)
 }
 
+// writeError answers with a JSON Response. The detail is shown to whoever
+// asked: never put a database or driver error in it on a path a caller
+// without a valid token can reach (log it instead).
 func writeError(w http.ResponseWriter, status int, message, detail string) {
 	writeJSON(w, status, Response{Message: message, Detail: detail})
 }

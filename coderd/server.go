@@ -16,12 +16,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
+	"golang.org/x/time/rate"
 	"tailscale.com/derp/derpserver"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/postgres"
+	"github.com/coder-ha/coder/relayguard"
 )
 
 // Server is one running replica. New brings it up; Shutdown drains it and
@@ -35,6 +37,7 @@ type Server struct {
 	deploymentID string
 	replicaID    uuid.UUID
 	derp         *derpserver.Server // nil when the DERP server is disabled
+	guard        *relayguard.Guard  // admission and limits for derp; nil with it
 	derpMap      *tailcfg.DERPMap
 	stun         *stunServer // nil unless --derp-server-stun-address
 	registry     *prometheus.Registry
@@ -88,7 +91,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		return nil, err
 	}
 	s.registry.MustRegister(newPoolCollector(s.db.Pool()))
-	s.tokens = newTokenValidator(s.db)
+	s.tokens = newTokenValidator(s.db, tokenValidatorOptions{Logger: log.Named("auth")})
 
 	var meshKey string
 	if cfg.DERPServerEnable {
@@ -99,6 +102,24 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		s.derp = derpserver.New(key.NewNode(), derpLogf(log))
 		if err := s.derp.SetMeshKey(meshKey); err != nil {
 			return nil, fmt.Errorf("set derp mesh key: %w", err)
+		}
+		s.guard, err = relayguard.New(s.derp, relayguard.Options{
+			VerifyURL:       cfg.DERPServerVerifyClientURL,
+			FailOpen:        cfg.DERPServerVerifyClientURLFailOpen,
+			MaxConnections:  cfg.DERPServerMaxConnections,
+			AcceptRate:      rate.Limit(cfg.DERPServerAcceptRate),
+			AcceptRatePerIP: rate.Limit(cfg.DERPServerAcceptRatePerIP),
+			Logger:          log.Named("relayguard"),
+			Registerer:      s.registry,
+		})
+		if err != nil {
+			return nil, err
+		}
+		if cfg.DERPServerVerifyClientURL != "" {
+			log.Info("derp clients are admitted by the webhook",
+				zap.Bool("fail_open", cfg.DERPServerVerifyClientURLFailOpen))
+		} else if host, _, _ := net.SplitHostPort(ListenAddress(cfg.HTTPAddress)); host == "" || !net.ParseIP(host).IsLoopback() {
+			log.Warn("no --derp-server-verify-client-url: anyone who reaches /derp may relay through this replica")
 		}
 	}
 	if err := s.listen(); err != nil {
@@ -163,7 +184,7 @@ func (s *Server) listen() error {
 	s.serve(l, handler)
 
 	if s.cfg.TLSEnable {
-		cert, err := tls.LoadX509KeyPair(s.cfg.TLSCertFile, s.cfg.TLSKeyFile)
+		certs, err := newCertReloader(s.cfg.TLSCertFile, s.cfg.TLSKeyFile, tlsReloadInterval, s.log.Named("tls"))
 		if err != nil {
 			return &ConfigError{"tls-cert-file", fmt.Sprintf("load key pair: %v", err)}
 		}
@@ -171,7 +192,7 @@ func (s *Server) listen() error {
 		if err != nil {
 			return &ConfigError{"tls-address", fmt.Sprintf("listen on %s: %v", s.cfg.TLSAddress, err)}
 		}
-		s.serve(tls.NewListener(tl, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}), handler)
+		s.serve(tls.NewListener(tl, &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12}), handler)
 	}
 	if s.cfg.PrometheusEnable {
 		ml, err := net.Listen("tcp", ListenAddress(s.cfg.PrometheusAddress))
@@ -186,8 +207,31 @@ func (s *Server) listen() error {
 	return nil
 }
 
+// HTTP server timeouts for ordinary (non-upgraded) requests. They bound
+// what a slow or idle client can hold: a connection that never finishes its
+// headers, a body trickled in, a response never read. net/http clears the
+// deadlines of a connection the relay hijacks, so long-lived DERP
+// connections (plain or WebSocket) are not cut by them.
+const (
+	httpReadHeaderTimeout = 10 * time.Second
+	httpReadTimeout       = 30 * time.Second
+	httpWriteTimeout      = 60 * time.Second
+	httpIdleTimeout       = 120 * time.Second
+)
+
+// tlsReloadInterval is how often, at most, the TLS certificate files are
+// checked for a change (on a handshake).
+const tlsReloadInterval = 10 * time.Second
+
 func (s *Server) serve(l net.Listener, h http.Handler) {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: zap.NewStdLog(s.log.Named("http"))}
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: httpReadHeaderTimeout,
+		ReadTimeout:       s.cfg.HTTPReadTimeout,
+		WriteTimeout:      s.cfg.HTTPWriteTimeout,
+		IdleTimeout:       httpIdleTimeout,
+		ErrorLog:          zap.NewStdLog(s.log.Named("http")),
+	}
 	s.servers = append(s.servers, srv)
 	s.listeners = append(s.listeners, l)
 	s.serveWG.Add(1)
@@ -242,6 +286,9 @@ func (s *Server) closeAll() error {
 	if s.derp != nil {
 		// Hijacked relay connections are not tracked by http.Server.
 		_ = s.derp.Close()
+	}
+	if s.guard != nil {
+		_ = s.guard.Close()
 	}
 	s.serveWG.Wait()
 	if s.stun != nil {

@@ -57,7 +57,7 @@ func (c *clientFlags) get(ctx context.Context, path string, v any) error {
 	if c.token != "" {
 		req.Header.Set("Coder-Session-Token", c.token)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := apiClient.Do(req)
 	if err != nil {
 		return fmt.Errorf("GET %s: %w", path, err)
 	}
@@ -77,6 +77,36 @@ func (c *clientFlags) get(ctx context.Context, path string, v any) error {
 		return fmt.Errorf("GET %s: decode: %w", path, err)
 	}
 	return nil
+}
+
+// apiClient is the HTTP client of the client commands. It follows at most
+// 10 redirects and sends the session token only to the origin it was given
+// for: Go's client drops Authorization on a cross-host redirect but not our
+// own Coder-Session-Token header, so a redirect (a misconfigured proxy, a
+// hostile server) must not carry it to another scheme, host or port.
+var apiClient = &http.Client{CheckRedirect: func(req *http.Request, via []*http.Request) error {
+	if len(via) >= 10 {
+		return fmt.Errorf("stopped after %d redirects", len(via))
+	}
+	if !sameOrigin(req.URL, via[0].URL) {
+		req.Header.Del("Coder-Session-Token")
+		req.Header.Del("Authorization")
+	}
+	return nil
+}}
+
+// sameOrigin compares scheme, host and port (default ports made explicit).
+func sameOrigin(a, b *url.URL) bool {
+	port := func(u *url.URL) string {
+		if p := u.Port(); p != "" {
+			return p
+		}
+		if strings.EqualFold(u.Scheme, "https") {
+			return "443"
+		}
+		return "80"
+	}
+	return strings.EqualFold(a.Scheme, b.Scheme) && strings.EqualFold(a.Hostname(), b.Hostname()) && port(a) == port(b)
 }
 
 func printJSON(w io.Writer, v any) error {

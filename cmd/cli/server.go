@@ -15,6 +15,7 @@ import (
 	"github.com/coder-ha/coder/coderd"
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/postgres"
+	"github.com/coder-ha/coder/relayguard"
 )
 
 func newServerCmd() *cobra.Command {
@@ -58,6 +59,16 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "derp-server-region-code", "CODER_DERP_SERVER_REGION_CODE")
 	f.StringVar(&cfg.DERPServerRegionName, "derp-server-region-name", "Coder Embedded Relay", "Region name in the DERP map")
 	bindEnv(f, "derp-server-region-name", "CODER_DERP_SERVER_REGION_NAME")
+	f.StringVar(&cfg.DERPServerVerifyClientURL, "derp-server-verify-client-url", "", "Admission webhook (tailscale's DERPAdmitClientRequest format, e.g. headscale's /verify); when set only admitted clients may use the relay")
+	bindEnv(f, "derp-server-verify-client-url", "CODER_DERP_SERVER_VERIFY_CLIENT_URL")
+	f.BoolVar(&cfg.DERPServerVerifyClientURLFailOpen, "derp-server-verify-client-url-fail-open", false, "Admit new clients while the admission webhook cannot be reached (a relay that fails open is an open relay)")
+	bindEnv(f, "derp-server-verify-client-url-fail-open", "CODER_DERP_SERVER_VERIFY_CLIENT_URL_FAIL_OPEN")
+	f.IntVar(&cfg.DERPServerMaxConnections, "derp-server-max-connections", relayguard.DefaultMaxConnections, "DERP client connections one replica holds at once (mesh connections never count); -1: no cap")
+	bindEnv(f, "derp-server-max-connections", "CODER_DERP_SERVER_MAX_CONNECTIONS")
+	f.Float64Var(&cfg.DERPServerAcceptRate, "derp-server-accept-rate", relayguard.DefaultAcceptRate, "New DERP client connections accepted per second per replica (burst: twice that); -1: no limit")
+	bindEnv(f, "derp-server-accept-rate", "CODER_DERP_SERVER_ACCEPT_RATE")
+	f.Float64Var(&cfg.DERPServerAcceptRatePerIP, "derp-server-accept-rate-per-ip", 0, "New DERP client connections accepted per second per client IP (burst: twice that); 0: off")
+	bindEnv(f, "derp-server-accept-rate-per-ip", "CODER_DERP_SERVER_ACCEPT_RATE_PER_IP")
 	f.StringVar(&cfg.DERPServerSTUNAddress, "derp-server-stun-address", "", "UDP host:port for a STUN server beside the relay, advertised in the DERP map (empty: off)")
 	bindEnv(f, "derp-server-stun-address", "CODER_DERP_SERVER_STUN_ADDRESS")
 	f.StringVar(&cfg.DERPConfigPath, "derp-config-path", "", "A DERP map JSON file of custom relays")

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
@@ -132,7 +133,16 @@ func TestWrongPasswordFailsAtOnce(t *testing.T) {
 // the server was killed with kill -9 all come up on the same data.
 func TestBuiltinPostgresSurvivesRestartAndKill9(t *testing.T) {
 	t.Parallel()
-	cache := t.TempDir()
+	// Traversable by everyone, so as root the data stays in the cache dir
+	// (below t.TempDir's 0700 parent it would go to /var/lib/coder).
+	cache, err := os.MkdirTemp("", "coder-cache-*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(cache) })
+	if err := os.Chmod(cache, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	deployment := func(p *clitest.Process) string {
 		var info struct {
 			DeploymentID string `json:"deployment_id"`

@@ -4,7 +4,12 @@
 //
 // It owns the postmaster process it starts and stops it on Stop. It listens
 // on loopback only and never prints its password. As root it runs the
-// server as the "postgres" user, because initdb and postgres refuse root.
+// server as the "postgres" user, because initdb and postgres refuse root,
+// and keeps the two apart: root writes only in directories root owns (Dir
+// itself is root's; only the data directory belongs to postgres, and root
+// never writes there), and it never changes the permissions of a parent
+// directory such as /root. When the postgres user cannot reach Dir, the
+// data directory goes under Options.SharedDir instead (see dataLocation).
 package postgres
 
 import (
@@ -49,6 +54,11 @@ type Options struct {
 	// MaxConnections of the server. Default 300: many replicas can share a
 	// built-in database on one machine.
 	MaxConnections int
+	// SharedDir is used only as root, when the postgres user cannot reach
+	// Dir (Dir is under /root, say): the data directory is then created
+	// under it, named after Dir. It must sit below directories everyone may
+	// traverse; it is created root-owned. Default /var/lib/coder/postgres.
+	SharedDir string
 	// Logger receives progress lines. Default: none.
 	Logger *zap.Logger
 }
@@ -68,6 +78,9 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
+	}
+	if o.SharedDir == "" {
+		o.SharedDir = "/var/lib/coder/postgres"
 	}
 	if o.BinDir == "" {
 		dir, err := FindBinDir()
@@ -117,7 +130,8 @@ type Cluster struct {
 	opts     Options
 	password string
 	port     int
-	cred     *syscall.Credential
+	cred     *syscall.Credential // the postgres user when we run as root
+	data     string              // PGDATA
 	lock     *os.File
 
 	mu   sync.Mutex
@@ -133,12 +147,22 @@ func New(opts Options) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cluster{opts: opts}
-	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+	c := &Cluster{opts: opts, data: filepath.Join(opts.Dir, "data")}
+	// As root, directories we create on the way may be traversed (never
+	// listed) by others, so the postgres user can reach the data below
+	// them; existing directories are left as they are.
+	perm := os.FileMode(0o700)
+	if os.Geteuid() == 0 {
+		perm = 0o711
+	}
+	if err := os.MkdirAll(opts.Dir, perm); err != nil {
 		return nil, fmt.Errorf("postgres: create %s: %w", opts.Dir, err)
 	}
 	if os.Geteuid() == 0 {
 		if c.cred, err = postgresUser(); err != nil {
+			return nil, err
+		}
+		if err := c.rootLayout(); err != nil {
 			return nil, err
 		}
 	}
@@ -165,7 +189,10 @@ func Run(ctx context.Context, opts Options) (*Cluster, error) {
 	return c, nil
 }
 
-func (c *Cluster) dataDir() string { return filepath.Join(c.opts.Dir, "data") }
+func (c *Cluster) dataDir() string { return c.data }
+
+// DataDir is the cluster's data directory (PGDATA).
+func (c *Cluster) DataDir() string { return c.data }
 
 // URL is the connection URL of the cluster's database, with the password.
 func (c *Cluster) URL() string { return c.DatabaseURL(c.opts.Database) }
@@ -199,11 +226,11 @@ func ReadURL(dir, database, user string) (string, error) {
 	if user == "" {
 		user = "coder"
 	}
-	pw, err := os.ReadFile(filepath.Join(dir, "password"))
+	pw, err := readFileNoFollow(filepath.Join(dir, "password"))
 	if err != nil {
 		return "", fmt.Errorf("read built-in postgres password (has a server with this cache dir run yet?): %w", err)
 	}
-	portText, err := os.ReadFile(filepath.Join(dir, "port"))
+	portText, err := readFileNoFollow(filepath.Join(dir, "port"))
 	if err != nil {
 		return "", fmt.Errorf("read built-in postgres port: %w", err)
 	}
@@ -225,7 +252,7 @@ func postgresUser() (*syscall.Credential, error) {
 }
 
 func (c *Cluster) takeLock() error {
-	f, err := os.OpenFile(filepath.Join(c.opts.Dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	f, err := openNoFollow(filepath.Join(c.opts.Dir, "lock"), os.O_CREATE|os.O_RDWR)
 	if err != nil {
 		return fmt.Errorf("postgres: open lock file: %w", err)
 	}
@@ -245,19 +272,10 @@ func (c *Cluster) releaseLock() {
 	}
 }
 
-// chown hands path to the postgres user when running as root.
-func (c *Cluster) chown(path string) error {
-	if c.cred == nil {
-		return nil
-	}
-	return os.Chown(path, int(c.cred.Uid), int(c.cred.Gid))
-}
-
 // prepare makes the password, the port and the data directory ready.
 func (c *Cluster) prepare() error {
-	log := c.opts.Logger
 	pwPath := filepath.Join(c.opts.Dir, "password")
-	if b, err := os.ReadFile(pwPath); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+	if b, err := readFileNoFollow(pwPath); err == nil && len(strings.TrimSpace(string(b))) > 0 {
 		c.password = strings.TrimSpace(string(b))
 	} else {
 		var raw [16]byte
@@ -265,18 +283,11 @@ func (c *Cluster) prepare() error {
 			return fmt.Errorf("postgres: generate password: %w", err)
 		}
 		c.password = hex.EncodeToString(raw[:])
-		if err := os.WriteFile(pwPath, []byte(c.password+"\n"), 0o600); err != nil {
-			return fmt.Errorf("postgres: save password: %w", err)
-		}
 	}
-
-	if c.cred != nil {
-		if err := makeTraversable(c.opts.Dir, log); err != nil {
-			return err
-		}
-		if err := c.chown(c.opts.Dir); err != nil {
-			return fmt.Errorf("postgres: chown %s: %w", c.opts.Dir, err)
-		}
+	// Rewritten every time: a file left by an older layout becomes a
+	// regular root-owned file.
+	if err := writeFileAtomic(c.opts.Dir, "password", []byte(c.password+"\n")); err != nil {
+		return fmt.Errorf("postgres: save password: %w", err)
 	}
 
 	if _, err := os.Stat(filepath.Join(c.dataDir(), "PG_VERSION")); errors.Is(err, os.ErrNotExist) {
@@ -291,15 +302,17 @@ func (c *Cluster) prepare() error {
 func (c *Cluster) initdb() error {
 	start := time.Now()
 	c.opts.Logger.Info("initializing built-in postgres", zap.String("dir", c.dataDir()))
-	_ = os.RemoveAll(c.dataDir()) // a half-made directory from an interrupted initdb
-	pwFile := filepath.Join(c.opts.Dir, "initdb-password")
-	if err := os.WriteFile(pwFile, []byte(c.password+"\n"), 0o600); err != nil {
-		return fmt.Errorf("postgres: write password file: %w", err)
+	// A half-made directory from an interrupted initdb. RemoveAll never
+	// follows a symlink inside the tree.
+	_ = os.RemoveAll(c.dataDir())
+	if err := c.makeDataDir(); err != nil {
+		return err
 	}
-	defer os.Remove(pwFile)
-	if err := c.chown(pwFile); err != nil {
-		return fmt.Errorf("postgres: chown password file: %w", err)
+	pwFile, cleanup, err := c.passwordFileForInitdb()
+	if err != nil {
+		return err
 	}
+	defer cleanup()
 	args := []string{"-D", c.dataDir(), "-U", c.opts.User, "--pwfile", pwFile, "-A", "scram-sha-256", "-E", "UTF8", "--locale", "C"}
 	if c.opts.Ephemeral {
 		args = append(args, "--no-sync")
@@ -313,6 +326,59 @@ func (c *Cluster) initdb() error {
 	}
 	c.opts.Logger.Info("initialized built-in postgres", zap.Duration("took", time.Since(start).Round(time.Millisecond)))
 	return nil
+}
+
+// makeDataDir creates the (empty) data directory, owned by the user the
+// server runs as.
+func (c *Cluster) makeDataDir() error {
+	if err := os.Mkdir(c.dataDir(), 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("postgres: create %s: %w", c.dataDir(), err)
+	}
+	st, err := os.Lstat(c.dataDir())
+	if err != nil || !st.IsDir() {
+		return fmt.Errorf("postgres: %s is not a directory", c.dataDir())
+	}
+	if c.cred != nil {
+		if err := os.Lchown(c.dataDir(), int(c.cred.Uid), int(c.cred.Gid)); err != nil {
+			return fmt.Errorf("postgres: hand %s to the postgres user: %w", c.dataDir(), err)
+		}
+	}
+	return nil
+}
+
+// passwordFileForInitdb writes the password where initdb (running as the
+// postgres user when we are root) can read it and nobody else can: a fresh
+// root-owned directory that others may only traverse, holding one file
+// owned by the server's user, mode 0400.
+func (c *Cluster) passwordFileForInitdb() (string, func(), error) {
+	dir, err := os.MkdirTemp("", "coder-initdb-*")
+	if err != nil {
+		return "", nil, fmt.Errorf("postgres: password file: %w", err)
+	}
+	cleanup := func() { _ = os.RemoveAll(dir) }
+	path := filepath.Join(dir, "pw")
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o400)
+	if err == nil {
+		_, err = f.WriteString(c.password + "\n")
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err == nil && c.cred != nil {
+		if err = f.Chown(int(c.cred.Uid), int(c.cred.Gid)); err != nil {
+			// Chown on a closed file fails; use the path (we created it,
+			// in a directory only we can write).
+			err = os.Lchown(path, int(c.cred.Uid), int(c.cred.Gid))
+		}
+		if err == nil {
+			err = os.Chmod(dir, 0o711)
+		}
+	}
+	if err != nil {
+		cleanup()
+		return "", nil, fmt.Errorf("postgres: password file: %w", err)
+	}
+	return path, cleanup, nil
 }
 
 // stopOrphan stops a postmaster left running on our data directory by a
@@ -330,8 +396,10 @@ func (c *Cluster) stopOrphan() {
 		_ = os.Remove(pidPath)
 		return
 	}
+	// The pid file belongs to the server's user, who could write any pid
+	// in it: only a postgres process of that user is ever signalled.
 	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if syscall.Kill(pid, 0) != nil || !strings.Contains(string(cmdline), "postgres") {
+	if syscall.Kill(pid, 0) != nil || !strings.Contains(string(cmdline), "postgres") || !c.ownedByServerUser(pid) {
 		c.opts.Logger.Info("removing stale postmaster.pid", zap.Int("pid", pid))
 		_ = os.Remove(pidPath)
 		return
@@ -348,6 +416,24 @@ func (c *Cluster) stopOrphan() {
 	_ = syscall.Kill(pid, syscall.SIGQUIT)
 }
 
+// ownedByServerUser reports whether process pid runs as the user the
+// server runs as.
+func (c *Cluster) ownedByServerUser(pid int) bool {
+	st, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
+	if err != nil {
+		return false
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return false
+	}
+	want := uint32(os.Geteuid())
+	if c.cred != nil {
+		want = c.cred.Uid
+	}
+	return sys.Uid == want
+}
+
 // Start starts the server and waits until it accepts connections, creating
 // the database on first start.
 func (c *Cluster) Start(ctx context.Context) error {
@@ -359,7 +445,7 @@ func (c *Cluster) Start(ctx context.Context) error {
 	if err := c.pickPort(); err != nil {
 		return err
 	}
-	logFile, err := os.OpenFile(filepath.Join(c.opts.Dir, "postgres.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	logFile, err := openNoFollow(filepath.Join(c.opts.Dir, "postgres.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND)
 	if err != nil {
 		return fmt.Errorf("postgres: open log: %w", err)
 	}
@@ -406,7 +492,7 @@ func (c *Cluster) pickPort() error {
 	portPath := filepath.Join(c.opts.Dir, "port")
 	want := c.opts.Port
 	if want == 0 {
-		if b, err := os.ReadFile(portPath); err == nil {
+		if b, err := readFileNoFollow(portPath); err == nil {
 			want, _ = strconv.Atoi(strings.TrimSpace(string(b)))
 		}
 	}
@@ -424,7 +510,7 @@ func (c *Cluster) pickPort() error {
 		c.port = l.Addr().(*net.TCPAddr).Port
 		l.Close()
 	}
-	return os.WriteFile(portPath, []byte(strconv.Itoa(c.port)+"\n"), 0o600)
+	return writeFileAtomic(c.opts.Dir, "port", []byte(strconv.Itoa(c.port)+"\n"))
 }
 
 func portFree(port int) bool {
@@ -477,7 +563,7 @@ func (c *Cluster) ensureDatabase(ctx context.Context, conn *pgx.Conn) error {
 }
 
 func (c *Cluster) readLog() string {
-	b, _ := os.ReadFile(filepath.Join(c.opts.Dir, "postgres.log"))
+	b, _ := readFileNoFollow(filepath.Join(c.opts.Dir, "postgres.log"))
 	return string(b)
 }
 
@@ -514,27 +600,6 @@ func (c *Cluster) Close() error {
 	err := c.Stop()
 	c.releaseLock()
 	return err
-}
-
-// makeTraversable lets the postgres user reach dir when we run as root: it
-// adds search (x) permission for others to each ancestor lacking it. Only
-// traversal is granted, never listing or reading.
-func makeTraversable(dir string, log *zap.Logger) error {
-	for p := filepath.Dir(dir); ; p = filepath.Dir(p) {
-		st, err := os.Stat(p)
-		if err != nil {
-			return fmt.Errorf("postgres: stat %s: %w", p, err)
-		}
-		if st.Mode().Perm()&0o001 == 0 {
-			if err := os.Chmod(p, st.Mode().Perm()|0o001); err != nil {
-				return fmt.Errorf("postgres: let the postgres user traverse %s: %w", p, err)
-			}
-			log.Info("granted the postgres user traversal of a parent directory", zap.String("dir", p))
-		}
-		if p == "/" || p == filepath.Dir(p) {
-			return nil
-		}
-	}
 }
 
 func lastLines(s string, n int) string {

@@ -38,7 +38,12 @@ type Client struct {
 // starts receiving. It reconnects on its own when the connection breaks
 // (the library redials on the next Send/Recv).
 func Connect(ctx context.Context, relayURL string) (*Client, error) {
-	priv := key.NewNode()
+	return ConnectWithKey(ctx, relayURL, key.NewNode())
+}
+
+// ConnectWithKey is Connect with a given node key, so a test can reconnect
+// as the same client (as a real node does after a network change).
+func ConnectWithKey(ctx context.Context, relayURL string, priv key.NodePrivate) (*Client, error) {
 	c, err := derphttp.NewClient(priv, strings.TrimSuffix(relayURL, "/")+"/derp", logger.Discard, netmon.NewStatic())
 	if err != nil {
 		return nil, err

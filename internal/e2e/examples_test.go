@@ -39,8 +39,6 @@ var metricName = regexp.MustCompile(`\b(?:coderd|go|process)_[A-Za-z0-9_:]*`)
 // already started with an admission webhook, so the relay guard's metrics
 // exist, and meshed, so each peer's drop counter exists).
 var awaitingMerge = map[string]bool{
-	"coderd_derp_clients_refused_total":     true,
-	"coderd_derp_admission_webhook_up":      true,
 	"coderd_derpmesh_forward_dropped_total": true,
 }
 

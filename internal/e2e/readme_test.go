@@ -225,7 +225,17 @@ func TestReadmeCommandsWorkVerbatim(t *testing.T) {
 		}
 	}
 
-	dir := t.TempDir()
+	// Traversable by everyone (t.TempDir is not), so that as root the
+	// built-in Postgres keeps its data in this directory rather than in
+	// /var/lib/coder/postgres (docs/security.md).
+	dir, err := os.MkdirTemp("", "coder-readme-*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Mkdir(filepath.Join(dir, "bin"), 0o755); err != nil {
 		t.Fatal(err)
 	}

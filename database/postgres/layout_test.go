@@ -1,0 +1,177 @@
+package postgres_test
+
+import (
+	"context"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/coder-ha/coder/database/postgres"
+)
+
+func requireRootWithPostgres(t *testing.T) (uid, gid int) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("only meaningful as root")
+	}
+	if _, err := postgres.FindBinDir(); err != nil {
+		t.Skip(err)
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		t.Skip("no postgres user")
+	}
+	uid, _ = strconv.Atoi(u.Uid)
+	gid, _ = strconv.Atoi(u.Gid)
+	return uid, gid
+}
+
+func tempDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "coder-layout-*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(d) })
+	return d
+}
+
+func run(t *testing.T, opts postgres.Options) *postgres.Cluster {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	opts.Ephemeral = true
+	c, err := postgres.Run(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	conn, err := pgx.Connect(ctx, c.URL())
+	if err != nil {
+		t.Fatalf("connect to the built-in postgres: %v", err)
+	}
+	_ = conn.Close(ctx)
+	return c
+}
+
+// The postgres user owned the cache dir in older versions and could plant
+// symlinks where root writes: root must replace them, never write through
+// them, and take the directory back.
+func TestRootDoesNotFollowSymlinksThePostgresUserPlanted(t *testing.T) {
+	t.Parallel()
+	uid, gid := requireRootWithPostgres(t)
+	dir := tempDir(t)
+	victims := tempDir(t)
+	if err := os.Chown(dir, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	names := []string{"port", "password", "postgres.log", "lock", ".port.tmp"}
+	for _, name := range names {
+		victim := filepath.Join(victims, name)
+		if err := os.WriteFile(victim, []byte("precious\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		link := filepath.Join(dir, name)
+		if err := os.Symlink(victim, link); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Lchown(link, uid, gid); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	c := run(t, postgres.Options{Dir: dir})
+
+	for _, name := range names {
+		b, err := os.ReadFile(filepath.Join(victims, name))
+		if err != nil || string(b) != "precious\n" {
+			t.Errorf("root wrote through the planted %s symlink: the target now holds %q (err %v)", name, b, err)
+		}
+	}
+	for _, name := range []string{"port", "password"} {
+		st, err := os.Lstat(filepath.Join(dir, name))
+		if err != nil || !st.Mode().IsRegular() {
+			t.Errorf("%s is not a regular file after start: %v %v", name, st, err)
+		}
+	}
+	st, err := os.Lstat(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sys := st.Sys().(*syscall.Stat_t); sys.Uid != 0 || st.Mode().Perm()&0o022 != 0 {
+		t.Errorf("the cache dir is owned by uid %d with mode %v: the postgres user could still plant files where root writes", sys.Uid, st.Mode().Perm())
+	}
+	if got := c.DataDir(); !strings.HasPrefix(got, dir+string(filepath.Separator)) {
+		t.Errorf("data dir %s, want it inside %s", got, dir)
+	}
+	// ReadURL (coder server postgres-builtin-url) reads what root wrote.
+	if u, err := postgres.ReadURL(dir, "", ""); err != nil || u != c.URL() {
+		t.Errorf("ReadURL = %q, %v; want the cluster's URL", u, err)
+	}
+}
+
+// A cache dir below a directory the postgres user cannot traverse (like
+// /root, mode 0700) is not made reachable by loosening that directory: the
+// data goes to the shared directory instead.
+func TestRootNeverLoosensParentDirectories(t *testing.T) {
+	t.Parallel()
+	requireRootWithPostgres(t)
+	home := tempDir(t) // stands for /root: 0700
+	if err := os.Chmod(home, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(home, ".cache", "coder", "postgres")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	lib := tempDir(t) // stands for /var/lib: 0755
+	if err := os.Chmod(lib, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	shared := filepath.Join(lib, "coder", "postgres")
+
+	c := run(t, postgres.Options{Dir: dir, SharedDir: shared})
+
+	for p := dir; p != filepath.Dir(home); p = filepath.Dir(p) {
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p != dir && st.Mode().Perm() != 0o700 {
+			t.Errorf("%s changed to mode %v: a parent's permissions were loosened", p, st.Mode().Perm())
+		}
+	}
+	if got := c.DataDir(); !strings.HasPrefix(got, shared+string(filepath.Separator)) {
+		t.Errorf("data dir %s, want it under the shared directory %s", got, shared)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "password")); err != nil {
+		t.Errorf("the password is not kept in the cache dir: %v", err)
+	}
+}
+
+// Cache directories the server creates itself (a first start) are made
+// traversable, so the data stays in the cache dir.
+func TestRootKeepsDataInACacheDirItCreates(t *testing.T) {
+	t.Parallel()
+	requireRootWithPostgres(t)
+	base := tempDir(t)
+	if err := os.Chmod(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(base, "cache", "coder", "postgres")
+	shared := filepath.Join(tempDir(t), "shared")
+	c := run(t, postgres.Options{Dir: dir, SharedDir: shared})
+	if got := c.DataDir(); got != filepath.Join(dir, "data") {
+		t.Errorf("data dir %s, want %s", got, filepath.Join(dir, "data"))
+	}
+	if _, err := os.Stat(shared); err == nil {
+		t.Errorf("the shared directory was created although the cache dir is reachable")
+	}
+}

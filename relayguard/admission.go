@@ -1,0 +1,148 @@
+package relayguard
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"time"
+
+	"go.uber.org/zap"
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+)
+
+// admitKey is what a verdict is about: the webhook sees both the node key
+// and the source address, so it may decide on either.
+type admitKey struct {
+	node key.NodePublic
+	src  netip.Addr
+}
+
+// verdict is one cached webhook answer.
+type verdict struct {
+	allow      bool
+	freshUntil time.Time // trusted without asking again until then
+	staleUntil time.Time // an admission still usable while the webhook fails
+}
+
+// admit decides whether the client in req may connect: with no webhook,
+// yes; with a fresh cached verdict, that; else it asks the webhook (one
+// call per client at a time) and falls back on a recent admission, then
+// on FailOpen, when the webhook cannot answer.
+func (g *Guard) admit(req tailcfg.DERPAdmitClientRequest) bool {
+	if g.opts.VerifyURL == "" {
+		return true
+	}
+	k := admitKey{node: req.NodePublic, src: req.Source}
+	g.mu.Lock()
+	v, ok := g.cache.GetOk(k)
+	g.mu.Unlock()
+	if ok && g.opts.Now().Before(v.freshUntil) {
+		g.count(v.allow, "cache")
+		return v.allow
+	}
+	res, _, _ := g.flight.Do(k.node.String()+"|"+k.src.String(), func() (any, error) {
+		return g.askWebhook(k), nil
+	})
+	return res.(bool)
+}
+
+// askWebhook calls the webhook for k and turns its answer, or its failure,
+// into a decision.
+func (g *Guard) askWebhook(k admitKey) bool {
+	start := g.opts.Now()
+	allow, err := g.callWebhook(k)
+	g.m.webhookSeconds.Observe(time.Since(start).Seconds())
+	now := g.opts.Now()
+	if err == nil {
+		g.setHealthy(true, nil)
+		v := verdict{allow: allow, freshUntil: now.Add(g.opts.DenyTTL)}
+		if allow {
+			v.freshUntil = now.Add(g.opts.AllowTTL)
+			v.staleUntil = now.Add(g.opts.StaleTTL)
+		}
+		g.mu.Lock()
+		g.cache.Set(k, v)
+		g.mu.Unlock()
+		g.count(allow, "webhook")
+		return allow
+	}
+	g.m.webhookErrors.Inc()
+	g.setHealthy(false, err)
+	g.mu.Lock()
+	v, ok := g.cache.PeekOk(k)
+	g.mu.Unlock()
+	switch {
+	case ok && v.allow && now.Before(v.staleUntil):
+		g.count(true, "stale_cache")
+		return true
+	case g.opts.FailOpen:
+		g.count(true, "fail_open")
+		return true
+	default:
+		g.count(false, "fail_closed")
+		return false
+	}
+}
+
+func (g *Guard) callWebhook(k admitKey) (bool, error) {
+	body, err := json.Marshal(tailcfg.DERPAdmitClientRequest{NodePublic: k.node, Source: k.src})
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), g.opts.WebhookTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, g.opts.VerifyURL, bytes.NewReader(body))
+	if err != nil {
+		return false, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	res, err := g.opts.HTTPClient.Do(req)
+	if err != nil {
+		return false, err
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, 4<<10))
+		return false, fmt.Errorf("%w %s", errWebhookStatus, res.Status)
+	}
+	var out tailcfg.DERPAdmitClientResponse
+	if err := json.NewDecoder(io.LimitReader(res.Body, 4<<10)).Decode(&out); err != nil {
+		return false, fmt.Errorf("decode answer: %w", err)
+	}
+	return out.Allow, nil
+}
+
+func (g *Guard) count(allow bool, source string) {
+	d := "deny"
+	if allow {
+		d = "allow"
+	}
+	g.m.decisions.WithLabelValues(d, source).Inc()
+}
+
+// setHealthy records the webhook's health and logs only when it changes.
+func (g *Guard) setHealthy(ok bool, err error) {
+	g.mu.Lock()
+	changed := g.unhealthy == ok
+	g.unhealthy = !ok
+	g.mu.Unlock()
+	if ok {
+		g.m.webhookUp.Set(1)
+	} else {
+		g.m.webhookUp.Set(0)
+	}
+	if !changed {
+		return
+	}
+	if ok {
+		g.log.Info("derp admission webhook is answering again", zap.String("url", redact(g.opts.VerifyURL)))
+		return
+	}
+	g.log.Warn("derp admission webhook is failing: new clients are admitted only from recent verdicts",
+		zap.String("url", redact(g.opts.VerifyURL)), zap.Bool("fail_open", g.opts.FailOpen), zap.Error(err))
+}
