@@ -25,20 +25,23 @@ func socketAlive(c net.Conn) bool {
 	if err != nil {
 		return true
 	}
+	// Control, not Read: pgx may have a background reader parked in a
+	// Read on this socket (after a slow write), and Read would wait for it.
+	// A peek consumes nothing, so that reader loses nothing either; and if
+	// it already took a goodbye message, the end of stream is still there
+	// to see.
 	alive := true
-	err = raw.Read(func(fd uintptr) bool {
+	err = raw.Control(func(fd uintptr) {
 		var b [1]byte
-		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 		switch {
 		case errors.Is(err, syscall.EAGAIN), errors.Is(err, syscall.EWOULDBLOCK), errors.Is(err, syscall.EINTR):
 			alive = true // nothing to read: the normal idle state
-		case err != nil:
-			alive = false
 		default:
-			alive = false // n == 0: end of stream; n > 0: unsolicited bytes
-			_ = n
+			// err == nil: end of stream (0 bytes) or bytes nobody asked
+			// for; any other error: a reset or closed socket.
+			alive = false
 		}
-		return true // never wait for readability
 	})
 	if err != nil {
 		return false // the socket is already closed
