@@ -330,3 +330,45 @@ func TestHungListenConnectionIsDetectedAndReplacedWithinSeconds(t *testing.T) {
 	})
 	t.Logf("hung listen connection detected after %s; delivering again after %s", detected.Round(time.Millisecond), time.Since(frozen).Round(time.Millisecond))
 }
+
+// Subscribe while the listen connection is down returns at once, and the
+// new subscriber is told to resync when the connection is back, then
+// receives what is published.
+func TestSubscribeWhileDisconnectedReturnsAndReportsDrop(t *testing.T) {
+	t.Parallel()
+	cluster := dbtest.NewCluster(t)
+	ctx := context.Background()
+	db, err := database.Connect(ctx, cluster.URL(), database.ConnectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	ps := newPubsub(t, db)
+	if err := cluster.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	wait.For(t, 10*time.Second, "disconnected", func() bool { return !ps.Connected() })
+	var r recorder
+	returned := make(chan error, 1)
+	go func() {
+		_, err := ps.Subscribe("late", r.listen)
+		returned <- err
+	}()
+	select {
+	case err := <-returned:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Subscribe blocked while the listen connection was down")
+	}
+	if err := cluster.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	wait.For(t, 15*time.Second, "the late subscriber told to resync", func() bool { _, d := r.snapshot(); return d > 0 })
+	wait.For(t, 5*time.Second, "the late subscriber receives", func() bool {
+		_ = ps.Publish(ctx, "late", []byte("x"))
+		got, _ := r.snapshot()
+		return len(got) > 0
+	})
+}
