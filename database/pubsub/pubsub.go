@@ -60,13 +60,15 @@ type Options struct {
 	// middlebox that dropped the connection's state) within
 	// PingInterval + PingTimeout, where TCP alone would take minutes.
 	PingInterval time.Duration
-	// PingTimeout is how long a ping, or a LISTEN, may wait for its
-	// answer before the connection counts as hung and is replaced.
+	// PingTimeout is how long a ping may wait for its answer before the
+	// connection counts as hung and is replaced.
 	// Default 2s: far above a healthy round trip, well below what an
 	// operator would call an outage.
 	PingTimeout time.Duration
-	// ConnectTimeout bounds each attempt to open the listen connection.
-	// Default 5s.
+	// ConnectTimeout bounds each attempt to re-open the listen connection
+	// (New's first attempt is bounded by its ctx). Default 10s: generous
+	// for a loaded server's authentication; a hung attempt only delays the
+	// next one.
 	ConnectTimeout time.Duration
 }
 
@@ -93,7 +95,7 @@ func (o Options) withDefaults() Options {
 		o.PingTimeout = 2 * time.Second
 	}
 	if o.ConnectTimeout <= 0 {
-		o.ConnectTimeout = 5 * time.Second
+		o.ConnectTimeout = 10 * time.Second
 	}
 	return o
 }
@@ -190,9 +192,7 @@ func New(ctx context.Context, db *database.DB, opts Options) (*Pubsub, error) {
 		active:    map[string]bool{},
 		waiters:   map[string][]chan struct{}{},
 	}
-	cctx, cancel := context.WithTimeout(ctx, opts.ConnectTimeout)
-	conn, err := p.connect(cctx)
-	cancel()
+	conn, err := p.connect(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -362,10 +362,11 @@ func (p *Pubsub) wantedChannels() map[string]bool {
 
 // syncListens LISTENs and UNLISTENs so the connection matches the
 // subscriptions.
-// Each statement may take up to PingTimeout.
+// Each statement may take up to ConnectTimeout (a hung connection fails
+// it; a merely slow server does not).
 func (p *Pubsub) syncListens(ctx context.Context, conn *pgx.Conn) error {
 	exec := func(sql string) error {
-		ctx, cancel := context.WithTimeout(ctx, p.opts.PingTimeout)
+		ctx, cancel := context.WithTimeout(ctx, p.opts.ConnectTimeout)
 		defer cancel()
 		_, err := conn.Exec(ctx, sql)
 		return err
