@@ -62,8 +62,10 @@ func (o ConnectOptions) withDefaults() ConnectOptions {
 //     session a goodbye and closes it);
 //   - when a query finds its connection broken, or the server read-only
 //     (SQLSTATE 25006: a standby, or an old primary behind an endpoint that
-//     moved), every pooled connection is recycled, and idle ones that stay
-//     are pinged before use until the pool has been rebuilt.
+//     moved), every pooled connection is recycled;
+//   - when a query times out with its connection, the idle connections
+//     are pinged (PingTimeout) before use rather than recycled, since the
+//     server may only be slow.
 type DB struct {
 	pool *pgxpool.Pool
 	url  string
@@ -174,7 +176,12 @@ func (h healthTracer) TraceQueryEnd(ctx context.Context, conn *pgx.Conn, data pg
 	switch {
 	case errors.As(data.Err, &pgErr) && pgErr.Code == "25006":
 		h.db.recycle("the database is read-only (a standby, or a primary that was demoted)")
-	case conn.IsClosed() && !errors.Is(data.Err, context.Canceled):
+	case conn.IsClosed() && (pgconn.Timeout(data.Err) || errors.Is(data.Err, context.Canceled)):
+		// Gave up waiting: the server may only be slow, and recycling
+		// would add connection setup to its load. Check idle connections
+		// before use instead.
+		h.db.noteBroken()
+	case conn.IsClosed():
 		h.db.recycle("a connection broke: " + Redact(h.db.url, rootCause(data.Err)))
 	}
 }
