@@ -239,7 +239,18 @@ func TestFailoverToAPromotedStandbyKeepsTheClusterServing(t *testing.T) {
 	if err := sconn.QueryRow(context.Background(), "SELECT now()").Scan(&promotedAt); err != nil {
 		t.Fatal(err)
 	}
+	var firstBeat, firstListed time.Duration
+	since := time.Now()
 	took := within(t, 30*time.Second, "cluster back in sync after the promotion", func() bool {
+		defer func() {
+			var beaten int
+			if firstBeat == 0 && sconn.QueryRow(context.Background(), "SELECT count(*) FROM replicas WHERE stopped_at IS NULL AND updated_at > $1", promotedAt).Scan(&beaten) == nil && beaten == 3 {
+				firstBeat = time.Since(since)
+			}
+			if firstListed == 0 && len(replicas(r1, token)) == 3 && len(replicas(r2, token)) == 3 && len(replicas(r3, token)) == 3 {
+				firstListed = time.Since(since)
+			}
+		}()
 		var beaten int
 		if sconn.QueryRow(context.Background(), "SELECT count(*) FROM replicas WHERE stopped_at IS NULL AND updated_at > $1", promotedAt).Scan(&beaten) != nil || beaten != 3 {
 			return false
@@ -251,6 +262,7 @@ func TestFailoverToAPromotedStandbyKeepsTheClusterServing(t *testing.T) {
 		}
 		return true
 	})
+	t.Logf("all three rows re-beaten after %s; all listing three after %s", firstBeat.Round(time.Millisecond), firstListed.Round(time.Millisecond))
 	if took > 2*time.Second {
 		t.Logf("NOTE: back in sync %s after the promotion; the goal is 2s", took.Round(time.Millisecond))
 	}
