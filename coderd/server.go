@@ -252,22 +252,39 @@ func (s *Server) ReplicaID() uuid.UUID { return s.replicaID }
 // Registry is the server's Prometheus registry.
 func (s *Server) Registry() *prometheus.Registry { return s.registry }
 
-// Shutdown drains the replica: /readyz answers 503, the replica marks
-// itself stopped and tells its peers, then after the grace period the
-// listeners close (DERP clients reconnect to other replicas) and everything
-// stops. It is safe to call more than once.
+// Shutdown drains the replica, in the order that never cuts a relayed
+// connection early:
+//
+//  1. /readyz answers 503 at once, so the load balancer moves new clients
+//     away;
+//  2. for the grace period (or until ctx is done: a second signal) the
+//     replica stays a full member: its row stays live, peers keep
+//     forwarding to it, and it keeps relaying both ways;
+//  3. the listeners close and the DERP server drops its client connections
+//     (clients reconnect, through the load balancer, to other replicas);
+//  4. only then it marks itself stopped and notifies its peers, and closes
+//     the mesh, pubsub and the database.
+//
+// It is safe to call more than once; later calls return the first result.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.shutdownOnce.Do(func() {
 		s.draining.Store(true)
-		s.log.Info("draining: /readyz now answers 503", zap.Duration("grace_period", s.cfg.ShutdownGracePeriod))
-		s.stopReplication()
-		if g := s.cfg.ShutdownGracePeriod; g > 0 {
+		g := s.cfg.ShutdownGracePeriod
+		s.log.Info("draining: /readyz now answers 503; still relaying and meshed for the grace period", zap.Duration("grace_period", g))
+		if g > 0 {
+			t := time.NewTimer(g)
 			select {
-			case <-time.After(g):
+			case <-t.C:
 			case <-ctx.Done():
+				s.log.Info("grace period cut short")
 			}
+			t.Stop()
 		}
-		s.shutdownErr = s.closeAll()
+		s.log.Info("closing listeners: relay clients reconnect to other replicas")
+		s.closeListeners()
+		s.log.Info("leaving the cluster: marking this replica stopped")
+		s.stopReplication()
+		s.shutdownErr = s.closeRest()
 		s.log.Info("server stopped")
 	})
 	return s.shutdownErr
@@ -275,7 +292,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // closeAll stops everything New started, newest first.
 func (s *Server) closeAll() error {
-	var errs []error
+	s.closeListeners()
+	return s.closeRest()
+}
+
+// closeListeners stops accepting, finishes in-flight HTTP requests (up to
+// 5s) and closes the DERP server's connections, clients and peers' mesh
+// links alike.
+func (s *Server) closeListeners() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for _, srv := range s.servers {
@@ -294,6 +318,12 @@ func (s *Server) closeAll() error {
 	if s.stun != nil {
 		_ = s.stun.Close()
 	}
+}
+
+// closeRest stops replication (a no-op for parts already stopped), then
+// the database.
+func (s *Server) closeRest() error {
+	var errs []error
 	s.closeReplication()
 	if s.db != nil {
 		s.db.Close()

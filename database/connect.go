@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
@@ -22,9 +24,16 @@ type ConnectOptions struct {
 	Timeout time.Duration
 	// MaxConns caps the pool. Default 10; a replica needs few connections.
 	MaxConns int32
-	// Logger receives a progress line every few seconds while waiting.
-	// Default: no logging.
+	// Logger receives a progress line every few seconds while waiting, and
+	// a WARN line when the pool recycles its connections (the server went
+	// away or turned read-only). Default: no logging.
 	Logger *zap.Logger
+	// PingTimeout bounds the liveness ping of a pooled connection that is
+	// checked before use (one idle for over a minute, or any idle one after
+	// a broken connection was seen). Default 2s: a connection to a hung
+	// server is replaced within that, instead of taking the caller's whole
+	// deadline.
+	PingTimeout time.Duration
 }
 
 func (o ConnectOptions) withDefaults() ConnectOptions {
@@ -37,14 +46,37 @@ func (o ConnectOptions) withDefaults() ConnectOptions {
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
 	}
+	if o.PingTimeout <= 0 {
+		o.PingTimeout = 2 * time.Second
+	}
 	return o
 }
 
 // DB is the server's handle on Postgres: a pgx pool plus the queries run
 // through it. It is safe for concurrent use.
+//
+// The pool heals itself after the server restarts or fails over, so that
+// dead connections do not each cost a failed query:
+//   - before a pooled connection is handed out, a non-blocking check of its
+//     socket discards it if the server closed it (a restart sends every
+//     session a goodbye and closes it);
+//   - when a query finds its connection broken, or the server read-only
+//     (SQLSTATE 25006: a standby, or an old primary behind an endpoint that
+//     moved), every pooled connection is recycled;
+//   - when a query times out with its connection, the idle connections
+//     are pinged (PingTimeout) before use rather than recycled, since the
+//     server may only be slow.
 type DB struct {
 	pool *pgxpool.Pool
 	url  string
+	log  *zap.Logger
+	// brokenAt is when (unix nanoseconds) a broken connection or a
+	// read-only server was last seen; connections idle since before then
+	// are pinged before use.
+	brokenAt atomic.Int64
+	// lastRecycleLog rate-limits the WARN line (unix nanoseconds).
+	lastRecycleLog atomic.Int64
+	recycles       atomic.Int64
 }
 
 // Connect opens a pool to rawURL and checks that the server answers. A
@@ -59,13 +91,24 @@ func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, erro
 		return nil, fmt.Errorf("postgres URL %s is invalid: %s", where, Redact(rawURL, rootCause(err)))
 	}
 	cfg.MaxConns = opts.MaxConns
+	db := &DB{url: rawURL, log: opts.Logger}
 	// pgxpool pings a connection idle for more than a second before handing
 	// it out: with a 5s heartbeat that is an extra round trip per beat.
-	// Only long-idle connections are pinged; a dead one fails its query
-	// and is replaced, and callers retry.
+	// Only long-idle connections are pinged, and every idle one after a
+	// broken connection was seen; a closed socket is caught for free below.
 	cfg.ShouldPing = func(_ context.Context, p pgxpool.ShouldPingParams) bool {
-		return p.IdleDuration > time.Minute
+		idleSince := time.Now().Add(-p.IdleDuration).UnixNano()
+		return p.IdleDuration > time.Minute || idleSince <= db.brokenAt.Load()
 	}
+	cfg.PingTimeout = opts.PingTimeout
+	cfg.PrepareConn = func(_ context.Context, c *pgx.Conn) (bool, error) {
+		if !socketAlive(c.PgConn().Conn()) {
+			db.noteBroken()
+			return false, nil // destroyed; the pool tries another
+		}
+		return true, nil
+	}
+	cfg.ConnConfig.Tracer = healthTracer{db: db, next: cfg.ConnConfig.Tracer}
 	if cfg.ConnConfig.ConnectTimeout == 0 || cfg.ConnConfig.ConnectTimeout > 10*time.Second {
 		cfg.ConnConfig.ConnectTimeout = 10 * time.Second
 	}
@@ -82,7 +125,8 @@ func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, erro
 	for {
 		err = pool.Ping(ctx)
 		if err == nil {
-			return &DB{pool: pool, url: rawURL}, nil
+			db.pool = pool
+			return db, nil
 		}
 		if ctx.Err() == nil || lastErr == nil {
 			lastErr = err
@@ -105,6 +149,66 @@ func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, erro
 		}
 	}
 }
+
+// healthTracer watches every query's outcome for the errors that mean the
+// pool's connections are no good: a connection that broke, or a server
+// that turned read-only.
+type healthTracer struct {
+	db   *DB
+	next pgx.QueryTracer // a tracer the URL's config already had, or nil
+}
+
+func (h healthTracer) TraceQueryStart(ctx context.Context, conn *pgx.Conn, data pgx.TraceQueryStartData) context.Context {
+	if h.next != nil {
+		return h.next.TraceQueryStart(ctx, conn, data)
+	}
+	return ctx
+}
+
+func (h healthTracer) TraceQueryEnd(ctx context.Context, conn *pgx.Conn, data pgx.TraceQueryEndData) {
+	if h.next != nil {
+		h.next.TraceQueryEnd(ctx, conn, data)
+	}
+	if data.Err == nil {
+		return
+	}
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.As(data.Err, &pgErr) && pgErr.Code == "25006":
+		h.db.recycle("the database is read-only (a standby, or a primary that was demoted)")
+	case conn.IsClosed() && (pgconn.Timeout(data.Err) || errors.Is(data.Err, context.Canceled)):
+		// Gave up waiting: the server may only be slow, and recycling
+		// would add connection setup to its load. Check idle connections
+		// before use instead.
+		h.db.noteBroken()
+	case conn.IsClosed():
+		h.db.recycle("a connection broke: " + Redact(h.db.url, rootCause(data.Err)))
+	}
+}
+
+// noteBroken records that a broken connection was seen, so idle
+// connections are checked before use.
+func (db *DB) noteBroken() { db.brokenAt.Store(time.Now().UnixNano()) }
+
+// recycle closes every pooled connection (those in use when they are
+// released), so the next queries run on new connections, and logs why at
+// most once every 10 seconds.
+func (db *DB) recycle(reason string) {
+	db.noteBroken()
+	db.recycles.Add(1)
+	if db.pool != nil {
+		db.pool.Reset()
+	}
+	now := time.Now().UnixNano()
+	last := db.lastRecycleLog.Load()
+	if now-last > int64(10*time.Second) && db.lastRecycleLog.CompareAndSwap(last, now) {
+		db.log.Warn("recycling database connections", zap.String("address", Describe(db.url)), zap.String("reason", reason))
+	}
+}
+
+// Recycles counts how often the pool recycled its connections because one
+// broke or the server was read-only (tests and metrics read it).
+func (db *DB) Recycles() int64 { return db.recycles.Load() }
 
 // Pool is the underlying pgx pool, for packages (pubsub) that need raw
 // access.

@@ -48,10 +48,28 @@ type Options struct {
 	// are dropped and the listener gets ErrDroppedMessages. Default 64.
 	QueueSize int
 	// ReconnectMin and ReconnectMax bound the backoff between attempts to
-	// re-establish the listen connection. Defaults 100ms and 1s: a replica
-	// resyncs within about a second of Postgres returning, at the cost of
-	// one connection attempt per second while it is down.
+	// re-establish the listen connection; each wait is drawn at random
+	// between half the current backoff and all of it, so a fleet does not
+	// reconnect in lockstep. Defaults 100ms and 1s: a replica resyncs
+	// within about a second of Postgres returning, at the cost of one
+	// connection attempt per second while it is down.
 	ReconnectMin, ReconnectMax time.Duration
+	// PingInterval is how long the listen connection may stay silent
+	// before it is pinged. Default 2s: one tiny round trip every 2s per
+	// replica buys detection of a hung connection (a stalled proxy, a
+	// middlebox that dropped the connection's state) within
+	// PingInterval + PingTimeout, where TCP alone would take minutes.
+	PingInterval time.Duration
+	// PingTimeout is how long a ping may wait for its answer before the
+	// connection counts as hung and is replaced.
+	// Default 2s: far above a healthy round trip, well below what an
+	// operator would call an outage.
+	PingTimeout time.Duration
+	// ConnectTimeout bounds each attempt to re-open the listen connection
+	// (New's first attempt is bounded by its ctx). Default 10s: generous
+	// for a loaded server's authentication; a hung attempt only delays the
+	// next one.
+	ConnectTimeout time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -66,6 +84,18 @@ func (o Options) withDefaults() Options {
 	}
 	if o.ReconnectMax <= 0 {
 		o.ReconnectMax = time.Second
+	}
+	if o.ReconnectMax < o.ReconnectMin {
+		o.ReconnectMax = o.ReconnectMin
+	}
+	if o.PingInterval <= 0 {
+		o.PingInterval = 2 * time.Second
+	}
+	if o.PingTimeout <= 0 {
+		o.PingTimeout = 2 * time.Second
+	}
+	if o.ConnectTimeout <= 0 {
+		o.ConnectTimeout = 10 * time.Second
 	}
 	return o
 }
@@ -115,9 +145,14 @@ type Pubsub struct {
 
 	mu   sync.Mutex
 	subs map[string]map[*subscription]struct{} // channel → subscriptions
+	// active is the set of channels LISTENed on the current connection
+	// (empty while it is down); waiters are Subscribe calls waiting for
+	// their channel to become active. Both under mu.
+	active  map[string]bool
+	waiters map[string][]chan struct{}
 	// wake interrupts WaitForNotification so the loop can LISTEN/UNLISTEN.
 	wake       chan struct{}
-	listening  map[string]bool // channels LISTENed on the current connection
+	listening  map[string]bool // owned by the run goroutine
 	connected  atomic.Bool
 	backendPID atomic.Uint32
 
@@ -154,6 +189,8 @@ func New(ctx context.Context, db *database.DB, opts Options) (*Pubsub, error) {
 		subs:      map[string]map[*subscription]struct{}{},
 		wake:      make(chan struct{}, 1),
 		listening: map[string]bool{},
+		active:    map[string]bool{},
+		waiters:   map[string][]chan struct{}{},
 	}
 	conn, err := p.connect(ctx)
 	if err != nil {
@@ -176,7 +213,9 @@ func (p *Pubsub) connect(ctx context.Context) (*pgx.Conn, error) {
 	return conn, nil
 }
 
-// Connected reports whether the listen connection is up.
+// Connected reports whether the listen connection is up. It turns false
+// within PingInterval + PingTimeout of the connection hanging, and at once
+// when it breaks.
 func (p *Pubsub) Connected() bool { return p.connected.Load() }
 
 // BackendPID is the Postgres backend process id of the listen connection
@@ -185,6 +224,12 @@ func (p *Pubsub) BackendPID() uint32 { return p.backendPID.Load() }
 
 // Subscribe delivers every notification on channel to l until cancel is
 // called. cancel is idempotent and safe after Close.
+//
+// It returns once the server is listening on channel for this Pubsub, so
+// anything published on channel after it returns, from any connection, is
+// delivered. If the listen connection is down (or goes down while
+// Subscribe waits), it returns at once without error and l gets
+// ErrDroppedMessages when the connection is back, like every subscriber.
 func (p *Pubsub) Subscribe(channel string, l Listener) (cancel func(), err error) {
 	if channel == "" {
 		return nil, errors.New("pubsub: empty channel name")
@@ -199,10 +244,21 @@ func (p *Pubsub) Subscribe(channel string, l Listener) (cancel func(), err error
 		p.subs[channel] = map[*subscription]struct{}{}
 	}
 	p.subs[channel][s] = struct{}{}
+	var listening chan struct{}
+	if p.connected.Load() && !p.active[channel] {
+		listening = make(chan struct{})
+		p.waiters[channel] = append(p.waiters[channel], listening)
+	}
 	p.wg.Add(1)
 	p.mu.Unlock()
 	go p.deliver(s)
 	p.poke()
+	if listening != nil {
+		select {
+		case <-listening:
+		case <-p.ctx.Done():
+		}
+	}
 	return func() {
 		p.mu.Lock()
 		delete(p.subs[channel], s)
@@ -306,11 +362,19 @@ func (p *Pubsub) wantedChannels() map[string]bool {
 
 // syncListens LISTENs and UNLISTENs so the connection matches the
 // subscriptions.
+// Each statement may take up to ConnectTimeout (a hung connection fails
+// it; a merely slow server does not).
 func (p *Pubsub) syncListens(ctx context.Context, conn *pgx.Conn) error {
+	exec := func(sql string) error {
+		ctx, cancel := context.WithTimeout(ctx, p.opts.ConnectTimeout)
+		defer cancel()
+		_, err := conn.Exec(ctx, sql)
+		return err
+	}
 	want := p.wantedChannels()
 	for ch := range want {
 		if !p.listening[ch] {
-			if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{ch}.Sanitize()); err != nil {
+			if err := exec("LISTEN " + pgx.Identifier{ch}.Sanitize()); err != nil {
 				return fmt.Errorf("listen %q: %w", ch, err)
 			}
 			p.listening[ch] = true
@@ -318,13 +382,48 @@ func (p *Pubsub) syncListens(ctx context.Context, conn *pgx.Conn) error {
 	}
 	for ch := range p.listening {
 		if !want[ch] {
-			if _, err := conn.Exec(ctx, "UNLISTEN "+pgx.Identifier{ch}.Sanitize()); err != nil {
+			if err := exec("UNLISTEN " + pgx.Identifier{ch}.Sanitize()); err != nil {
 				return fmt.Errorf("unlisten %q: %w", ch, err)
 			}
 			delete(p.listening, ch)
 		}
 	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.active = make(map[string]bool, len(p.listening))
+	for ch := range p.listening {
+		p.active[ch] = true
+		for _, w := range p.waiters[ch] {
+			close(w)
+		}
+		delete(p.waiters, ch)
+	}
 	return nil
+}
+
+// setDown records that the listen connection is gone: Connected turns
+// false and Subscribe calls waiting for a LISTEN return (their listeners
+// hear ErrDroppedMessages once the connection is back).
+func (p *Pubsub) setDown() {
+	p.connected.Store(false)
+	p.metrics.connected.Set(0)
+	p.listening = map[string]bool{}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.active = map[string]bool{}
+	for ch, ws := range p.waiters {
+		for _, w := range ws {
+			close(w)
+		}
+		delete(p.waiters, ch)
+	}
+}
+
+// closeConn closes a connection that may be hung without waiting long.
+func closeConn(conn *pgx.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = conn.Close(ctx)
 }
 
 // run owns the listen connection: it waits for notifications, re-syncs
@@ -333,10 +432,9 @@ func (p *Pubsub) run(conn *pgx.Conn) {
 	defer p.wg.Done()
 	defer func() {
 		if conn != nil {
-			_ = conn.Close(context.Background())
+			closeConn(conn)
 		}
-		p.connected.Store(false)
-		p.metrics.connected.Set(0)
+		p.setDown()
 	}()
 	for p.ctx.Err() == nil {
 		err := p.syncListens(p.ctx, conn)
@@ -347,7 +445,8 @@ func (p *Pubsub) run(conn *pgx.Conn) {
 			return
 		}
 		if err != nil {
-			_ = conn.Close(context.Background())
+			p.setDown()
+			closeConn(conn)
 			conn = p.reconnect(err)
 			if conn == nil {
 				return
@@ -357,40 +456,71 @@ func (p *Pubsub) run(conn *pgx.Conn) {
 }
 
 // receive waits for notifications until poked (nil) or the connection
-// fails (the error).
+// fails (the error). A connection silent for PingInterval is pinged; no
+// answer within PingTimeout counts as a failure.
 func (p *Pubsub) receive(conn *pgx.Conn) error {
 	for {
-		waitCtx, cancel := context.WithCancel(p.ctx)
-		stopWake := make(chan struct{})
+		waitCtx, cancel := context.WithTimeout(p.ctx, p.opts.PingInterval)
+		var poked atomic.Bool
+		stopWake, wakeDone := make(chan struct{}), make(chan struct{})
 		go func() {
+			defer close(wakeDone)
 			select {
 			case <-p.wake:
+				poked.Store(true)
 				cancel()
 			case <-stopWake:
 			}
 		}()
 		n, err := conn.WaitForNotification(waitCtx)
 		close(stopWake)
-		poked := waitCtx.Err() != nil && p.ctx.Err() == nil
+		<-wakeDone
+		idle := errors.Is(waitCtx.Err(), context.DeadlineExceeded) && !poked.Load()
 		cancel()
-		if err != nil {
-			if poked && !conn.IsClosed() {
-				return nil // re-sync LISTENs
+		if p.ctx.Err() != nil {
+			return p.ctx.Err()
+		}
+		if err == nil {
+			p.metrics.received.Inc()
+			p.dispatch(n.Channel, message{payload: []byte(n.Payload)})
+		}
+		if conn.IsClosed() {
+			if err == nil {
+				err = errors.New("connection closed")
 			}
 			return err
 		}
-		p.metrics.received.Inc()
-		p.dispatch(n.Channel, message{payload: []byte(n.Payload)})
+		switch {
+		case poked.Load():
+			return nil // re-sync LISTENs (a poke that raced a notification is kept)
+		case err == nil:
+		case idle:
+			if err := p.ping(conn); err != nil {
+				return err
+			}
+		default:
+			return err
+		}
 	}
+}
+
+// ping checks that an idle listen connection still answers.
+func (p *Pubsub) ping(conn *pgx.Conn) error {
+	ctx, cancel := context.WithTimeout(p.ctx, p.opts.PingTimeout)
+	defer cancel()
+	if err := conn.Ping(ctx); err != nil {
+		if p.ctx.Err() != nil {
+			return p.ctx.Err()
+		}
+		return fmt.Errorf("idle connection did not answer a ping within %s: %w", p.opts.PingTimeout, err)
+	}
+	return nil
 }
 
 // reconnect retries with exponential backoff and jitter until a new
 // connection is up (and tells every subscriber messages may have been
 // lost), or the Pubsub closes (nil).
 func (p *Pubsub) reconnect(cause error) *pgx.Conn {
-	p.connected.Store(false)
-	p.metrics.connected.Set(0)
-	p.listening = map[string]bool{}
 	lost := time.Now()
 	p.log.Warn("pubsub connection lost; reconnecting", zap.String("database", database.Describe(p.db.URL())),
 		zap.String("error", database.Redact(p.db.URL(), cause.Error())))
@@ -402,15 +532,16 @@ func (p *Pubsub) reconnect(cause error) *pgx.Conn {
 			return nil
 		case <-time.After(backoff/2 + jitter):
 		}
-		ctx, cancel := context.WithTimeout(p.ctx, 10*time.Second)
+		ctx, cancel := context.WithTimeout(p.ctx, p.opts.ConnectTimeout)
 		conn, err := p.connect(ctx)
+		cancel()
 		if err == nil {
-			err = p.syncListens(ctx, conn)
+			err = p.syncListens(p.ctx, conn)
 			if err != nil {
-				_ = conn.Close(context.Background())
+				p.setDown()
+				closeConn(conn)
 			}
 		}
-		cancel()
 		if err == nil {
 			p.metrics.reconnects.Inc()
 			p.log.Info("pubsub connection restored", zap.Duration("down_for", time.Since(lost).Round(time.Millisecond)))

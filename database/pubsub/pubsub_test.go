@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/database/pubsub"
+	"github.com/coder-ha/coder/internal/faultproxy"
 	"github.com/coder-ha/coder/internal/wait"
 )
 
@@ -251,4 +253,122 @@ func TestCloseIsIdempotentAndCancelAfterCloseIsSafe(t *testing.T) {
 	if _, err := ps.Subscribe("c", func(context.Context, []byte, error) {}); err == nil {
 		t.Fatal("Subscribe after Close succeeded")
 	}
+}
+
+// A publish from another connection right after Subscribe returns is
+// always delivered: Subscribe returns only once the server listens.
+func TestPublishRightAfterSubscribeReturnsIsAlwaysReceived(t *testing.T) {
+	t.Parallel()
+	db := dbtest.NewDB(t)
+	listener, publisher := newPubsub(t, db), newPubsub(t, db)
+	for i := 0; i < 20; i++ {
+		channel := fmt.Sprintf("fresh_%d", i)
+		var r recorder
+		if _, err := listener.Subscribe(channel, r.listen); err != nil {
+			t.Fatal(err)
+		}
+		if err := publisher.Publish(context.Background(), channel, []byte("first")); err != nil {
+			t.Fatal(err)
+		}
+		wait.For(t, 5*time.Second, "the message published right after Subscribe", func() bool {
+			got, _ := r.snapshot()
+			return len(got) == 1 && got[0] == "first"
+		})
+	}
+}
+
+// The listen connection black-holed (a stalled proxy, a middlebox that
+// lost the connection's state: open, silent, no reset): the idle ping
+// notices within seconds, Connected turns false, the Pubsub reconnects,
+// the subscriber is told to resync, and a NOTIFY is delivered again, all
+// within 10s.
+func TestHungListenConnectionIsDetectedAndReplacedWithinSeconds(t *testing.T) {
+	t.Parallel()
+	direct := dbtest.NewDB(t)
+	u, err := url.Parse(direct.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := faultproxy.New(u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proxy.Close()
+	u.Host = proxy.Addr()
+	ctx := context.Background()
+	proxied, err := database.Connect(ctx, u.String(), database.ConnectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proxied.Close()
+	ps, err := pubsub.New(ctx, proxied, pubsub.Options{}) // default ping interval and timeout
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ps.Close()
+	publisher := newPubsub(t, direct)
+	var r recorder
+	if _, err := ps.Subscribe("replica", r.listen); err != nil {
+		t.Fatal(err)
+	}
+	if err := publisher.Publish(ctx, "replica", []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	wait.For(t, 5*time.Second, "delivery before the fault", func() bool { got, _ := r.snapshot(); return len(got) == 1 })
+
+	proxy.Freeze()
+	frozen := time.Now()
+	var detected time.Duration
+	wait.For(t, 10*time.Second, "Connected() false after the freeze", func() bool {
+		detected = time.Since(frozen)
+		return !ps.Connected()
+	})
+	wait.For(t, 10*time.Second-time.Since(frozen), "reconnected, told to resync, and a NOTIFY delivered again", func() bool {
+		_ = publisher.Publish(ctx, "replica", []byte("after"))
+		got, drops := r.snapshot()
+		return drops > 0 && ps.Connected() && len(got) > 1
+	})
+	t.Logf("hung listen connection detected after %s; delivering again after %s", detected.Round(time.Millisecond), time.Since(frozen).Round(time.Millisecond))
+}
+
+// Subscribe while the listen connection is down returns at once, and the
+// new subscriber is told to resync when the connection is back, then
+// receives what is published.
+func TestSubscribeWhileDisconnectedReturnsAndReportsDrop(t *testing.T) {
+	t.Parallel()
+	cluster := dbtest.NewCluster(t)
+	ctx := context.Background()
+	db, err := database.Connect(ctx, cluster.URL(), database.ConnectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	ps := newPubsub(t, db)
+	if err := cluster.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	wait.For(t, 10*time.Second, "disconnected", func() bool { return !ps.Connected() })
+	var r recorder
+	returned := make(chan error, 1)
+	go func() {
+		_, err := ps.Subscribe("late", r.listen)
+		returned <- err
+	}()
+	select {
+	case err := <-returned:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Subscribe blocked while the listen connection was down")
+	}
+	if err := cluster.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	wait.For(t, 15*time.Second, "the late subscriber told to resync", func() bool { _, d := r.snapshot(); return d > 0 })
+	wait.For(t, 5*time.Second, "the late subscriber receives", func() bool {
+		_ = ps.Publish(ctx, "late", []byte("x"))
+		got, _ := r.snapshot()
+		return len(got) > 0
+	})
 }

@@ -1,7 +1,10 @@
 // Package faultproxy is an in-process TCP proxy that injects the network
 // faults tests need where tc netem is unavailable: added latency in each
 // direction, a stall (bytes held, connections kept), and a cut (every
-// connection closed, new ones dropped until healed).
+// connection closed, new ones dropped until healed), a black hole for the
+// connections open now (Freeze), and a switch of the target for new
+// connections (SetTarget: a load balancer moving clients, or a managed
+// database endpoint flipping to a promoted standby).
 //
 // Put one between a client and anything that speaks TCP (a relay, an HTTP
 // server, Postgres) and point the client at Addr() instead of the target:
@@ -35,7 +38,7 @@ type Options struct {
 
 // Proxy forwards connections from Addr() to a target address.
 type Proxy struct {
-	target      string
+	target      atomic.Pointer[string]
 	dialTimeout time.Duration
 	listener    net.Listener
 
@@ -44,7 +47,7 @@ type Proxy struct {
 	stall atomic.Bool
 
 	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
+	conns  map[net.Conn]*atomic.Bool // connection → frozen
 	closed bool
 	wg     sync.WaitGroup
 }
@@ -63,7 +66,8 @@ func New(target string, opts ...Options) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{target: target, dialTimeout: o.DialTimeout, listener: l, conns: map[net.Conn]struct{}{}}
+	p := &Proxy{dialTimeout: o.DialTimeout, listener: l, conns: map[net.Conn]*atomic.Bool{}}
+	p.target.Store(&target)
 	p.delay.Store(int64(o.Delay))
 	p.wg.Add(1)
 	go p.accept()
@@ -100,6 +104,25 @@ func (p *Proxy) Cut() {
 	p.mu.Unlock()
 }
 
+// Freeze black-holes every connection open now, for good: each stays open
+// but no byte moves in either direction again (a middlebox that lost the
+// connections' state, a hung server). Connections accepted later are
+// unaffected. Close them with Cut or Close.
+func (p *Proxy) Freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, frozen := range p.conns {
+		frozen.Store(true)
+	}
+}
+
+// SetTarget sends connections accepted from now on to target (host:port);
+// connections already open stay with the old target until they close.
+func (p *Proxy) SetTarget(target string) { p.target.Store(&target) }
+
+// Target is the host:port new connections are forwarded to.
+func (p *Proxy) Target() string { return *p.target.Load() }
+
 // Heal ends a Cut.
 func (p *Proxy) Heal() { p.cut.Store(false) }
 
@@ -120,13 +143,13 @@ func (p *Proxy) Close() error {
 	return err
 }
 
-func (p *Proxy) track(c net.Conn) bool {
+func (p *Proxy) track(c net.Conn, frozen *atomic.Bool) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed || p.cut.Load() { // a connection accepted just before a Cut
 		return false
 	}
-	p.conns[c] = struct{}{}
+	p.conns[c] = frozen
 	return true
 }
 
@@ -154,12 +177,13 @@ func (p *Proxy) accept() {
 
 func (p *Proxy) handle(client net.Conn) {
 	defer p.wg.Done()
-	server, err := net.DialTimeout("tcp", p.target, p.dialTimeout)
+	server, err := net.DialTimeout("tcp", p.Target(), p.dialTimeout)
 	if err != nil {
 		_ = client.Close()
 		return
 	}
-	if !p.track(client) || !p.track(server) {
+	frozen := new(atomic.Bool) // shared by both halves of the pair
+	if !p.track(client, frozen) || !p.track(server, frozen) {
 		_ = client.Close()
 		_ = server.Close()
 		return
@@ -168,8 +192,8 @@ func (p *Proxy) handle(client net.Conn) {
 	defer p.untrack(server)
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); p.pipe(server, client) }()
-	go func() { defer wg.Done(); p.pipe(client, server) }()
+	go func() { defer wg.Done(); p.pipe(server, client, frozen) }()
+	go func() { defer wg.Done(); p.pipe(client, server, frozen) }()
 	wg.Wait()
 }
 
@@ -179,17 +203,25 @@ type chunk struct {
 }
 
 // pipe copies src to dst, delivering each chunk Delay after it was read.
-func (p *Proxy) pipe(dst, src net.Conn) {
+// Once frozen, it reads and discards (the sender sees a peer that accepts
+// bytes and never answers).
+func (p *Proxy) pipe(dst, src net.Conn, frozen *atomic.Bool) {
 	queue := make(chan chunk, 1024)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for c := range queue {
+			if frozen.Load() {
+				continue
+			}
 			for p.stall.Load() && !p.cut.Load() {
 				time.Sleep(5 * time.Millisecond)
 			}
 			if d := time.Until(c.due); d > 0 {
 				time.Sleep(d)
+			}
+			if frozen.Load() {
+				continue
 			}
 			if _, err := dst.Write(c.data); err != nil {
 				_ = src.Close()

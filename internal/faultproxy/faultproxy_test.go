@@ -89,3 +89,48 @@ func TestProxyStartsDelayedAndCutBreaksOpenConnections(t *testing.T) {
 	}
 	_ = p.Close() // idempotent
 }
+
+// Freeze black-holes the open (kept-alive) connection while a new one
+// works; SetTarget moves new connections to another server and leaves the
+// open ones where they are.
+func TestFreezeBlackHolesOpenConnectionsAndSetTargetMovesNewOnes(t *testing.T) {
+	named := func(name string) *httptest.Server {
+		return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, name) }))
+	}
+	a, b := named("a"), named("b")
+	defer a.Close()
+	defer b.Close()
+	p, err := faultproxy.New(a.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	body := func(client *http.Client) (string, error) {
+		resp, err := client.Get(p.URL())
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return string(b), err
+	}
+	kept := &http.Client{Timeout: 500 * time.Millisecond} // keep-alive: one connection
+	fresh := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	if got, err := body(kept); err != nil || got != "a" {
+		t.Fatalf("before any fault: %q, %v", got, err)
+	}
+	p.SetTarget(b.Listener.Addr().String())
+	if got, err := body(kept); err != nil || got != "a" {
+		t.Fatalf("an open connection moved with SetTarget: %q, %v", got, err)
+	}
+	if got, err := body(fresh); err != nil || got != "b" {
+		t.Fatalf("a new connection after SetTarget: %q, %v (want b)", got, err)
+	}
+	p.Freeze()
+	if got, err := body(kept); err == nil {
+		t.Fatalf("a frozen connection answered %q", got)
+	}
+	if got, err := body(fresh); err != nil || got != "b" {
+		t.Fatalf("a new connection after Freeze: %q, %v", got, err)
+	}
+}
