@@ -293,8 +293,9 @@ func (s *Server) watchMeshErrors(r *replication) {
 }
 
 // stopReplication leaves the cluster: marks the row stopped and announces
-// it, so peers drop this replica at once. The mesh keeps forwarding this
-// replica's clients until the listeners close.
+// it, so peers drop this replica at once. Shutdown calls it only after the
+// grace period and after the listeners closed, so peers keep forwarding to
+// this replica's clients for as long as it holds any.
 func (s *Server) stopReplication() {
 	if s.repl == nil || s.repl.replicas == nil {
 		return
