@@ -25,7 +25,7 @@ test-helm:
 
 ## test-ha: the fault-injection suite (real processes, Postgres outage, kill -9, partitions)
 test-ha: deps
-	$(GO) test -race -tags ha -count=1 -timeout 15m -v ./internal/hatest/ 2>&1 | tee /tmp/coder-test-ha.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\w+_test.go:\d+)'; exit $${PIPESTATUS[0]}
+	$(GO) test -race -tags ha -count=1 -timeout 15m -v ./internal/hatest/ 2>&1 | tee /tmp/coder-test-ha.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+[a-z_]+_test.go:[0-9]+)'; exit $${PIPESTATUS[0]}
 
 ## bench: convergence, failure detection, relay throughput vs derper, heartbeat cost, footprint;
 ## prints a markdown table and writes bench-results/results.{md,json}
