@@ -33,6 +33,7 @@ import (
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/internal/clitest"
 	"github.com/coder-ha/coder/internal/derptest"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
@@ -177,61 +178,31 @@ func machine() string {
 	return fmt.Sprintf("%d cores (%s), %s, %s/%s", runtime.NumCPU(), model, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
-type cluster struct {
-	t     *testing.T
-	pg    string
-	nodes []*clitest.Process
-}
-
-func (c *cluster) add(env ...string) *clitest.Process {
-	p := clitest.StartReplica(c.t, clitest.ReplicaOptions{Name: fmt.Sprintf("r%d", len(c.nodes)+1), PostgresURL: c.pg, Env: env})
-	c.nodes = append(c.nodes, p)
-	return p
-}
-
-func (c *cluster) stopAll() {
-	for _, n := range c.nodes {
-		if !n.Exited() {
-			n.Signal(syscall.SIGTERM)
-		}
-	}
-	for _, n := range c.nodes {
-		n.Wait(30 * time.Second)
-	}
-	c.nodes = nil
-}
-
 func connectRetry(url string, d time.Duration) *derptest.Client {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		c, err := derptest.Connect(ctx, url)
-		cancel()
-		if err == nil {
-			return c
-		}
-		time.Sleep(2 * time.Millisecond)
+	c, err := derptest.ConnectRetry(url, d)
+	if err != nil {
+		return nil
 	}
-	return nil
+	return c
 }
 
 // joinToMeshed: from starting a replica to the first packet crossing the
 // mesh from an existing replica's client to a client of the new one.
 func joinToMeshed(t *testing.T, n int) (join, ready []float64) {
-	c := &cluster{t: t, pg: dbtest.NewURL(t)}
-	defer c.stopAll()
+	c := clitest.NewCluster(t, dbtest.NewURL(t))
+	defer c.StopAll()
 	for i := 0; i < n-1; i++ {
-		c.add().WaitReady(2 * time.Minute)
+		c.Add().WaitReady(2 * time.Minute)
 	}
 	time.Sleep(time.Second) // let the existing mesh settle
-	x := connectRetry(c.nodes[0].URL, 10*time.Second)
+	x := connectRetry(c.Nodes[0].URL, 10*time.Second)
 	if x == nil {
 		t.Fatal("cannot connect to replica 1")
 	}
 	defer x.Close()
 	for run := 0; run < runs; run++ {
 		start := time.Now()
-		p := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("joiner-%d", run), PostgresURL: c.pg})
+		p := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("joiner-%d", run), PostgresURL: c.PostgresURL})
 		y := connectRetry(p.URL, 30*time.Second)
 		if y == nil {
 			t.Fatalf("cannot connect to the joining replica:\n%s", p.Output())
@@ -245,7 +216,7 @@ func joinToMeshed(t *testing.T, n int) (join, ready []float64) {
 			t.Fatalf("no packet crossed to the joining replica at N=%d", n)
 		}
 		join = append(join, ms(time.Since(start)))
-		if clitest.Eventually(30*time.Second, func() bool { return p.Status("/readyz") == http.StatusOK }) {
+		if wait.Until(30*time.Second, func() bool { return p.Status("/readyz") == http.StatusOK }) {
 			ready = append(ready, ms(time.Since(start)))
 		}
 		_ = y.Close()
@@ -260,28 +231,28 @@ func joinToMeshed(t *testing.T, n int) (join, ready []float64) {
 // (SIGTERM: gone from every peer's list; kill -9: every peer reports it
 // unreachable, from its own probes).
 func detection(t *testing.T, sig syscall.Signal) []float64 {
-	c := &cluster{t: t, pg: dbtest.NewURL(t)}
-	defer c.stopAll()
-	token := clitest.CreateToken(t, c.pg)
+	c := clitest.NewCluster(t, dbtest.NewURL(t))
+	defer c.StopAll()
+	token := clitest.CreateToken(t, c.PostgresURL)
 	for i := 0; i < 3; i++ {
-		c.add().WaitReady(time.Minute)
+		c.Add().WaitReady(time.Minute)
 	}
 	var out []float64
 	for run := 0; run < runs; run++ {
-		victim := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("victim-%d", run), PostgresURL: c.pg})
+		victim := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("victim-%d", run), PostgresURL: c.PostgresURL})
 		victim.WaitReady(time.Minute)
 		var info coderd.BuildInfo
 		victim.GetJSON("/api/v2/buildinfo", "", &info)
 		id := info.ReplicaID
-		clitest.Eventually(10*time.Second, func() bool { return allMeasured(c.nodes, token, id.String()) })
+		wait.Until(10*time.Second, func() bool { return allMeasured(c.Nodes, token, id.String()) })
 		start := time.Now()
 		if sig == syscall.SIGKILL {
 			victim.Kill()
 		} else {
 			victim.Signal(sig)
 		}
-		ok := clitest.Eventually(30*time.Second, func() bool {
-			for _, n := range c.nodes {
+		ok := wait.Until(30*time.Second, func() bool {
+			for _, n := range c.Nodes {
 				var rs []coderd.Replica
 				n.GetJSON("/api/v2/replicas", token, &rs)
 				if sig == syscall.SIGTERM && listed(rs, id.String()) {
@@ -483,12 +454,12 @@ func buildDerper(t *testing.T, dir string) string {
 // is the same either way.
 func heartbeatCost(t *testing.T, n int) []Row {
 	pg := dbtest.NewURL(t)
-	c := &cluster{t: t, pg: pg}
-	defer c.stopAll()
+	c := clitest.NewCluster(t, pg)
+	defer c.StopAll()
 	for i := 0; i < n; i++ {
-		c.add("CODER_DERP_SERVER_ENABLE=false")
+		c.Add("CODER_DERP_SERVER_ENABLE=false")
 	}
-	for _, node := range c.nodes {
+	for _, node := range c.Nodes {
 		node.WaitReady(2 * time.Minute)
 	}
 	time.Sleep(6 * time.Second) // a beat passes; start-up traffic is over
@@ -548,14 +519,14 @@ func postgresCPU() time.Duration {
 
 // footprint: idle RSS of a replica in a 3-replica cluster.
 func footprint(t *testing.T) Row {
-	c := &cluster{t: t, pg: dbtest.NewURL(t)}
-	defer c.stopAll()
+	c := clitest.NewCluster(t, dbtest.NewURL(t))
+	defer c.StopAll()
 	for i := 0; i < 3; i++ {
-		c.add().WaitReady(time.Minute)
+		c.Add().WaitReady(time.Minute)
 	}
 	time.Sleep(12 * time.Second) // a couple of beats: idle, steady state
 	var rss []float64
-	for _, n := range c.nodes {
+	for _, n := range c.Nodes {
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", n.Pid()))
 		for _, l := range strings.Split(string(b), "\n") {
 			if strings.HasPrefix(l, "VmRSS:") {

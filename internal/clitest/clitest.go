@@ -21,6 +21,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 var (
@@ -293,16 +295,6 @@ func (p *Process) WaitReady(d time.Duration) {
 	}
 }
 
-// Eventually polls cond every 10ms until it holds or d passes.
-func Eventually(d time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(d)
-	for {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+// Eventually polls cond until it holds or d passes (wait.Until; kept for
+// the tests that call it by this name).
+func Eventually(d time.Duration, cond func() bool) bool { return wait.Until(d, cond) }
