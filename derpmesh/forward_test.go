@@ -72,9 +72,6 @@ func (f *freezer) pipe(dst, src net.Conn) {
 	for {
 		if f.frozen.Load() {
 			time.Sleep(5 * time.Millisecond)
-			if f.l.Addr() == nil {
-				return
-			}
 			f.mu.Lock()
 			closed := f.conns == nil
 			f.mu.Unlock()

@@ -90,7 +90,9 @@ func (p *Process) GetJSON(path, token string, v any) int {
 // Cluster is a set of replicas sharing one Postgres, each configured by
 // StartReplica: the one cluster helper of e2e, hatest and bench.
 type Cluster struct {
-	T           testing.TB
+	// T owns the replicas: they are killed when its test ends.
+	T testing.TB
+	// PostgresURL is the database every replica is started with.
 	PostgresURL string
 	// Nodes are the replicas started by Add, in order.
 	Nodes []*Process
