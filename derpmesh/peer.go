@@ -336,14 +336,17 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 		return sessionResult{err: errSelf}
 	}
 
-	// Connect sent the watch request. A peer that refuses our mesh key
-	// closes the connection as soon as it reads that frame, and it reads
-	// frames in order: a pong to the ping sent after it proves the
-	// privileges were granted.
+	// Packets for the peer's clients go through our own forwarder (see
+	// forwarder), writing on the connection dialed above.
 	bcMu.Lock()
 	fw := newForwarder(c, bc, p.m.opts.ForwardQueueSize, p.m.droppedCounter(p.label()), p.url)
 	bcMu.Unlock()
 	defer fw.close()
+
+	// Connect sent the watch request. A peer that refuses our mesh key
+	// closes the connection as soon as it reads that frame, and it reads
+	// frames in order: a pong to the ping sent after it proves the
+	// privileges were granted.
 	connectedAt := time.Now()
 	// unconfirmedBreak explains a connection that ended before its first
 	// pong. A refusal is immediate; a later break is something else.
