@@ -105,6 +105,11 @@ type Config struct {
 	// DebugClockOffset shifts this process's local clock as replica sync
 	// sees it (hidden flag, for fault tests): liveness must not depend on it.
 	DebugClockOffset time.Duration
+
+	// DebugPprofAddress, when set, serves net/http/pprof there (hidden
+	// flag, for profiling a loaded fleet). Loopback only, like the metrics
+	// address: profiles reveal internals.
+	DebugPprofAddress string
 }
 
 // The values of --postgres-pubsub.

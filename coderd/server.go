@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -203,6 +204,19 @@ func (s *Server) listen() error {
 		mux.Handle("/metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
 		s.serve(ml, mux)
 		s.log.Info("serving prometheus metrics", zap.String("address", ml.Addr().String()))
+	}
+	if s.cfg.DebugPprofAddress != "" {
+		pl, err := net.Listen("tcp", ListenAddress(s.cfg.DebugPprofAddress))
+		if err != nil {
+			return &ConfigError{"debug-pprof-address", fmt.Sprintf("listen on %s: %v", s.cfg.DebugPprofAddress, err)}
+		}
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		s.serve(pl, mux)
+		s.log.Info("serving pprof", zap.String("address", pl.Addr().String()))
 	}
 	return nil
 }

@@ -1,7 +1,6 @@
 package derpmesh_test
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -250,14 +249,7 @@ func fullMesh(t *testing.T, count int) []*node {
 // connect attaches a real DERP client to n (closed in a Cleanup).
 func connect(t *testing.T, n *node) *derptest.Client {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := derptest.Connect(ctx, n.dialURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c
+	return derptest.MustConnect(t, n.dialURL)
 }
 
 // exchangeBothWays sends n windowed packets a→b and then b→a and fails on

@@ -53,6 +53,7 @@ type Mesh struct {
 	meshKey key.DERPMesh
 	notify  *notifier
 	gauges  []prometheus.Collector
+	dropped *prometheus.CounterVec // coderd_derpmesh_forward_dropped_total{peer_id}
 
 	ctx    context.Context // canceled by Close; parent of every peer's
 	cancel context.CancelFunc
@@ -99,7 +100,15 @@ func New(opts Options) (*Mesh, error) {
 	if !opts.Server.HasMeshKey() {
 		m.log.Warn("the local DERP server has no mesh key; peers cannot mesh with this replica")
 	}
+	m.dropped = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "coderd_derpmesh_forward_dropped_total",
+		Help: "Packets for a peer replica's clients that this replica dropped instead of forwarding: the peer's queue was full (slow or stopped peer) or its mesh connection ended with packets queued.",
+	}, []string{"peer_id"})
 	if opts.Registerer != nil {
+		if err := opts.Registerer.Register(m.dropped); err != nil {
+			return nil, fmt.Errorf("derpmesh: register coderd_derpmesh_forward_dropped_total: %w", err)
+		}
+		m.gauges = append(m.gauges, m.dropped)
 		for _, state := range []string{StateConnected, StateConnecting} {
 			g := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name:        "coderd_derpmesh_peers",
@@ -118,6 +127,11 @@ func New(opts Options) (*Mesh, error) {
 	return m, nil
 }
 
+// droppedCounter is the drop counter of the peer labelled label.
+func (m *Mesh) droppedCounter(label string) prometheus.Counter {
+	return m.dropped.WithLabelValues(label)
+}
+
 func (m *Mesh) unregister() {
 	for _, g := range m.gauges {
 		m.opts.Registerer.Unregister(g)
@@ -129,6 +143,17 @@ func (m *Mesh) unregister() {
 // "http://a:1/" are the same peer.
 func normalizeURL(u string) string {
 	return strings.TrimSuffix(strings.TrimSpace(u), "/")
+}
+
+// Peer is one peer replica to mesh with.
+type Peer struct {
+	// ID is the replica's id (a uuid). It labels the peer's metrics, and a
+	// new ID behind a URL already meshed with means a new process there:
+	// the connection is replaced as by Reconnect. Empty: not known (the
+	// URL labels the metrics; an ID given earlier is kept).
+	ID string
+	// URL is the replica's relay URL, as for SetAddresses.
+	URL string
 }
 
 // SetAddresses replaces the set of peer relay URLs to mesh with. A relay
@@ -144,14 +169,32 @@ func normalizeURL(u string) string {
 // their connection untouched (use Reconnect to replace one). Duplicates and
 // empty strings are ignored; an unparsable URL is kept and reported in
 // Status. After Close, SetAddresses does nothing.
+//
+// It is SetPeers without replica ids; prefer SetPeers.
 func (m *Mesh) SetAddresses(urls []string) {
+	peers := make([]Peer, len(urls))
+	for i, u := range urls {
+		peers[i] = Peer{URL: u}
+	}
+	m.SetPeers(peers)
+}
+
+// SetPeers replaces the set of peers to mesh with, as SetAddresses does
+// for their URLs. In addition, each peer's ID labels its
+// coderd_derpmesh_forward_dropped_total series, and a URL already in the
+// set that comes with a different ID than before is a restarted peer
+// (same address, new process): its connection is replaced at once, as by
+// Reconnect, so the mesh is confirmed with the new process without
+// waiting for the old connection to time out. When the same URL appears
+// twice, the last entry wins.
+func (m *Mesh) SetPeers(peers []Peer) {
 	m.setMu.Lock()
 	defer m.setMu.Unlock()
 
-	want := make(map[string]bool, len(urls))
-	for _, u := range urls {
-		if u = normalizeURL(u); u != "" {
-			want[u] = true
+	want := make(map[string]string, len(peers)) // url → id
+	for _, p := range peers {
+		if u := normalizeURL(p.URL); u != "" {
+			want[u] = strings.TrimSpace(p.ID)
 		}
 	}
 
@@ -160,29 +203,71 @@ func (m *Mesh) SetAddresses(urls []string) {
 		m.mu.Unlock()
 		return
 	}
-	var removed []*peer
+	var removed, restarted []*peer
 	for u, p := range m.peers {
-		if !want[u] {
+		if _, ok := want[u]; !ok {
 			removed = append(removed, p)
 			delete(m.peers, u)
 		}
 	}
-	for u := range want {
-		if _, ok := m.peers[u]; !ok {
-			p := m.newPeer(u)
+	for u, id := range want {
+		p, ok := m.peers[u]
+		if !ok {
+			p = m.newPeer(u, id)
 			m.peers[u] = p
 			go p.run()
+			continue
+		}
+		if changed, old := p.setID(id); changed {
+			m.dropped.DeleteLabelValues(old)
+			restarted = append(restarted, p)
+		} else if old == "" && id != "" {
+			m.dropped.DeleteLabelValues(u) // labelled by URL until now
 		}
 	}
 	m.mu.Unlock()
 
+	for _, p := range restarted {
+		m.log.Info("peer restarted behind its relay URL; reconnecting", zap.String("relay_url", p.url), zap.String("peer_id", p.label()))
+		p.reconnect()
+	}
 	for _, p := range removed {
 		m.log.Info("leaving mesh with peer", zap.String("relay_url", p.url))
 		p.cancel()
 	}
 	for _, p := range removed {
 		<-p.done
+		m.dropped.DeleteLabelValues(p.label())
 	}
+}
+
+// PingPeer returns the round trip to the peer whose relay URL is relayURL
+// over its established mesh link. ok is false when there is no
+// established link (the caller falls back to an HTTP probe).
+//
+// The round trip is a DERP ping answered by the peer's relay on the very
+// connection that carries forwarded packets, so it measures the path
+// relayed traffic takes (queueing behind forwarded packets included). It
+// returns when the pong arrives, ctx ends, or 5 s pass (the library's cap
+// on one ping); a ping that fails on an established link returns ok true
+// and the error: the peer did not answer over the mesh. It is safe to call
+// concurrently with everything else, for any URL.
+func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration, ok bool, err error) {
+	m.mu.Lock()
+	p := m.peers[normalizeURL(relayURL)]
+	m.mu.Unlock()
+	if p == nil {
+		return 0, false, nil
+	}
+	c := p.confirmedClient()
+	if c == nil {
+		return 0, false, nil
+	}
+	start := time.Now()
+	if err := c.Ping(ctx); err != nil {
+		return 0, true, fmt.Errorf("ping peer %s over the mesh: %w", p.url, err)
+	}
+	return time.Since(start), true, nil
 }
 
 // Reconnect replaces the connection to url at once: a live connection is

@@ -80,8 +80,29 @@ type Options struct {
 	// timeout. Default 10s (so ~20s): one 8-byte frame each way per peer.
 	PingInterval time.Duration
 
-	// Registerer, if set, receives coderd_derpmesh_peers{state}: the number
-	// of peers per State, read at scrape time. Close unregisters it.
+	// ForwardQueueSize is how many packets may wait for one peer's mesh
+	// connection. Packets for a peer's clients are queued and written by
+	// one goroutine per peer, so a slow or stopped peer never stalls the
+	// local clients' traffic to anyone else; when its queue is full the
+	// oldest packet is dropped (coderd_derpmesh_forward_dropped_total).
+	// Larger absorbs longer bursts and pauses of a peer, at up to 64 KiB
+	// of memory per slot under overload, and adds that much delay before a
+	// dead peer's packets start being dropped. Default 1024 (the DERP
+	// server's own queue per client is 32).
+	ForwardQueueSize int
+
+	// WriteTimeout bounds one write to a peer's mesh connection; a peer
+	// that does not take the bytes in time (stopped, hung, partitioned) has
+	// its connection closed and redialed, and its queued packets dropped.
+	// Default 5s, the DERP library's own write timeout.
+	WriteTimeout time.Duration
+
+	// Registerer, if set, receives coderd_derpmesh_peers{state} (the number
+	// of peers per State, read at scrape time) and
+	// coderd_derpmesh_forward_dropped_total{peer_id} (packets for a peer's
+	// clients dropped by this replica: queue full, or the connection
+	// ended with packets queued; peer_id is the replica id given to
+	// SetPeers, or the relay URL where none was). Close unregisters them.
 	Registerer prometheus.Registerer
 }
 
@@ -91,6 +112,8 @@ var DefaultOptions = Options{
 	MaxRetryInterval: 5 * time.Second,  // never slower than the library's fixed 5s
 	ConfirmTimeout:   5 * time.Second,  // the library caps Ping at 5s anyway
 	PingInterval:     10 * time.Second, // silent peer death noticed within ~20s
+	ForwardQueueSize: 1024,             // ~1.3 MB of 1 KiB packets per stalled peer
+	WriteTimeout:     5 * time.Second,  // as the DERP library
 }
 
 func (o Options) withDefaults() Options {
@@ -111,6 +134,12 @@ func (o Options) withDefaults() Options {
 	}
 	if o.PingInterval <= 0 {
 		o.PingInterval = DefaultOptions.PingInterval
+	}
+	if o.ForwardQueueSize <= 0 {
+		o.ForwardQueueSize = DefaultOptions.ForwardQueueSize
+	}
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = DefaultOptions.WriteTimeout
 	}
 	return o
 }

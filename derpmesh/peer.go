@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/url"
 	"strings"
 	"sync"
@@ -47,6 +48,8 @@ type peer struct {
 	wake   chan struct{} // cap 1; Reconnect wakes a pause or a park
 
 	mu            sync.Mutex
+	id            string           // the peer replica's id, "" until told (SetPeers)
+	client        *derphttp.Client // the confirmed connection, nil when none
 	state         string
 	err           string
 	since         time.Time
@@ -54,7 +57,7 @@ type peer struct {
 	cancelSession context.CancelFunc // cancels the dial or connection in progress
 }
 
-func (m *Mesh) newPeer(u string) *peer {
+func (m *Mesh) newPeer(u, id string) *peer {
 	ctx, cancel := context.WithCancel(m.ctx)
 	p := &peer{
 		m:      m,
@@ -64,6 +67,7 @@ func (m *Mesh) newPeer(u string) *peer {
 		cancel: cancel,
 		done:   make(chan struct{}),
 		wake:   make(chan struct{}, 1),
+		id:     id,
 		state:  StateConnecting,
 		since:  time.Now(),
 	}
@@ -105,6 +109,42 @@ func (p *peer) setState(state, errMsg string) {
 		p.since = time.Now()
 	}
 	p.state, p.err = state, errMsg
+}
+
+// label is the peer's coderd_derpmesh_forward_dropped_total label: its
+// replica id, or its relay URL until the id is known.
+func (p *peer) label() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.id != "" {
+		return p.id
+	}
+	return p.url
+}
+
+// setID records the peer's replica id and reports whether it changed from
+// a known one (a new process behind the same URL).
+func (p *peer) setID(id string) (changed bool, old string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if id == "" || id == p.id {
+		return false, p.id
+	}
+	old, p.id = p.id, id
+	return old != "", old
+}
+
+// confirmedClient is the connection PingPeer uses, nil when there is none.
+func (p *peer) confirmedClient() *derphttp.Client {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.client
+}
+
+func (p *peer) setClient(c *derphttp.Client) {
+	p.mu.Lock()
+	p.client = c
+	p.mu.Unlock()
 }
 
 func (p *peer) reconnect() {
@@ -269,6 +309,21 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 	c.WatchConnectionChanges = true
 	c.TLSConfig = p.m.opts.TLSConfig
 	c.BaseContext = func() context.Context { return deadContext }
+	var (
+		bcMu sync.Mutex
+		bc   *batchConn
+	)
+	c.SetURLDialer(func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var d net.Dialer
+		conn, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		bcMu.Lock()
+		bc = newBatchConn(conn, p.m.opts.WriteTimeout)
+		bcMu.Unlock()
+		return bc, nil
+	})
 	defer c.Close()
 
 	if err := c.Connect(ctx); err != nil {
@@ -280,6 +335,13 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 	if c.ServerPublicKey() == srv.PublicKey() {
 		return sessionResult{err: errSelf}
 	}
+
+	// Packets for the peer's clients go through our own forwarder (see
+	// forwarder), writing on the connection dialed above.
+	bcMu.Lock()
+	fw := newForwarder(c, bc, p.m.opts.ForwardQueueSize, p.m.droppedCounter(p.label()), p.url)
+	bcMu.Unlock()
+	defer fw.close()
 
 	// Connect sent the watch request. A peer that refuses our mesh key
 	// closes the connection as soon as it reads that frame, and it reads
@@ -295,7 +357,7 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 		return fmt.Errorf("connection lost before the peer confirmed mesh privileges: %v", err)
 	}
 	recvErr := make(chan error, 1)
-	go func() { recvErr <- p.watch(c) }()
+	go func() { recvErr <- p.watch(c, fw) }()
 	pingCtx, cancelPing := context.WithCancel(ctx)
 	confirmed := make(chan struct{})
 	pingErr := make(chan error, 1)
@@ -303,6 +365,7 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 
 	recvDone, pingDone := false, false
 	defer func() {
+		p.setClient(nil)
 		cancelPing()
 		_ = c.Close()
 		if !recvDone {
@@ -326,6 +389,7 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 		case <-confirmedCh:
 			confirmedCh = nil
 			res.confirmed = true
+			p.setClient(c)
 			p.setState(StateConnected, "")
 			p.log.Info("meshed with peer", zap.String("peer_key", c.ServerPublicKey().ShortString()))
 		case err := <-recvErr:
@@ -355,6 +419,13 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 				res.err = fmt.Errorf("connection lost: %v", err)
 			}
 			return res
+		case <-fw.failed:
+			if ctx.Err() != nil {
+				return sessionResult{confirmed: res.confirmed}
+			}
+			res.confirmed = res.confirmed || isConfirmed()
+			res.err = fmt.Errorf("connection lost: forwarding to the peer failed: %v", fw.failure())
+			return res
 		case <-ctx.Done():
 			return sessionResult{confirmed: res.confirmed || isConfirmed()}
 		}
@@ -367,13 +438,13 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 // is gone only once, so watch adds each key once; on return it removes
 // every forwarder it added. It never forwards our own server key (the
 // peer reports our mesh connection like any other client).
-func (p *peer) watch(c *derphttp.Client) error {
+func (p *peer) watch(c *derphttp.Client, fw *forwarder) error {
 	srv := p.m.opts.Server
 	self := srv.PublicKey()
 	present := map[key.NodePublic]bool{}
 	defer func() {
 		for k := range present {
-			srv.RemovePacketForwarder(k, c)
+			srv.RemovePacketForwarder(k, fw)
 		}
 	}()
 	for {
@@ -387,14 +458,14 @@ func (p *peer) watch(c *derphttp.Client) error {
 				continue
 			}
 			present[msg.Key] = true
-			srv.AddPacketForwarder(msg.Key, c)
+			srv.AddPacketForwarder(msg.Key, fw)
 		case derp.PeerGoneMessage:
 			// Disconnected, or "not here" in reply to a packet we forwarded
 			// for a client that already left the peer: either way, stop
 			// forwarding there.
 			if present[msg.Peer] {
 				delete(present, msg.Peer)
-				srv.RemovePacketForwarder(msg.Peer, c)
+				srv.RemovePacketForwarder(msg.Peer, fw)
 			}
 		case derp.HealthMessage:
 			if msg.Problem != "" {

@@ -3,7 +3,6 @@
 package bench_test
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -27,12 +26,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/coder-ha/coder/coderd"
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/internal/clitest"
 	"github.com/coder-ha/coder/internal/derptest"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
@@ -74,6 +72,36 @@ func summarize(r Row, better string, target float64) Row {
 
 var runs = envInt("BENCH_RUNS", 3)
 
+// section reports whether BENCH_SECTIONS (comma-separated: join, detect,
+// relay, sigstop, fleet, footprint; empty: all) includes name.
+func section(name string) bool {
+	v := os.Getenv("BENCH_SECTIONS")
+	if v == "" {
+		return true
+	}
+	for _, s := range strings.Split(v, ",") {
+		if strings.TrimSpace(s) == name {
+			return true
+		}
+	}
+	return false
+}
+
+// fleetSizes are the fleet rows' N (BENCH_FLEET, comma-separated; default
+// 10,50,100).
+func fleetSizes() []int {
+	var out []int
+	for _, s := range strings.Split(os.Getenv("BENCH_FLEET"), ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(s)); err == nil && n > 0 {
+			out = append(out, n)
+		}
+	}
+	if len(out) == 0 {
+		out = []int{10, 50, 100}
+	}
+	return out
+}
+
 func envInt(name string, def int) int {
 	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
 		return v
@@ -95,7 +123,10 @@ func TestBench(t *testing.T) {
 		t.Logf("%s: median %.2f %s (%d runs) %s", r.Measurement, r.Median, r.Unit, len(r.Samples), r.Note)
 	}
 
-	for _, n := range []int{3, 10, 50} {
+	for _, n := range []int{3, 50} {
+		if !section("join") {
+			break
+		}
 		join, ready := joinToMeshed(t, n)
 		target := map[int]float64{3: 250, 10: 0, 50: 1000}[n]
 		add(summarize(Row{Measurement: fmt.Sprintf("join → meshed, N=%d", n), Unit: "ms", Samples: join,
@@ -105,20 +136,36 @@ func TestBench(t *testing.T) {
 		}
 	}
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+		if !section("detect") {
+			break
+		}
 		d := detection(t, sig)
 		name := map[syscall.Signal]string{syscall.SIGTERM: "leave detection (SIGTERM), every peer dropped it", syscall.SIGKILL: "crash detection (kill -9), every peer reports it unreachable"}[sig]
 		add(summarize(Row{Measurement: name, Unit: "ms", Samples: d, Target: "≤ 1000 ms"}, "lower", 1000))
 	}
-	for _, r := range relay(t, dir, caPEM, certFile, keyFile) {
-		add(r)
-	}
-	for _, n := range []int{10, 50, 100} {
-		for _, r := range heartbeatCost(t, n) {
+	if section("relay") {
+		for _, r := range relay(t, dir, caPEM, certFile, keyFile) {
 			add(r)
 		}
 	}
-	add(footprint(t))
+	if section("sigstop") {
+		for _, r := range sigstopForwarding(t) {
+			add(r)
+		}
+	}
+	if section("fleet") {
+		stats := newStatsPostgres(t)
+		for _, n := range fleetSizes() {
+			for _, r := range fleet(t, stats, n) {
+				add(r)
+			}
+		}
+	}
+	if section("footprint") {
+		add(footprint(t))
+	}
 
+	res.Machine += "; load average at the end " + loadavg()
 	out := os.Getenv("BENCH_OUT")
 	if out == "" {
 		out = "bench-results"
@@ -174,64 +221,34 @@ func machine() string {
 			}
 		}
 	}
-	return fmt.Sprintf("%d cores (%s), %s, %s/%s", runtime.NumCPU(), model, runtime.Version(), runtime.GOOS, runtime.GOARCH)
-}
-
-type cluster struct {
-	t     *testing.T
-	pg    string
-	nodes []*clitest.Process
-}
-
-func (c *cluster) add(env ...string) *clitest.Process {
-	p := clitest.StartReplica(c.t, clitest.ReplicaOptions{Name: fmt.Sprintf("r%d", len(c.nodes)+1), PostgresURL: c.pg, Env: env})
-	c.nodes = append(c.nodes, p)
-	return p
-}
-
-func (c *cluster) stopAll() {
-	for _, n := range c.nodes {
-		if !n.Exited() {
-			n.Signal(syscall.SIGTERM)
-		}
-	}
-	for _, n := range c.nodes {
-		n.Wait(30 * time.Second)
-	}
-	c.nodes = nil
+	return fmt.Sprintf("%d cores (%s), %s, %s/%s; load average at the start %s (other work shares the machine)", runtime.NumCPU(), model, runtime.Version(), runtime.GOOS, runtime.GOARCH, loadavg())
 }
 
 func connectRetry(url string, d time.Duration) *derptest.Client {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		c, err := derptest.Connect(ctx, url)
-		cancel()
-		if err == nil {
-			return c
-		}
-		time.Sleep(2 * time.Millisecond)
+	c, err := derptest.ConnectRetry(url, d)
+	if err != nil {
+		return nil
 	}
-	return nil
+	return c
 }
 
 // joinToMeshed: from starting a replica to the first packet crossing the
 // mesh from an existing replica's client to a client of the new one.
 func joinToMeshed(t *testing.T, n int) (join, ready []float64) {
-	c := &cluster{t: t, pg: dbtest.NewURL(t)}
-	defer c.stopAll()
+	c := clitest.NewCluster(t, dbtest.NewURL(t))
+	defer c.StopAll()
 	for i := 0; i < n-1; i++ {
-		c.add().WaitReady(2 * time.Minute)
+		c.Add().WaitReady(2 * time.Minute)
 	}
 	time.Sleep(time.Second) // let the existing mesh settle
-	x := connectRetry(c.nodes[0].URL, 10*time.Second)
+	x := connectRetry(c.Nodes[0].URL, 10*time.Second)
 	if x == nil {
 		t.Fatal("cannot connect to replica 1")
 	}
 	defer x.Close()
 	for run := 0; run < runs; run++ {
 		start := time.Now()
-		p := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("joiner-%d", run), PostgresURL: c.pg})
+		p := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("joiner-%d", run), PostgresURL: c.PostgresURL})
 		y := connectRetry(p.URL, 30*time.Second)
 		if y == nil {
 			t.Fatalf("cannot connect to the joining replica:\n%s", p.Output())
@@ -245,7 +262,7 @@ func joinToMeshed(t *testing.T, n int) (join, ready []float64) {
 			t.Fatalf("no packet crossed to the joining replica at N=%d", n)
 		}
 		join = append(join, ms(time.Since(start)))
-		if clitest.Eventually(30*time.Second, func() bool { return p.Status("/readyz") == http.StatusOK }) {
+		if wait.Until(30*time.Second, func() bool { return p.Status("/readyz") == http.StatusOK }) {
 			ready = append(ready, ms(time.Since(start)))
 		}
 		_ = y.Close()
@@ -260,28 +277,28 @@ func joinToMeshed(t *testing.T, n int) (join, ready []float64) {
 // (SIGTERM: gone from every peer's list; kill -9: every peer reports it
 // unreachable, from its own probes).
 func detection(t *testing.T, sig syscall.Signal) []float64 {
-	c := &cluster{t: t, pg: dbtest.NewURL(t)}
-	defer c.stopAll()
-	token := clitest.CreateToken(t, c.pg)
+	c := clitest.NewCluster(t, dbtest.NewURL(t))
+	defer c.StopAll()
+	token := clitest.CreateToken(t, c.PostgresURL)
 	for i := 0; i < 3; i++ {
-		c.add().WaitReady(time.Minute)
+		c.Add().WaitReady(time.Minute)
 	}
 	var out []float64
 	for run := 0; run < runs; run++ {
-		victim := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("victim-%d", run), PostgresURL: c.pg})
+		victim := clitest.StartReplica(t, clitest.ReplicaOptions{Name: fmt.Sprintf("victim-%d", run), PostgresURL: c.PostgresURL})
 		victim.WaitReady(time.Minute)
 		var info coderd.BuildInfo
 		victim.GetJSON("/api/v2/buildinfo", "", &info)
 		id := info.ReplicaID
-		clitest.Eventually(10*time.Second, func() bool { return allMeasured(c.nodes, token, id.String()) })
+		wait.Until(10*time.Second, func() bool { return allMeasured(c.Nodes, token, id.String()) })
 		start := time.Now()
 		if sig == syscall.SIGKILL {
 			victim.Kill()
 		} else {
 			victim.Signal(sig)
 		}
-		ok := clitest.Eventually(30*time.Second, func() bool {
-			for _, n := range c.nodes {
+		ok := wait.Until(30*time.Second, func() bool {
+			for _, n := range c.Nodes {
 				var rs []coderd.Replica
 				n.GetJSON("/api/v2/replicas", token, &rs)
 				if sig == syscall.SIGTERM && listed(rs, id.String()) {
@@ -406,6 +423,7 @@ func relay(t *testing.T, dir, caPEM, certFile, keyFile string) []Row {
 		{"same replica", r1, r1},
 		{"two replicas (mesh)", r1, r2},
 		{"two derpers (--mesh-with)", fmt.Sprintf("https://127.0.0.1:%d", p1), fmt.Sprintf("https://127.0.0.1:%d", p2)},
+		{"one derper", fmt.Sprintf("https://127.0.0.1:%d", p1), fmt.Sprintf("https://127.0.0.1:%d", p1)},
 	}
 	const packets, window = 20000, 24
 	tput := map[string][]float64{}
@@ -456,14 +474,18 @@ func relay(t *testing.T, dir, caPEM, certFile, keyFile string) []Row {
 		rows = append(rows, summarize(Row{Measurement: "relay throughput, 1 KB packets, " + p.name, Unit: "MB/s", Samples: tput[p.name], Note: note}, "higher", 0))
 	}
 	med := func(name string) float64 { return summarize(Row{Samples: tput[name]}, "", 0).Median }
-	cross, same, derpers := med(pairs[1].name), med(pairs[0].name), med(pairs[2].name)
+	cross, same, derpers, one := med(pairs[1].name), med(pairs[0].name), med(pairs[2].name), med(pairs[3].name)
 	rows = append(rows,
-		summarize(Row{Measurement: "cross-replica / derper-pair throughput", Unit: "×", Samples: []float64{cross / derpers}, Target: "≥ 1.0×"}, "higher", 1.0),
-		summarize(Row{Measurement: "cross-replica / same-replica throughput", Unit: "×", Samples: []float64{cross / same}, Target: "≥ 0.9×"}, "higher", 0.9),
+		summarize(Row{Measurement: "cross-replica / derper-pair throughput", Unit: "×", Samples: []float64{cross / derpers}, Target: "≥ 1.15×"}, "higher", 1.15),
+		summarize(Row{Measurement: "cross-replica / one-derper throughput", Unit: "×", Samples: []float64{cross / one}, Target: "≥ 0.6×"}, "higher", 0.6),
+		summarize(Row{Measurement: "cross-replica / same-replica throughput", Unit: "×", Samples: []float64{cross / same}}, "higher", 0),
 	)
 	for _, p := range pairs {
 		rows = append(rows, summarize(Row{Measurement: "relay round trip, 1 KB, " + p.name, Unit: "ms", Samples: lat[p.name]}, "lower", 0))
 	}
+	latMed := func(name string) float64 { return summarize(Row{Samples: lat[name]}, "", 0).Median }
+	rows = append(rows, summarize(Row{Measurement: "cross-replica / derper-pair round trip", Unit: "×",
+		Samples: []float64{latMed(pairs[1].name) / latMed(pairs[2].name)}, Target: "≤ 1.0× (no worse)"}, "lower", 1.0))
 	return rows
 }
 
@@ -477,85 +499,16 @@ func buildDerper(t *testing.T, dir string) string {
 	return filepath.Join(bin, "derper")
 }
 
-// heartbeatCost: queries per beat per replica and Postgres CPU with n
-// replicas idle. The DERP server is disabled so that n processes' relays
-// and probes do not compete for the machine's two cores: the database load
-// is the same either way.
-func heartbeatCost(t *testing.T, n int) []Row {
-	pg := dbtest.NewURL(t)
-	c := &cluster{t: t, pg: pg}
-	defer c.stopAll()
-	for i := 0; i < n; i++ {
-		c.add("CODER_DERP_SERVER_ENABLE=false")
-	}
-	for _, node := range c.nodes {
-		node.WaitReady(2 * time.Minute)
-	}
-	time.Sleep(6 * time.Second) // a beat passes; start-up traffic is over
-	conn, err := pgx.Connect(context.Background(), pg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(context.Background())
-	var db string
-	_ = conn.QueryRow(context.Background(), "SELECT current_database()").Scan(&db)
-	xacts := func() int64 {
-		var v int64
-		_ = conn.QueryRow(context.Background(), "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", db).Scan(&v)
-		return v
-	}
-	const window = 20 * time.Second
-	x0, cpu0 := xacts(), postgresCPU()
-	time.Sleep(window)
-	x1, cpu1 := xacts(), postgresCPU()
-	qps := float64(x1-x0-1) / window.Seconds() / float64(n)
-	perBeat := qps * 5 // the default 5s interval
-	cpuPct := (cpu1 - cpu0).Seconds() / window.Seconds() * 100
-	return []Row{
-		summarize(Row{Measurement: fmt.Sprintf("heartbeat cost, N=%d: queries per beat per replica", n), Unit: "queries", Samples: []float64{perBeat}, Target: "≤ 3", Note: ""}, "lower", 3),
-		summarize(Row{Measurement: fmt.Sprintf("heartbeat cost, N=%d: queries/s per replica", n), Unit: "q/s", Samples: []float64{qps}}, "lower", 0),
-		summarize(Row{Measurement: fmt.Sprintf("heartbeat cost, N=%d: Postgres CPU (all backends)", n), Unit: "% of a core", Samples: []float64{cpuPct}}, "lower", 0),
-	}
-}
-
-// postgresCPU sums user+system CPU of every process of the postgres user
-// (or, when not root, of every process named postgres).
-func postgresCPU() time.Duration {
-	var ticks int64
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		if _, err := strconv.Atoi(e.Name()); err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		open, closeIdx := strings.Index(s, "("), strings.LastIndex(s, ")")
-		if open < 0 || closeIdx < 0 || s[open+1:closeIdx] != "postgres" {
-			continue
-		}
-		f := strings.Fields(s[closeIdx+2:])
-		if len(f) > 13 {
-			u, _ := strconv.ParseInt(f[11], 10, 64)
-			sy, _ := strconv.ParseInt(f[12], 10, 64)
-			ticks += u + sy
-		}
-	}
-	return time.Duration(ticks) * time.Second / 100 // USER_HZ
-}
-
 // footprint: idle RSS of a replica in a 3-replica cluster.
 func footprint(t *testing.T) Row {
-	c := &cluster{t: t, pg: dbtest.NewURL(t)}
-	defer c.stopAll()
+	c := clitest.NewCluster(t, dbtest.NewURL(t))
+	defer c.StopAll()
 	for i := 0; i < 3; i++ {
-		c.add().WaitReady(time.Minute)
+		c.Add().WaitReady(time.Minute)
 	}
 	time.Sleep(12 * time.Second) // a couple of beats: idle, steady state
 	var rss []float64
-	for _, n := range c.nodes {
+	for _, n := range c.Nodes {
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", n.Pid()))
 		for _, l := range strings.Split(string(b), "\n") {
 			if strings.HasPrefix(l, "VmRSS:") {

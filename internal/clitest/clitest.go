@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -15,10 +16,13 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 var (
@@ -58,15 +62,85 @@ func Binary(t testing.TB) string {
 	return binPath
 }
 
-// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+// FreePort returns a TCP port on 127.0.0.1 for a server the test is about
+// to start, reserved for the rest of the test.
+//
+// Ports come from below the kernel's ephemeral range
+// (/proc/sys/net/ipv4/ip_local_port_range), so no outgoing connection of
+// any process can take one between FreePort and the server's bind (the
+// "bind: address already in use" seen at N=100 with port-0 picking). Each
+// port is reserved with an exclusive flock on a file under
+// $TMPDIR/coder-test-ports until the test ends, so concurrent test
+// processes (go test runs packages in parallel) never hand out the same
+// port; the lock goes away with the process, even after kill -9. The port
+// is also checked free by binding it. Where the range cannot be read it
+// falls back to a kernel-chosen port.
 func FreePort(t testing.TB) int {
 	t.Helper()
+	port, err := reservePort(t)
+	if err != nil {
+		t.Fatalf("reserve a port: %v", err)
+	}
+	return port
+}
+
+// portRangeLow is the lowest port FreePort hands out.
+const portRangeLow = 20000
+
+func reservePort(t testing.TB) (int, error) {
+	lo, hi := portRangeLow, ephemeralLow()
+	if hi-lo < 1000 {
+		return kernelPort()
+	}
+	dir := filepath.Join(os.TempDir(), "coder-test-ports")
+	if err := os.MkdirAll(dir, 0o777); err != nil {
+		return 0, err
+	}
+	start := lo + rand.IntN(hi-lo)
+	for i := 0; i < hi-lo; i++ {
+		port := lo + (start-lo+i)%(hi-lo)
+		f, err := os.OpenFile(filepath.Join(dir, strconv.Itoa(port)), os.O_CREATE|os.O_RDWR, 0o666)
+		if err != nil {
+			return 0, err
+		}
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			_ = f.Close() // reserved by another test or process
+			continue
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		if err != nil {
+			_ = f.Close() // in use by something that does not reserve
+			continue
+		}
+		_ = l.Close()
+		t.Cleanup(func() { _ = f.Close() })
+		return port, nil
+	}
+	return 0, fmt.Errorf("no free port in %d-%d", lo, hi-1)
+}
+
+// ephemeralLow is the first port of the kernel's ephemeral range (0 when
+// unknown).
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return 0
+	}
+	lo, _ := strconv.Atoi(f[0])
+	return lo
+}
+
+func kernelPort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatal(err)
+		return 0, err
 	}
 	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // syncBuffer is a bytes.Buffer safe for a process writing while a test
@@ -221,16 +295,6 @@ func (p *Process) WaitReady(d time.Duration) {
 	}
 }
 
-// Eventually polls cond every 10ms until it holds or d passes.
-func Eventually(d time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(d)
-	for {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+// Eventually polls cond until it holds or d passes (wait.Until; kept for
+// the tests that call it by this name).
+func Eventually(d time.Duration, cond func() bool) bool { return wait.Until(d, cond) }

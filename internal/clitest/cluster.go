@@ -2,9 +2,11 @@ package clitest
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -83,4 +85,53 @@ func (p *Process) GetJSON(path, token string, v any) int {
 		_ = json.NewDecoder(resp.Body).Decode(v)
 	}
 	return resp.StatusCode
+}
+
+// Cluster is a set of replicas sharing one Postgres, each configured by
+// StartReplica: the one cluster helper of e2e, hatest and bench.
+type Cluster struct {
+	// T owns the replicas: they are killed when its test ends.
+	T testing.TB
+	// PostgresURL is the database every replica is started with.
+	PostgresURL string
+	// Nodes are the replicas started by Add, in order.
+	Nodes []*Process
+}
+
+// NewCluster returns an empty cluster on postgresURL. Every replica still
+// running when the test ends is killed (Start's cleanup); StopAll stops
+// them gracefully before that.
+func NewCluster(t testing.TB, postgresURL string) *Cluster {
+	return &Cluster{T: t, PostgresURL: postgresURL}
+}
+
+// Add starts replica r<N> with env appended to StartReplica's.
+func (c *Cluster) Add(env ...string) *Process {
+	c.T.Helper()
+	p := StartReplica(c.T, ReplicaOptions{Name: fmt.Sprintf("r%d", len(c.Nodes)+1), PostgresURL: c.PostgresURL, Env: env})
+	c.Nodes = append(c.Nodes, p)
+	return p
+}
+
+// WaitReady waits up to d for every replica's /readyz (each gets the full
+// d: they started together).
+func (c *Cluster) WaitReady(d time.Duration) {
+	c.T.Helper()
+	for _, n := range c.Nodes {
+		n.WaitReady(d)
+	}
+}
+
+// StopAll sends SIGTERM to every running replica, waits up to 30 s for
+// each, and forgets them.
+func (c *Cluster) StopAll() {
+	for _, n := range c.Nodes {
+		if !n.Exited() {
+			n.Signal(syscall.SIGTERM)
+		}
+	}
+	for _, n := range c.Nodes {
+		n.Wait(30 * time.Second)
+	}
+	c.Nodes = nil
 }

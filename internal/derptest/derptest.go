@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"testing"
 	"time"
 
 	"tailscale.com/derp"
@@ -55,6 +56,39 @@ func ConnectWithKey(ctx context.Context, relayURL string, priv key.NodePrivate) 
 	cl := &Client{Key: priv.Public(), URL: relayURL, client: c, received: map[key.NodePublic][][]byte{}, notify: make(chan struct{}, 1), done: make(chan struct{})}
 	go cl.recvLoop()
 	return cl, nil
+}
+
+// ConnectRetry connects to relayURL like Connect, retrying every few
+// milliseconds for up to d: a replica that was just started, or is
+// restarting, refuses connections for a moment.
+func ConnectRetry(relayURL string, d time.Duration) (*Client, error) {
+	deadline := time.Now().Add(d)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), min(5*time.Second, max(time.Until(deadline), time.Second)))
+		c, err := Connect(ctx, relayURL)
+		cancel()
+		if err == nil {
+			return c, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("for %s: %w", d, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// MustConnect connects a client to relayURL for the test (retrying for up
+// to 10 s), fails the test when it cannot, and closes the client when
+// the test ends. It is the one DERP-client helper of derpmesh, e2e,
+// hatest and bench.
+func MustConnect(t testing.TB, relayURL string) *Client {
+	t.Helper()
+	c, err := ConnectRetry(relayURL, 10*time.Second)
+	if err != nil {
+		t.Fatalf("DERP client: %v", err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
 }
 
 func (c *Client) recvLoop() {

@@ -1,7 +1,6 @@
 package e2e_test
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"strings"
@@ -52,14 +51,7 @@ func fullMatrix(t *testing.T, r *clitest.Process, token string, n int) bool {
 
 func connectClient(t *testing.T, p *clitest.Process) *derptest.Client {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := derptest.Connect(ctx, p.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c
+	return derptest.MustConnect(t, p.URL)
 }
 
 // The HA guide's 3-node table, verbatim but on loopback: three replicas

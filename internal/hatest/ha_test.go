@@ -59,14 +59,7 @@ func ready(t *testing.T, nodes ...*node) {
 
 func client(t *testing.T, n *node) *derptest.Client {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := derptest.Connect(ctx, n.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c
+	return derptest.MustConnect(t, n.URL)
 }
 
 func replicas(n *node, token string) []coderd.Replica {

@@ -1,6 +1,9 @@
 // Package wait polls a condition in tests instead of sleeping: the test
 // moves on the moment the condition holds, and fails with what it waited
 // for when it does not hold in time.
+//
+// It is the one polling helper of the test harnesses (clitest, derptest,
+// e2e, hatest, bench): For fails the test, Until lets the caller decide.
 package wait
 
 import (
@@ -8,14 +11,32 @@ import (
 	"time"
 )
 
-// For polls cond every 5ms until it holds, failing t after d.
+// Interval is how often conditions are polled: short enough that a wait
+// ends within a few milliseconds of the condition holding, long enough
+// that polling HTTP endpoints does not load the machine.
+const Interval = 5 * time.Millisecond
+
+// For polls cond every Interval until it holds, failing t after d with
+// what it waited for.
 func For(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
+	if !Until(d, cond) {
+		t.Fatalf("timed out after %s waiting for: %s", d, what)
+	}
+}
+
+// Until polls cond every Interval until it holds or d passes, and reports
+// whether it held. cond is always called at least once, and once more
+// after the deadline, so a condition that holds just in time counts.
+func Until(d time.Duration, cond func() bool) bool {
 	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for: %s", d, what)
+	for {
+		if cond() {
+			return true
 		}
-		time.Sleep(5 * time.Millisecond)
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(Interval)
 	}
 }
