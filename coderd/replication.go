@@ -181,17 +181,16 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		r.replicas.SetPinger(p)
 	}
 	r.replicas.SetCallback(func(change replicasync.PeerChange) {
-		urls := make([]string, 0, len(change.Peers))
+		peers := make([]derpmesh.Peer, 0, len(change.Peers))
 		for _, p := range change.Peers {
-			urls = append(urls, p.RelayAddress)
+			peers = append(peers, derpmesh.Peer{ID: p.ID.String(), URL: p.RelayAddress})
 		}
-		r.mesh.SetAddresses(urls)
 		for _, url := range change.Replaced {
-			// A new process behind a known URL: redial now rather than
-			// wait for the old connection to be found dead.
 			s.log.Info("peer replaced behind the same relay URL; reconnecting", zap.String("relay_url", url))
-			r.mesh.Reconnect(url)
 		}
+		// A new id behind a known URL (a restarted process) is redialed at
+		// once by SetPeers; the ids also label the forwarder's drop counter.
+		r.mesh.SetPeers(peers)
 		r.meshSynced.Store(true)
 	})
 	r.watchDone.Add(1)
