@@ -121,11 +121,12 @@ func New(ctx context.Context, store Store, ps Pubsub, opts Options) (*Manager, e
 	}
 	m.publish(ctx)
 	_ = m.readAll(ctx)
+	// No probe round here: readAll probed every peer it found as a
+	// newcomer; rounds start with the periodic beats.
 	m.wg.Add(3)
 	go m.loop()
 	go m.probeLoop()
 	go m.tellLoop()
-	m.trigger(m.probeNow)
 	return m, nil
 }
 
@@ -410,11 +411,18 @@ func (m *Manager) loop() {
 	cleanup := m.clock.NewTicker(m.opts.CleanupInterval, "cleanup")
 	defer cleanup.Stop()
 	m.cleanup()
-	heartbeat := func() {
+	// heartbeat writes the row and re-reads the peers. Only a periodic
+	// beat (or the retry that stands in for a failed one) starts a probe
+	// round: a beat written because something changed (writeNow) comes at
+	// any moment, often right after a probe, and restarting the round
+	// there would probe the first peers twice and bunch probes together.
+	heartbeat := func(periodic bool) {
 		err := m.beat(m.ctx, max(m.opts.HeartbeatInterval, 5*time.Second))
 		if err == nil {
 			_ = m.readAll(m.ctx)
-			m.trigger(m.probeNow)
+			if periodic {
+				m.trigger(m.probeNow)
+			}
 			return
 		}
 		if !errors.Is(err, errLeft) && m.ctx.Err() == nil {
@@ -426,13 +434,13 @@ func (m *Manager) loop() {
 		case <-m.ctx.Done():
 			return
 		case <-beat.C:
-			heartbeat()
+			heartbeat(true)
 		case <-retry.C:
 			if m.HeartbeatFailing() {
-				heartbeat()
+				heartbeat(true)
 			}
 		case <-m.writeNow:
-			heartbeat()
+			heartbeat(false)
 		case <-m.syncNow:
 			m.sync(m.ctx)
 		case <-poll:

@@ -422,49 +422,132 @@ func (p *recordingPinger) PingPeer(ctx context.Context, relayURL string) (time.D
 	return p.tcp.PingPeer(ctx, relayURL)
 }
 
-// Probes are spread over the heartbeat interval, each peer at its own
-// offset, rather than all at the instant of the beat.
-func TestProbesAreSpreadOverTheInterval(t *testing.T) {
-	t.Parallel()
-	c := newMemCluster(t)
-	var urls []string
+// total is how many pings were made so far.
+func (p *recordingPinger) total() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, at := range p.at {
+		n += len(at)
+	}
+	return n
+}
+
+// probeRound sets up replica a probing four peers over a recordingPinger
+// and waits, in real time, until a has measured each of them and no probe
+// is under way, so nothing probes until the test moves the mock clock.
+// The peers beat hourly: within the test, only a's beats start rounds.
+func probeRound(t *testing.T) (c *memCluster, a *replicasync.Manager, urls []string, pinger *recordingPinger) {
+	t.Helper()
+	c = newMemCluster(t)
 	links := map[string]bool{}
 	for i := 0; i < 4; i++ {
 		srv := relay(t)
 		urls = append(urls, srv.URL)
 		links[srv.URL] = true
 	}
-	pinger := &recordingPinger{tcp: tcpPinger{links: links}, clock: c.clock, at: map[string][]time.Time{}}
-	a := c.start("a", replicasync.Options{Pinger: pinger})
+	pinger = &recordingPinger{tcp: tcpPinger{links: links}, clock: c.clock, at: map[string][]time.Time{}}
+	a = c.start("a", replicasync.Options{Pinger: pinger})
 	for i, u := range urls {
-		c.start(fmt.Sprintf("p%d", i), replicasync.Options{RelayAddress: u})
+		c.start(fmt.Sprintf("p%d", i), replicasync.Options{RelayAddress: u, HeartbeatInterval: time.Hour})
 	}
-	wait.For(t, 5*time.Second, "a measured all four", func() bool {
+	wait.For(t, 20*time.Second, "a measured all four and stopped probing", func() bool {
 		n := 0
 		for _, p := range a.PeerReports() {
 			if p.LatencyMS > 0 {
 				n++
 			}
 		}
-		return n == 4
+		return n == 4 && a.ProbesInFlightForTest() == 0
 	})
-	roundStart := c.clock.Now()
-	c.step(memBeat) // the beat that starts a round
-	c.step(memBeat - time.Millisecond)
+	return c, a, urls, pinger
+}
+
+// runRound moves the mock clock to a's next beat and through the probe
+// round it starts, waiting at each step until a has made the probe due and
+// armed the timer for the next (the trap), so the clock never runs ahead of
+// the replica. midRound, if set, runs after the second probe. It returns
+// the offset of each probe from the beat.
+func runRound(t *testing.T, c *memCluster, urls []string, pinger *recordingPinger, midRound func()) []time.Duration {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	trap := c.clock.Trap().TimerReset("probe")
+	defer trap.Close()
+	advance := func(d time.Duration) {
+		next, ok := c.clock.Peek()
+		if !ok || next != d {
+			t.Fatalf("next timer event in %v (%v), want %v: something else is scheduled", next, ok, d)
+		}
+		c.clock.Advance(d).MustWait(ctx)
+	}
+	beatAt := c.clock.Now().Add(memBeat)
+	base := pinger.total()
+	advance(memBeat) // a's beat starts the round
+	for i := 0; i < len(urls); i++ {
+		wait.For(t, 20*time.Second, fmt.Sprintf("probe %d of the round", i+1), func() bool { return pinger.total() >= base+i+1 })
+		if i == len(urls)-1 {
+			break // the last probe arms no timer
+		}
+		call, err := trap.Wait(ctx)
+		if err != nil {
+			t.Fatalf("waiting for the probe timer after probe %d: %v", i+1, err)
+		}
+		call.MustRelease(ctx)
+		if i == 1 && midRound != nil {
+			midRound()
+		}
+		advance(call.Duration)
+	}
+	// The rest of the interval, up to the next beat: nothing more is due.
+	if next, ok := c.clock.Peek(); !ok || c.clock.Now().Add(next) != beatAt.Add(memBeat) {
+		t.Fatalf("after the round, the next event is in %v, want the next beat at +%v", next, beatAt.Add(memBeat).Sub(c.clock.Now()))
+	}
 	var offsets []time.Duration
 	pinger.mu.Lock()
+	defer pinger.mu.Unlock()
 	for _, u := range urls {
+		var mine []time.Duration
 		for _, at := range pinger.at[u] {
-			if d := at.Sub(roundStart); d >= memBeat && d < 2*memBeat {
-				offsets = append(offsets, d-memBeat)
+			if !at.Before(beatAt) {
+				mine = append(mine, at.Sub(beatAt))
 			}
 		}
+		if len(mine) != 1 {
+			t.Fatalf("peer %s probed %d times in the round (offsets %v), want once", u, len(mine), mine)
+		}
+		offsets = append(offsets, mine[0])
 	}
-	pinger.mu.Unlock()
 	sort.Slice(offsets, func(i, j int) bool { return offsets[i] < offsets[j] })
-	if len(offsets) != 4 {
-		t.Fatalf("want one probe per peer in the round, got offsets %v", offsets)
+	return offsets
+}
+
+// Probes are spread over the heartbeat interval, each peer at its own
+// offset, rather than all at the instant of the beat.
+func TestProbesAreSpreadOverTheInterval(t *testing.T) {
+	t.Parallel()
+	c, _, urls, pinger := probeRound(t)
+	offsets := runRound(t, c, urls, pinger, nil)
+	for i := 1; i < len(offsets); i++ {
+		if gap := offsets[i] - offsets[i-1]; gap < memBeat/8 {
+			t.Fatalf("probes bunched together: offsets %v", offsets)
+		}
 	}
+	if offsets[len(offsets)-1] >= memBeat {
+		t.Fatalf("the round overran the interval: offsets %v", offsets)
+	}
+}
+
+// A row written mid-round because something changed (here an error the
+// mesh reports) neither restarts the round nor probes a peer twice: only
+// the periodic beat starts a round.
+func TestAChangeWrittenMidRoundDoesNotRestartTheProbeRound(t *testing.T) {
+	t.Parallel()
+	c, a, urls, pinger := probeRound(t)
+	offsets := runRound(t, c, urls, pinger, func() {
+		a.SetError("cannot mesh with a peer")
+		wait.For(t, 20*time.Second, "the error is written", func() bool { return a.Self().Error != "" })
+	})
 	for i := 1; i < len(offsets); i++ {
 		if gap := offsets[i] - offsets[i-1]; gap < memBeat/8 {
 			t.Fatalf("probes bunched together: offsets %v", offsets)
