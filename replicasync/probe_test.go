@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/database/pubsub"
 	"github.com/coder-ha/coder/internal/wait"
 	"github.com/coder-ha/coder/replicasync"
 	"github.com/coder-ha/coder/replicasync/storetest"
@@ -243,6 +244,47 @@ func TestPollModeSeesJoinsAndLeavesWithoutNotify(t *testing.T) {
 	wait.For(t, 3*time.Second, "a sees b leave by polling", func() bool { return !sees(a, b.Self().ID) })
 }
 
+// slowListen is the real pubsub whose subscriptions go live only when the
+// test says so: LISTEN is sent by the pubsub's own goroutine some time
+// after Subscribe returns, and a notification sent meanwhile is lost.
+type slowListen struct {
+	*pubsub.Pubsub
+	live chan struct{}
+	wg   sync.WaitGroup
+}
+
+func (s *slowListen) Subscribe(channel string, l pubsub.Listener) (func(), error) {
+	stop := make(chan struct{})
+	var mu sync.Mutex
+	var cancel func()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		select {
+		case <-s.live:
+		case <-stop:
+			return
+		}
+		c, err := s.Pubsub.Subscribe(channel, l)
+		if err != nil {
+			return
+		}
+		mu.Lock()
+		cancel = c
+		mu.Unlock()
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() { close(stop) })
+		s.wg.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		if cancel != nil {
+			cancel()
+		}
+	}, nil
+}
+
 // A poll-mode replica still announces itself through the pool, so a
 // replica that LISTENs sees it at once, without waiting for a beat.
 func TestPollModeReplicaIsHeardByListeningPeersAtOnce(t *testing.T) {
@@ -254,9 +296,45 @@ func TestPollModeReplicaIsHeardByListeningPeersAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = polling.Close() })
-	wait.For(t, 2*time.Second, "the listening replica sees the polling one", func() bool { return sees(listening, polling.Self().ID) })
+	wait.For(t, 10*time.Second, "the listening replica sees the polling one", func() bool { return sees(listening, polling.Self().ID) })
 	if err := polling.Leave(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 2*time.Second, "and sees it leave", func() bool { return !sees(listening, polling.Self().ID) })
+	wait.For(t, 10*time.Second, "and sees it leave", func() bool { return !sees(listening, polling.Self().ID) })
+}
+
+// A peer that announces itself while a starting replica's LISTEN is not yet
+// in place is still seen at once: New returns only after its subscription
+// is live (it hears its own announcement), and reads its peers after that.
+func TestPeerAnnouncedBeforeTheListenIsLiveIsNotMissed(t *testing.T) {
+	t.Parallel()
+	db := dbtest.NewDB(t)
+	slow := &slowListen{Pubsub: newPubsub(t, db), live: make(chan struct{})}
+	type result struct {
+		m   *replicasync.Manager
+		err error
+	}
+	started := make(chan result, 1)
+	go func() {
+		m, err := replicasync.New(context.Background(), db, slow, replicasync.Options{Hostname: "listening", HeartbeatInterval: time.Minute})
+		started <- result{m, err}
+	}()
+	// Registered, announced, but not yet listening: wait for its row.
+	wait.For(t, 10*time.Second, "the listening replica registered", func() bool {
+		rows, err := db.RecentReplicas(context.Background(), time.Minute)
+		return err == nil && len(rows) == 1
+	})
+	peer := start(t, db, replicasync.Options{Hostname: "peer"}) // announces into the gap
+	close(slow.live)
+	var r result
+	select {
+	case r = <-started:
+	case <-time.After(20 * time.Second):
+		t.Fatal("New did not return after its subscription went live")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	t.Cleanup(func() { _ = r.m.Close() })
+	wait.For(t, 10*time.Second, "the starting replica sees the peer that announced into the gap", func() bool { return sees(r.m, peer.Self().ID) })
 }
