@@ -56,7 +56,7 @@ func TestUnreachablePeerShowsErrorNotItsLastLatency(t *testing.T) {
 	a := realMem(t, "a", mem, replicasync.Options{RelayAddress: relay(t).URL, LatencyThreshold: time.Nanosecond, Registerer: reg})
 	b := realMem(t, "b", mem, replicasync.Options{RelayAddress: peerRelay.URL})
 	id := b.Self().ID
-	wait.For(t, 5*time.Second, "a warns about b's latency", func() bool {
+	wait.For(t, 10*time.Second, "a warns about b's latency", func() bool {
 		return strings.Contains(strings.Join(a.Warnings(), "\n"), `"b"`)
 	})
 	if n := series(t, reg, "coderd_replica_peer_latency_seconds"); n != 1 {
@@ -64,7 +64,7 @@ func TestUnreachablePeerShowsErrorNotItsLastLatency(t *testing.T) {
 	}
 	peerRelay.Close()
 	a.Reprobe(peerRelay.URL)
-	wait.For(t, 5*time.Second, "b reported unreachable", func() bool {
+	wait.For(t, 10*time.Second, "b reported unreachable", func() bool {
 		_, e, _ := report(a, id)
 		return e != ""
 	})
@@ -137,7 +137,7 @@ func TestCloseClosesProbeConnections(t *testing.T) {
 	t.Cleanup(srv.Close)
 	a := realMem(t, "a", mem, replicasync.Options{})
 	_ = realMem(t, "b", mem, replicasync.Options{RelayAddress: srv.URL})
-	wait.For(t, 5*time.Second, "a has probed b", func() bool {
+	wait.For(t, 10*time.Second, "a has probed b", func() bool {
 		for _, p := range a.PeerReports() {
 			if p.LatencyMS > 0 {
 				return true
@@ -148,7 +148,7 @@ func TestCloseClosesProbeConnections(t *testing.T) {
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 5*time.Second, "the probe connections are closed", func() bool {
+	wait.For(t, 10*time.Second, "the probe connections are closed", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(open) == 0
@@ -203,7 +203,7 @@ func TestLinkPingerReplacesHTTPProbesForLinkedPeers(t *testing.T) {
 	// option), so any HTTP probe of the linked peer is a bug.
 	l := realMem(t, "linked", mem, replicasync.Options{RelayAddress: linked.URL, Pinger: pinger})
 	u := realMem(t, "unlinked", mem, replicasync.Options{RelayAddress: unlinked.URL, Pinger: pinger})
-	wait.For(t, 5*time.Second, "a measured both peers", func() bool {
+	wait.For(t, 10*time.Second, "a measured both peers", func() bool {
 		lat1, _, _ := report(a, l.Self().ID)
 		lat2, _, _ := report(a, u.Self().ID)
 		return lat1 > 0 && lat2 > 0
@@ -237,11 +237,11 @@ func TestPollModeSeesJoinsAndLeavesWithoutNotify(t *testing.T) {
 	}
 	a := newPolling("a")
 	b := newPolling("b")
-	wait.For(t, 3*time.Second, "a sees b by polling", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a sees b by polling", func() bool { return sees(a, b.Self().ID) })
 	if err := b.Leave(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 3*time.Second, "a sees b leave by polling", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a sees b leave by polling", func() bool { return !sees(a, b.Self().ID) })
 }
 
 // slowListen is the real pubsub whose subscriptions go live only when the

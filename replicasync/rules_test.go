@@ -119,7 +119,7 @@ func TestDatabaseOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 	t.Parallel()
 	c := newMemCluster(t)
 	a, b, r3 := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{}), c.start("c", replicasync.Options{})
-	wait.For(t, 2*time.Second, "everyone sees three", allSee(3, a, b, r3))
+	wait.For(t, 10*time.Second, "everyone sees three", allSee(3, a, b, r3))
 
 	c.mem.SetDown(true)
 	c.step(3 * memStale)
@@ -130,12 +130,12 @@ func TestDatabaseOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 	}
 	before := c.store.fullReads.Load()
 	c.mem.SetDown(false) // pubsub reconnects: everyone re-reads at once, before any beat
-	wait.For(t, 2*time.Second, "the reconnect's full re-reads", func() bool { return c.store.fullReads.Load() >= before+3 })
+	wait.For(t, 10*time.Second, "the reconnect's full re-reads", func() bool { return c.store.fullReads.Load() >= before+3 })
 	if !allSee(3, a, b, r3)() {
 		t.Fatal("a full re-read while our own beat still fails dropped peers")
 	}
 	c.step(2 * memStale) // retries succeed, everyone re-beats, the grace window passes
-	wait.For(t, 2*time.Second, "heartbeats recovered", func() bool {
+	wait.For(t, 10*time.Second, "heartbeats recovered", func() bool {
 		return !a.HeartbeatFailing() && !b.HeartbeatFailing() && !r3.HeartbeatFailing()
 	})
 	if !allSee(3, a, b, r3)() {
@@ -152,19 +152,19 @@ func TestReplicaThatDiedDuringOutageIsDroppedAfterTheGraceWindow(t *testing.T) {
 	t.Parallel()
 	c := newMemCluster(t)
 	a, b, dead := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{}), c.start("dead", replicasync.Options{})
-	wait.For(t, 2*time.Second, "everyone sees three", allSee(3, a, b, dead))
+	wait.For(t, 10*time.Second, "everyone sees three", allSee(3, a, b, dead))
 	c.mem.SetDown(true)
 	c.step(memStale)
 	dead.StopBeatingForTest()
 	c.step(memStale)
 	c.mem.SetDown(false)
 	c.step(memBeat + memBeat/2) // a and b re-beat; dead does not
-	wait.For(t, 2*time.Second, "a and b recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
+	wait.For(t, 10*time.Second, "a and b recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
 	if !sees(a, dead.Self().ID) || !sees(b, dead.Self().ID) {
 		t.Fatal("the silent replica was dropped inside the grace window")
 	}
 	c.step(memStale)
-	wait.For(t, 2*time.Second, "a and b drop the dead replica", func() bool { return !sees(a, dead.Self().ID) && !sees(b, dead.Self().ID) })
+	wait.For(t, 10*time.Second, "a and b drop the dead replica", func() bool { return !sees(a, dead.Self().ID) && !sees(b, dead.Self().ID) })
 	if n := c.logs.FilterMessage("replica left").Len(); n != 2 {
 		t.Fatalf("%d \"replica left\" events, want 2 (a and b about dead)", n)
 	}
@@ -176,17 +176,17 @@ func TestGracefulStopRightAfterOutageIsHonouredAtOnce(t *testing.T) {
 	t.Parallel()
 	c := newMemCluster(t)
 	a, b := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{})
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, b))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
 	c.mem.SetDown(true)
 	c.step(2 * memStale)
 	c.mem.SetDown(false)
 	c.step(memBeat + memBeat/2)
-	wait.For(t, 2*time.Second, "recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
+	wait.For(t, 10*time.Second, "recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
 	if err := b.Leave(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	// No clock step: the announcement alone must do it.
-	wait.For(t, 2*time.Second, "a drops b at once", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a drops b at once", func() bool { return !sees(a, b.Self().ID) })
 }
 
 // Item 3: a stopped_at set on a live replica's row (not by the replica) is
@@ -196,19 +196,19 @@ func TestStopMarkOnALiveReplicaIsClearedByItsNextBeat(t *testing.T) {
 	c := newMemCluster(t)
 	a := c.start("a", replicasync.Options{HeartbeatInterval: time.Hour, StaleAfter: memStale})
 	b := c.start("b", replicasync.Options{})
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, b))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
 	c.mem.MarkStoppedByOther(b.Self().ID)
 	// a hears of it (as it would from any announcement) and drops b.
 	if err := c.mem.Publish(context.Background(), replicasync.Channel, []byte(b.Self().ID.String())); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 2*time.Second, "a drops the stopped b", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a drops the stopped b", func() bool { return !sees(a, b.Self().ID) })
 	c.step(memBeat) // only b beats (a's interval is an hour)
-	wait.For(t, 2*time.Second, "b's row is live again", func() bool {
+	wait.For(t, 10*time.Second, "b's row is live again", func() bool {
 		r, ok := c.mem.Row(b.Self().ID)
 		return ok && r.StoppedAt == nil
 	})
-	wait.For(t, 2*time.Second, "a takes b back from b's announcement", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a takes b back from b's announcement", func() bool { return sees(a, b.Self().ID) })
 }
 
 // Item 3: a replica that left is never revived by its own goroutines,
@@ -239,14 +239,14 @@ func TestDeletedRowIsRecreatedAndAnnounced(t *testing.T) {
 	c := newMemCluster(t)
 	a := c.start("a", replicasync.Options{HeartbeatInterval: time.Hour, StaleAfter: memStale})
 	b := c.start("b", replicasync.Options{})
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, b))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
 	c.mem.DeleteReplica(b.Self().ID)
 	if err := c.mem.Publish(context.Background(), replicasync.Channel, []byte(b.Self().ID.String())); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 2*time.Second, "a drops the deleted b", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a drops the deleted b", func() bool { return !sees(a, b.Self().ID) })
 	c.step(memBeat)
-	wait.For(t, 2*time.Second, "a sees b again from b's announcement", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a sees b again from b's announcement", func() bool { return sees(a, b.Self().ID) })
 }
 
 // Item 3, partial partition: a replica whose own beat fails for longer than
@@ -258,10 +258,10 @@ func TestCutOffReplicaReportsItselfGone(t *testing.T) {
 	c := newMemCluster(t)
 	a := c.start("a", replicasync.Options{RelayAddress: "http://127.0.0.1:1"})
 	b := c.start("b", replicasync.Options{RelayAddress: "http://127.0.0.1:2"})
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, b))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
 	c.mem.CutOff(b.Self().ID, true)
 	c.step(memStale + 2*memBeat)
-	wait.For(t, 2*time.Second, "a drops the cut-off b", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a drops the cut-off b", func() bool { return !sees(a, b.Self().ID) })
 	if !b.HeartbeatFailing() || !b.CutOff() {
 		t.Fatal("b does not know it is cut off")
 	}
@@ -288,7 +288,7 @@ func TestCutOffReplicaReportsItselfGone(t *testing.T) {
 	}
 	c.mem.CutOff(b.Self().ID, false)
 	c.step(memBeat + memBeat/2)
-	wait.For(t, 2*time.Second, "a takes b back", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a takes b back", func() bool { return sees(a, b.Self().ID) })
 	if b.CutOff() {
 		t.Fatal("b still cut off after its beat succeeded")
 	}
@@ -323,17 +323,17 @@ func TestSlowCallbackDelaysNoHeartbeatAndCoalesces(t *testing.T) {
 			<-release // the mesh is slow to tear down
 		}
 	})
-	wait.For(t, 2*time.Second, "initial call", func() bool { return calls.Load() == 1 })
+	wait.For(t, 10*time.Second, "initial call", func() bool { return calls.Load() == 1 })
 	b := c.start("b", replicasync.Options{RelayAddress: "http://127.0.0.1:2"})
-	wait.For(t, 2*time.Second, "the blocking call about b", func() bool { return calls.Load() == 2 })
+	wait.For(t, 10*time.Second, "the blocking call about b", func() bool { return calls.Load() == 2 })
 	r3 := c.start("c", replicasync.Options{RelayAddress: "http://127.0.0.1:3"})
 	r4 := c.start("d", replicasync.Options{RelayAddress: "http://127.0.0.1:4"})
-	wait.For(t, 2*time.Second, "a sees four", allSee(4, a))
+	wait.For(t, 10*time.Second, "a sees four", allSee(4, a))
 	before := a.Self().UpdatedAt
 	c.step(2 * memBeat)
-	wait.For(t, 2*time.Second, "a beats while its callback blocks", func() bool { return a.Self().UpdatedAt.After(before) })
+	wait.For(t, 10*time.Second, "a beats while its callback blocks", func() bool { return a.Self().UpdatedAt.After(before) })
 	close(release)
-	wait.For(t, 2*time.Second, "one coalesced call with the latest set", func() bool {
+	wait.For(t, 10*time.Second, "one coalesced call with the latest set", func() bool {
 		p, _ := last.Load().([]replicasync.Peer)
 		return calls.Load() == 3 && len(p) == 3
 	})
@@ -354,12 +354,12 @@ func TestPeerRestartedBehindTheSameURLAppearsOnceAndIsReplaced(t *testing.T) {
 	a.SetCallback(func(ch replicasync.PeerChange) { got <- ch })
 	const url = "http://127.0.0.1:9"
 	old := c.start("old", replicasync.Options{RelayAddress: url})
-	wait.For(t, 2*time.Second, "a sees old", func() bool { return sees(a, old.Self().ID) })
+	wait.For(t, 10*time.Second, "a sees old", func() bool { return sees(a, old.Self().ID) })
 	old.StopBeatingForTest() // killed: its row is still live for a while
 	c.step(memBeat / 2)
 	restarted := c.start("new", replicasync.Options{RelayAddress: url})
-	wait.For(t, 2*time.Second, "a sees the new process", func() bool { return sees(a, restarted.Self().ID) })
-	wait.For(t, 2*time.Second, "callback about the new process", func() bool {
+	wait.For(t, 10*time.Second, "a sees the new process", func() bool { return sees(a, restarted.Self().ID) })
+	wait.For(t, 10*time.Second, "callback about the new process", func() bool {
 		for {
 			select {
 			case ch := <-got:
@@ -393,7 +393,7 @@ func TestReplicaWithClockAnHourAheadStaysAMemberAndMeasuresIt(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = ahead.Close() })
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, ahead))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, ahead))
 	c.step(5 * memStale)
 	if !allSee(2, a, ahead)() {
 		t.Fatal("the skewed replica lost membership")
