@@ -413,7 +413,9 @@ func (m *Manager) announceUntilHeard(ctx context.Context) {
 		case <-m.heard:
 			return
 		case <-ctx.Done():
-			m.log.Warn("own replica announcement not heard back: peers that start now may be seen only at the next heartbeat", zap.Duration("timeout", listenTimeout))
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) { // not a start that was called off
+				m.log.Warn("own replica announcement not heard back: peers that start now may be seen only at the next heartbeat", zap.Duration("timeout", listenTimeout))
+			}
 			return
 		case <-again.C:
 			m.publish(ctx)

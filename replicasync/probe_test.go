@@ -12,6 +12,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/database/pubsub"
@@ -337,4 +340,26 @@ func TestPeerAnnouncedBeforeTheListenIsLiveIsNotMissed(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = r.m.Close() })
 	wait.For(t, 10*time.Second, "the starting replica sees the peer that announced into the gap", func() bool { return sees(r.m, peer.Self().ID) })
+}
+
+// A subscription that never goes live (a proxy that drops notifications)
+// delays the start by the listen timeout at most, with one WARN line, and
+// the replica works: it still registers and sees its peers by reading.
+func TestStartGoesOnWhenItsAnnouncementNeverComesBack(t *testing.T) {
+	t.Parallel()
+	db := dbtest.NewDB(t)
+	deaf := &slowListen{Pubsub: newPubsub(t, db), live: make(chan struct{})} // never live
+	core, logs := observer.New(zapcore.InfoLevel)
+	began := time.Now()
+	a, err := replicasync.New(context.Background(), db, deaf, replicasync.Options{Hostname: "deaf", Logger: zap.New(core), HeartbeatInterval: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	t.Logf("New returned after %s", time.Since(began))
+	if n := logs.FilterMessage("own replica announcement not heard back: peers that start now may be seen only at the next heartbeat").Len(); n != 1 {
+		t.Fatalf("%d warnings about the missing echo, want 1", n)
+	}
+	b := start(t, db, replicasync.Options{Hostname: "b"})
+	wait.For(t, 10*time.Second, "the deaf replica sees b at its next beat", func() bool { return sees(a, b.Self().ID) })
 }
