@@ -393,10 +393,11 @@ func ParseNotification(payload []byte) (uuid.UUID, bool) {
 const listenTimeout = 5 * time.Second
 
 // announceUntilHeard announces this replica and, with a Pubsub, repeats the
-// announcement (100ms apart, doubling to 1s) until it comes back: a
-// subscription may go live some time after Subscribe returns (the LISTEN is
-// sent by the pubsub's own goroutine), and announcements made before that
-// are lost without notice. Once our own comes back, a full read covers
+// announcement (100ms apart, doubling to 1s) until it comes back: the
+// Pubsub interface does not promise that a subscription is live when
+// Subscribe returns (database/pubsub's was not until it learned to wait
+// for its LISTEN), and announcements made before that are lost without
+// notice. Once our own comes back, a full read covers
 // everything announced before. Without an echo in listenTimeout it warns
 // and carries on: the heartbeat's reads catch up.
 func (m *Manager) announceUntilHeard(ctx context.Context) {
