@@ -75,14 +75,23 @@ type Manager struct {
 	pending    map[uuid.UUID]struct{}
 	pendingAll bool
 
+	// heard is closed when this replica first hears its own announcement:
+	// its subscription is live, so nothing announced later is missed.
+	heard     chan struct{}
+	heardOnce sync.Once
+
 	cancelSub func()
 	closeOnce sync.Once
 	closeErr  error
 }
 
 // New registers the replica, announces it, reads its peers and starts
-// heartbeating; it returns once running. It fails if the first
-// registration fails. A nil ps means poll mode (see Options.PollInterval).
+// heartbeating; it returns once running. With a Pubsub, running includes
+// listening: New waits (listenTimeout at most) until it hears its own
+// announcement before reading its peers, so a peer that announces itself
+// while the subscription is still being set up is not missed. It fails if
+// the first registration fails. A nil ps means poll mode (see
+// Options.PollInterval).
 func New(ctx context.Context, store Store, ps Pubsub, opts Options) (*Manager, error) {
 	opts = opts.withDefaults()
 	m := &Manager{
@@ -99,6 +108,7 @@ func New(ctx context.Context, store Store, ps Pubsub, opts Options) (*Manager, e
 		peers:    map[uuid.UUID]database.Replica{},
 		probes:   map[uuid.UUID]*probeState{},
 		pending:  map[uuid.UUID]struct{}{},
+		heard:    make(chan struct{}),
 		pinger:   opts.Pinger,
 		db:       latencyWindow{keep: opts.Samples, threshold: opts.LatencyThreshold},
 	}
@@ -119,13 +129,14 @@ func New(ctx context.Context, store Store, ps Pubsub, opts Options) (*Manager, e
 		m.cancel()
 		return nil, fmt.Errorf("register replica: %w", err)
 	}
-	m.publish(ctx)
+	m.announceUntilHeard(ctx)
 	_ = m.readAll(ctx)
+	// No probe round here: readAll probed every peer it found as a
+	// newcomer; rounds start with the periodic beats.
 	m.wg.Add(3)
 	go m.loop()
 	go m.probeLoop()
 	go m.tellLoop()
-	m.trigger(m.probeNow)
 	return m, nil
 }
 
@@ -357,6 +368,7 @@ func (m *Manager) onNotification(_ context.Context, payload []byte, err error) {
 		return
 	}
 	if id == m.opts.ID {
+		m.heardOnce.Do(func() { close(m.heard) })
 		return
 	}
 	m.pendingMu.Lock()
@@ -375,6 +387,43 @@ func ParseNotification(payload []byte) (uuid.UUID, bool) {
 		return uuid.Nil, false
 	}
 	return id, true
+}
+
+// listenTimeout bounds how long New waits to hear its own announcement.
+const listenTimeout = 5 * time.Second
+
+// announceUntilHeard announces this replica and, with a Pubsub, repeats the
+// announcement (100ms apart, doubling to 1s) until it comes back: the
+// Pubsub interface does not promise that a subscription is live when
+// Subscribe returns (database/pubsub's was not until it learned to wait
+// for its LISTEN), and announcements made before that are lost without
+// notice. Once our own comes back, a full read covers
+// everything announced before. Without an echo in listenTimeout it warns
+// and carries on: the heartbeat's reads catch up.
+func (m *Manager) announceUntilHeard(ctx context.Context) {
+	m.publish(ctx)
+	if m.ps == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, listenTimeout)
+	defer cancel()
+	again := m.clock.NewTimer(100*time.Millisecond, "announce")
+	defer again.Stop()
+	for backoff := 100 * time.Millisecond; ; {
+		select {
+		case <-m.heard:
+			return
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) { // not a start that was called off
+				m.log.Warn("own replica announcement not heard back: peers that start now may be seen only at the next heartbeat", zap.Duration("timeout", listenTimeout))
+			}
+			return
+		case <-again.C:
+			m.publish(ctx)
+			backoff = min(2*backoff, time.Second)
+			again.Reset(backoff, "announce")
+		}
+	}
 }
 
 func (m *Manager) publish(ctx context.Context) {
@@ -410,11 +459,18 @@ func (m *Manager) loop() {
 	cleanup := m.clock.NewTicker(m.opts.CleanupInterval, "cleanup")
 	defer cleanup.Stop()
 	m.cleanup()
-	heartbeat := func() {
+	// heartbeat writes the row and re-reads the peers. Only a periodic
+	// beat (or the retry that stands in for a failed one) starts a probe
+	// round: a beat written because something changed (writeNow) comes at
+	// any moment, often right after a probe, and restarting the round
+	// there would probe the first peers twice and bunch probes together.
+	heartbeat := func(periodic bool) {
 		err := m.beat(m.ctx, max(m.opts.HeartbeatInterval, 5*time.Second))
 		if err == nil {
 			_ = m.readAll(m.ctx)
-			m.trigger(m.probeNow)
+			if periodic {
+				m.trigger(m.probeNow)
+			}
 			return
 		}
 		if !errors.Is(err, errLeft) && m.ctx.Err() == nil {
@@ -426,13 +482,13 @@ func (m *Manager) loop() {
 		case <-m.ctx.Done():
 			return
 		case <-beat.C:
-			heartbeat()
+			heartbeat(true)
 		case <-retry.C:
 			if m.HeartbeatFailing() {
-				heartbeat()
+				heartbeat(true)
 			}
 		case <-m.writeNow:
-			heartbeat()
+			heartbeat(false)
 		case <-m.syncNow:
 			m.sync(m.ctx)
 		case <-poll:

@@ -42,8 +42,11 @@ func TestRealPostgresOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 	t.Cleanup(db.Close)
 
 	core, logs := observer.New(zapcore.InfoLevel)
+	// The stale window is several beats long, not three: a replica
+	// starved of CPU for a second on a loaded machine must not be dropped
+	// after the outage for that, which would be a real leave, not the bug.
 	const beat = 300 * time.Millisecond
-	const stale = 3 * beat
+	const stale = 2 * time.Second
 	var ms []*replicasync.Manager
 	for _, name := range []string{"a", "b", "c"} {
 		ps, err := pubsub.New(ctx, db, pubsub.Options{ReconnectMin: 50 * time.Millisecond, ReconnectMax: 500 * time.Millisecond})
@@ -59,10 +62,10 @@ func TestRealPostgresOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 		t.Cleanup(func() { _ = m.Close() })
 		ms = append(ms, m)
 	}
-	wait.For(t, 5*time.Second, "everyone sees three", allSee(3, ms...))
+	wait.For(t, 10*time.Second, "everyone sees three", allSee(3, ms...))
 
 	proxy.Cut()
-	wait.For(t, 5*time.Second, "every heartbeat fails", func() bool {
+	wait.For(t, 10*time.Second, "every heartbeat fails", func() bool {
 		for _, m := range ms {
 			if !m.HeartbeatFailing() {
 				return false
@@ -72,7 +75,7 @@ func TestRealPostgresOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 	})
 	time.Sleep(3 * stale) // the outage itself
 	proxy.Heal()
-	wait.For(t, 15*time.Second, "every heartbeat recovers", func() bool {
+	wait.For(t, 20*time.Second, "every heartbeat recovers", func() bool {
 		for _, m := range ms {
 			if m.HeartbeatFailing() {
 				return false
@@ -80,7 +83,7 @@ func TestRealPostgresOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 		}
 		return true
 	})
-	wait.For(t, 5*time.Second, "everyone still sees three", allSee(3, ms...))
+	wait.For(t, 10*time.Second, "everyone still sees three", allSee(3, ms...))
 	time.Sleep(2 * stale) // past the grace window: still nobody leaves
 	if !allSee(3, ms...)() {
 		t.Fatal("peers dropped after the grace window")

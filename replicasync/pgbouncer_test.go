@@ -32,13 +32,13 @@ func TestPollModeWorksThroughPgBouncerTransactionPooling(t *testing.T) {
 		return m
 	}
 	a, b, c := newPolling("a"), newPolling("b"), newPolling("c")
-	wait.For(t, 5*time.Second, "everyone sees three through pgbouncer", allSee(3, a, b, c))
+	wait.For(t, 10*time.Second, "everyone sees three through pgbouncer", allSee(3, a, b, c))
 	if err := b.Leave(ctx); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 3*time.Second, "a sees b leave", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a sees b leave", func() bool { return !sees(a, b.Self().ID) })
 	c.StopBeatingForTest()
-	wait.For(t, 5*time.Second, "a drops the silent c", func() bool { return !sees(a, c.Self().ID) })
+	wait.For(t, 10*time.Second, "a drops the silent c", func() bool { return !sees(a, c.Self().ID) })
 	if a.HeartbeatFailing() {
 		t.Fatal("heartbeats fail through pgbouncer")
 	}

@@ -22,10 +22,11 @@ type probeState struct {
 	again    bool // asked for while in flight: probe once more after
 }
 
-// probeLoop runs a probe round after each successful beat, spreading the
-// regional peers over the heartbeat interval (peer i of n at i/n of it), so
-// a replica with many peers does not probe them all at once and every peer
-// is not probed by everyone at the same instant.
+// probeLoop runs a probe round after each successful periodic beat,
+// spreading the regional peers over the heartbeat interval (peer i of n at
+// i/n of it), so a replica with many peers does not probe them all at once
+// and every peer is not probed by everyone at the same instant. Each peer
+// is probed once per round; a new round replaces what is left of the last.
 func (m *Manager) probeLoop() {
 	defer m.wg.Done()
 	next := m.clock.NewTimer(time.Hour, "probe")

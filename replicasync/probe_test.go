@@ -12,8 +12,12 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/database/pubsub"
 	"github.com/coder-ha/coder/internal/wait"
 	"github.com/coder-ha/coder/replicasync"
 	"github.com/coder-ha/coder/replicasync/storetest"
@@ -55,7 +59,7 @@ func TestUnreachablePeerShowsErrorNotItsLastLatency(t *testing.T) {
 	a := realMem(t, "a", mem, replicasync.Options{RelayAddress: relay(t).URL, LatencyThreshold: time.Nanosecond, Registerer: reg})
 	b := realMem(t, "b", mem, replicasync.Options{RelayAddress: peerRelay.URL})
 	id := b.Self().ID
-	wait.For(t, 5*time.Second, "a warns about b's latency", func() bool {
+	wait.For(t, 10*time.Second, "a warns about b's latency", func() bool {
 		return strings.Contains(strings.Join(a.Warnings(), "\n"), `"b"`)
 	})
 	if n := series(t, reg, "coderd_replica_peer_latency_seconds"); n != 1 {
@@ -63,7 +67,7 @@ func TestUnreachablePeerShowsErrorNotItsLastLatency(t *testing.T) {
 	}
 	peerRelay.Close()
 	a.Reprobe(peerRelay.URL)
-	wait.For(t, 5*time.Second, "b reported unreachable", func() bool {
+	wait.For(t, 10*time.Second, "b reported unreachable", func() bool {
 		_, e, _ := report(a, id)
 		return e != ""
 	})
@@ -136,7 +140,7 @@ func TestCloseClosesProbeConnections(t *testing.T) {
 	t.Cleanup(srv.Close)
 	a := realMem(t, "a", mem, replicasync.Options{})
 	_ = realMem(t, "b", mem, replicasync.Options{RelayAddress: srv.URL})
-	wait.For(t, 5*time.Second, "a has probed b", func() bool {
+	wait.For(t, 10*time.Second, "a has probed b", func() bool {
 		for _, p := range a.PeerReports() {
 			if p.LatencyMS > 0 {
 				return true
@@ -147,7 +151,7 @@ func TestCloseClosesProbeConnections(t *testing.T) {
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 5*time.Second, "the probe connections are closed", func() bool {
+	wait.For(t, 10*time.Second, "the probe connections are closed", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(open) == 0
@@ -202,7 +206,7 @@ func TestLinkPingerReplacesHTTPProbesForLinkedPeers(t *testing.T) {
 	// option), so any HTTP probe of the linked peer is a bug.
 	l := realMem(t, "linked", mem, replicasync.Options{RelayAddress: linked.URL, Pinger: pinger})
 	u := realMem(t, "unlinked", mem, replicasync.Options{RelayAddress: unlinked.URL, Pinger: pinger})
-	wait.For(t, 5*time.Second, "a measured both peers", func() bool {
+	wait.For(t, 10*time.Second, "a measured both peers", func() bool {
 		lat1, _, _ := report(a, l.Self().ID)
 		lat2, _, _ := report(a, u.Self().ID)
 		return lat1 > 0 && lat2 > 0
@@ -236,11 +240,52 @@ func TestPollModeSeesJoinsAndLeavesWithoutNotify(t *testing.T) {
 	}
 	a := newPolling("a")
 	b := newPolling("b")
-	wait.For(t, 3*time.Second, "a sees b by polling", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a sees b by polling", func() bool { return sees(a, b.Self().ID) })
 	if err := b.Leave(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 3*time.Second, "a sees b leave by polling", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a sees b leave by polling", func() bool { return !sees(a, b.Self().ID) })
+}
+
+// slowListen is the real pubsub whose subscriptions go live only when the
+// test says so: LISTEN is sent by the pubsub's own goroutine some time
+// after Subscribe returns, and a notification sent meanwhile is lost.
+type slowListen struct {
+	*pubsub.Pubsub
+	live chan struct{}
+	wg   sync.WaitGroup
+}
+
+func (s *slowListen) Subscribe(channel string, l pubsub.Listener) (func(), error) {
+	stop := make(chan struct{})
+	var mu sync.Mutex
+	var cancel func()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		select {
+		case <-s.live:
+		case <-stop:
+			return
+		}
+		c, err := s.Pubsub.Subscribe(channel, l)
+		if err != nil {
+			return
+		}
+		mu.Lock()
+		cancel = c
+		mu.Unlock()
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() { close(stop) })
+		s.wg.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		if cancel != nil {
+			cancel()
+		}
+	}, nil
 }
 
 // A poll-mode replica still announces itself through the pool, so a
@@ -254,9 +299,67 @@ func TestPollModeReplicaIsHeardByListeningPeersAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = polling.Close() })
-	wait.For(t, 2*time.Second, "the listening replica sees the polling one", func() bool { return sees(listening, polling.Self().ID) })
+	wait.For(t, 10*time.Second, "the listening replica sees the polling one", func() bool { return sees(listening, polling.Self().ID) })
 	if err := polling.Leave(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 2*time.Second, "and sees it leave", func() bool { return !sees(listening, polling.Self().ID) })
+	wait.For(t, 10*time.Second, "and sees it leave", func() bool { return !sees(listening, polling.Self().ID) })
+}
+
+// A peer that announces itself while a starting replica's LISTEN is not yet
+// in place is still seen at once: New returns only after its subscription
+// is live (it hears its own announcement), and reads its peers after that.
+func TestPeerAnnouncedBeforeTheListenIsLiveIsNotMissed(t *testing.T) {
+	t.Parallel()
+	db := dbtest.NewDB(t)
+	slow := &slowListen{Pubsub: newPubsub(t, db), live: make(chan struct{})}
+	type result struct {
+		m   *replicasync.Manager
+		err error
+	}
+	started := make(chan result, 1)
+	go func() {
+		m, err := replicasync.New(context.Background(), db, slow, replicasync.Options{Hostname: "listening", HeartbeatInterval: time.Minute})
+		started <- result{m, err}
+	}()
+	// Registered, announced, but not yet listening: wait for its row.
+	wait.For(t, 10*time.Second, "the listening replica registered", func() bool {
+		rows, err := db.RecentReplicas(context.Background(), time.Minute)
+		return err == nil && len(rows) == 1
+	})
+	peer := start(t, db, replicasync.Options{Hostname: "peer"}) // announces into the gap
+	close(slow.live)
+	var r result
+	select {
+	case r = <-started:
+	case <-time.After(20 * time.Second):
+		t.Fatal("New did not return after its subscription went live")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	t.Cleanup(func() { _ = r.m.Close() })
+	wait.For(t, 10*time.Second, "the starting replica sees the peer that announced into the gap", func() bool { return sees(r.m, peer.Self().ID) })
+}
+
+// A subscription that never goes live (a proxy that drops notifications)
+// delays the start by the listen timeout at most, with one WARN line, and
+// the replica works: it still registers and sees its peers by reading.
+func TestStartGoesOnWhenItsAnnouncementNeverComesBack(t *testing.T) {
+	t.Parallel()
+	db := dbtest.NewDB(t)
+	deaf := &slowListen{Pubsub: newPubsub(t, db), live: make(chan struct{})} // never live
+	core, logs := observer.New(zapcore.InfoLevel)
+	began := time.Now()
+	a, err := replicasync.New(context.Background(), db, deaf, replicasync.Options{Hostname: "deaf", Logger: zap.New(core), HeartbeatInterval: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	t.Logf("New returned after %s", time.Since(began))
+	if n := logs.FilterMessage("own replica announcement not heard back: peers that start now may be seen only at the next heartbeat").Len(); n != 1 {
+		t.Fatalf("%d warnings about the missing echo, want 1", n)
+	}
+	b := start(t, db, replicasync.Options{Hostname: "b"})
+	wait.For(t, 10*time.Second, "the deaf replica sees b at its next beat", func() bool { return sees(a, b.Self().ID) })
 }

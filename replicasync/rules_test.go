@@ -119,7 +119,7 @@ func TestDatabaseOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 	t.Parallel()
 	c := newMemCluster(t)
 	a, b, r3 := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{}), c.start("c", replicasync.Options{})
-	wait.For(t, 2*time.Second, "everyone sees three", allSee(3, a, b, r3))
+	wait.For(t, 10*time.Second, "everyone sees three", allSee(3, a, b, r3))
 
 	c.mem.SetDown(true)
 	c.step(3 * memStale)
@@ -130,12 +130,12 @@ func TestDatabaseOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 	}
 	before := c.store.fullReads.Load()
 	c.mem.SetDown(false) // pubsub reconnects: everyone re-reads at once, before any beat
-	wait.For(t, 2*time.Second, "the reconnect's full re-reads", func() bool { return c.store.fullReads.Load() >= before+3 })
+	wait.For(t, 10*time.Second, "the reconnect's full re-reads", func() bool { return c.store.fullReads.Load() >= before+3 })
 	if !allSee(3, a, b, r3)() {
 		t.Fatal("a full re-read while our own beat still fails dropped peers")
 	}
 	c.step(2 * memStale) // retries succeed, everyone re-beats, the grace window passes
-	wait.For(t, 2*time.Second, "heartbeats recovered", func() bool {
+	wait.For(t, 10*time.Second, "heartbeats recovered", func() bool {
 		return !a.HeartbeatFailing() && !b.HeartbeatFailing() && !r3.HeartbeatFailing()
 	})
 	if !allSee(3, a, b, r3)() {
@@ -152,19 +152,19 @@ func TestReplicaThatDiedDuringOutageIsDroppedAfterTheGraceWindow(t *testing.T) {
 	t.Parallel()
 	c := newMemCluster(t)
 	a, b, dead := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{}), c.start("dead", replicasync.Options{})
-	wait.For(t, 2*time.Second, "everyone sees three", allSee(3, a, b, dead))
+	wait.For(t, 10*time.Second, "everyone sees three", allSee(3, a, b, dead))
 	c.mem.SetDown(true)
 	c.step(memStale)
 	dead.StopBeatingForTest()
 	c.step(memStale)
 	c.mem.SetDown(false)
 	c.step(memBeat + memBeat/2) // a and b re-beat; dead does not
-	wait.For(t, 2*time.Second, "a and b recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
+	wait.For(t, 10*time.Second, "a and b recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
 	if !sees(a, dead.Self().ID) || !sees(b, dead.Self().ID) {
 		t.Fatal("the silent replica was dropped inside the grace window")
 	}
 	c.step(memStale)
-	wait.For(t, 2*time.Second, "a and b drop the dead replica", func() bool { return !sees(a, dead.Self().ID) && !sees(b, dead.Self().ID) })
+	wait.For(t, 10*time.Second, "a and b drop the dead replica", func() bool { return !sees(a, dead.Self().ID) && !sees(b, dead.Self().ID) })
 	if n := c.logs.FilterMessage("replica left").Len(); n != 2 {
 		t.Fatalf("%d \"replica left\" events, want 2 (a and b about dead)", n)
 	}
@@ -176,17 +176,17 @@ func TestGracefulStopRightAfterOutageIsHonouredAtOnce(t *testing.T) {
 	t.Parallel()
 	c := newMemCluster(t)
 	a, b := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{})
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, b))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
 	c.mem.SetDown(true)
 	c.step(2 * memStale)
 	c.mem.SetDown(false)
 	c.step(memBeat + memBeat/2)
-	wait.For(t, 2*time.Second, "recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
+	wait.For(t, 10*time.Second, "recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
 	if err := b.Leave(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	// No clock step: the announcement alone must do it.
-	wait.For(t, 2*time.Second, "a drops b at once", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a drops b at once", func() bool { return !sees(a, b.Self().ID) })
 }
 
 // Item 3: a stopped_at set on a live replica's row (not by the replica) is
@@ -196,19 +196,19 @@ func TestStopMarkOnALiveReplicaIsClearedByItsNextBeat(t *testing.T) {
 	c := newMemCluster(t)
 	a := c.start("a", replicasync.Options{HeartbeatInterval: time.Hour, StaleAfter: memStale})
 	b := c.start("b", replicasync.Options{})
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, b))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
 	c.mem.MarkStoppedByOther(b.Self().ID)
 	// a hears of it (as it would from any announcement) and drops b.
 	if err := c.mem.Publish(context.Background(), replicasync.Channel, []byte(b.Self().ID.String())); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 2*time.Second, "a drops the stopped b", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a drops the stopped b", func() bool { return !sees(a, b.Self().ID) })
 	c.step(memBeat) // only b beats (a's interval is an hour)
-	wait.For(t, 2*time.Second, "b's row is live again", func() bool {
+	wait.For(t, 10*time.Second, "b's row is live again", func() bool {
 		r, ok := c.mem.Row(b.Self().ID)
 		return ok && r.StoppedAt == nil
 	})
-	wait.For(t, 2*time.Second, "a takes b back from b's announcement", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a takes b back from b's announcement", func() bool { return sees(a, b.Self().ID) })
 }
 
 // Item 3: a replica that left is never revived by its own goroutines,
@@ -239,14 +239,14 @@ func TestDeletedRowIsRecreatedAndAnnounced(t *testing.T) {
 	c := newMemCluster(t)
 	a := c.start("a", replicasync.Options{HeartbeatInterval: time.Hour, StaleAfter: memStale})
 	b := c.start("b", replicasync.Options{})
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, b))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
 	c.mem.DeleteReplica(b.Self().ID)
 	if err := c.mem.Publish(context.Background(), replicasync.Channel, []byte(b.Self().ID.String())); err != nil {
 		t.Fatal(err)
 	}
-	wait.For(t, 2*time.Second, "a drops the deleted b", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a drops the deleted b", func() bool { return !sees(a, b.Self().ID) })
 	c.step(memBeat)
-	wait.For(t, 2*time.Second, "a sees b again from b's announcement", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a sees b again from b's announcement", func() bool { return sees(a, b.Self().ID) })
 }
 
 // Item 3, partial partition: a replica whose own beat fails for longer than
@@ -258,10 +258,10 @@ func TestCutOffReplicaReportsItselfGone(t *testing.T) {
 	c := newMemCluster(t)
 	a := c.start("a", replicasync.Options{RelayAddress: "http://127.0.0.1:1"})
 	b := c.start("b", replicasync.Options{RelayAddress: "http://127.0.0.1:2"})
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, b))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
 	c.mem.CutOff(b.Self().ID, true)
 	c.step(memStale + 2*memBeat)
-	wait.For(t, 2*time.Second, "a drops the cut-off b", func() bool { return !sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a drops the cut-off b", func() bool { return !sees(a, b.Self().ID) })
 	if !b.HeartbeatFailing() || !b.CutOff() {
 		t.Fatal("b does not know it is cut off")
 	}
@@ -288,7 +288,7 @@ func TestCutOffReplicaReportsItselfGone(t *testing.T) {
 	}
 	c.mem.CutOff(b.Self().ID, false)
 	c.step(memBeat + memBeat/2)
-	wait.For(t, 2*time.Second, "a takes b back", func() bool { return sees(a, b.Self().ID) })
+	wait.For(t, 10*time.Second, "a takes b back", func() bool { return sees(a, b.Self().ID) })
 	if b.CutOff() {
 		t.Fatal("b still cut off after its beat succeeded")
 	}
@@ -323,17 +323,17 @@ func TestSlowCallbackDelaysNoHeartbeatAndCoalesces(t *testing.T) {
 			<-release // the mesh is slow to tear down
 		}
 	})
-	wait.For(t, 2*time.Second, "initial call", func() bool { return calls.Load() == 1 })
+	wait.For(t, 10*time.Second, "initial call", func() bool { return calls.Load() == 1 })
 	b := c.start("b", replicasync.Options{RelayAddress: "http://127.0.0.1:2"})
-	wait.For(t, 2*time.Second, "the blocking call about b", func() bool { return calls.Load() == 2 })
+	wait.For(t, 10*time.Second, "the blocking call about b", func() bool { return calls.Load() == 2 })
 	r3 := c.start("c", replicasync.Options{RelayAddress: "http://127.0.0.1:3"})
 	r4 := c.start("d", replicasync.Options{RelayAddress: "http://127.0.0.1:4"})
-	wait.For(t, 2*time.Second, "a sees four", allSee(4, a))
+	wait.For(t, 10*time.Second, "a sees four", allSee(4, a))
 	before := a.Self().UpdatedAt
 	c.step(2 * memBeat)
-	wait.For(t, 2*time.Second, "a beats while its callback blocks", func() bool { return a.Self().UpdatedAt.After(before) })
+	wait.For(t, 10*time.Second, "a beats while its callback blocks", func() bool { return a.Self().UpdatedAt.After(before) })
 	close(release)
-	wait.For(t, 2*time.Second, "one coalesced call with the latest set", func() bool {
+	wait.For(t, 10*time.Second, "one coalesced call with the latest set", func() bool {
 		p, _ := last.Load().([]replicasync.Peer)
 		return calls.Load() == 3 && len(p) == 3
 	})
@@ -354,12 +354,12 @@ func TestPeerRestartedBehindTheSameURLAppearsOnceAndIsReplaced(t *testing.T) {
 	a.SetCallback(func(ch replicasync.PeerChange) { got <- ch })
 	const url = "http://127.0.0.1:9"
 	old := c.start("old", replicasync.Options{RelayAddress: url})
-	wait.For(t, 2*time.Second, "a sees old", func() bool { return sees(a, old.Self().ID) })
+	wait.For(t, 10*time.Second, "a sees old", func() bool { return sees(a, old.Self().ID) })
 	old.StopBeatingForTest() // killed: its row is still live for a while
 	c.step(memBeat / 2)
 	restarted := c.start("new", replicasync.Options{RelayAddress: url})
-	wait.For(t, 2*time.Second, "a sees the new process", func() bool { return sees(a, restarted.Self().ID) })
-	wait.For(t, 2*time.Second, "callback about the new process", func() bool {
+	wait.For(t, 10*time.Second, "a sees the new process", func() bool { return sees(a, restarted.Self().ID) })
+	wait.For(t, 10*time.Second, "callback about the new process", func() bool {
 		for {
 			select {
 			case ch := <-got:
@@ -393,7 +393,7 @@ func TestReplicaWithClockAnHourAheadStaysAMemberAndMeasuresIt(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = ahead.Close() })
-	wait.For(t, 2*time.Second, "both see two", allSee(2, a, ahead))
+	wait.For(t, 10*time.Second, "both see two", allSee(2, a, ahead))
 	c.step(5 * memStale)
 	if !allSee(2, a, ahead)() {
 		t.Fatal("the skewed replica lost membership")
@@ -422,49 +422,132 @@ func (p *recordingPinger) PingPeer(ctx context.Context, relayURL string) (time.D
 	return p.tcp.PingPeer(ctx, relayURL)
 }
 
-// Probes are spread over the heartbeat interval, each peer at its own
-// offset, rather than all at the instant of the beat.
-func TestProbesAreSpreadOverTheInterval(t *testing.T) {
-	t.Parallel()
-	c := newMemCluster(t)
-	var urls []string
+// total is how many pings were made so far.
+func (p *recordingPinger) total() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, at := range p.at {
+		n += len(at)
+	}
+	return n
+}
+
+// probeRound sets up replica a probing four peers over a recordingPinger
+// and waits, in real time, until a has measured each of them and no probe
+// is under way, so nothing probes until the test moves the mock clock.
+// The peers beat hourly: within the test, only a's beats start rounds.
+func probeRound(t *testing.T) (c *memCluster, a *replicasync.Manager, urls []string, pinger *recordingPinger) {
+	t.Helper()
+	c = newMemCluster(t)
 	links := map[string]bool{}
 	for i := 0; i < 4; i++ {
 		srv := relay(t)
 		urls = append(urls, srv.URL)
 		links[srv.URL] = true
 	}
-	pinger := &recordingPinger{tcp: tcpPinger{links: links}, clock: c.clock, at: map[string][]time.Time{}}
-	a := c.start("a", replicasync.Options{Pinger: pinger})
+	pinger = &recordingPinger{tcp: tcpPinger{links: links}, clock: c.clock, at: map[string][]time.Time{}}
+	a = c.start("a", replicasync.Options{Pinger: pinger})
 	for i, u := range urls {
-		c.start(fmt.Sprintf("p%d", i), replicasync.Options{RelayAddress: u})
+		c.start(fmt.Sprintf("p%d", i), replicasync.Options{RelayAddress: u, HeartbeatInterval: time.Hour})
 	}
-	wait.For(t, 5*time.Second, "a measured all four", func() bool {
+	wait.For(t, 20*time.Second, "a measured all four and stopped probing", func() bool {
 		n := 0
 		for _, p := range a.PeerReports() {
 			if p.LatencyMS > 0 {
 				n++
 			}
 		}
-		return n == 4
+		return n == 4 && a.ProbesInFlightForTest() == 0
 	})
-	roundStart := c.clock.Now()
-	c.step(memBeat) // the beat that starts a round
-	c.step(memBeat - time.Millisecond)
+	return c, a, urls, pinger
+}
+
+// runRound moves the mock clock to a's next beat and through the probe
+// round it starts, waiting at each step until a has made the probe due and
+// armed the timer for the next (the trap), so the clock never runs ahead of
+// the replica. midRound, if set, runs after the second probe. It returns
+// the offset of each probe from the beat.
+func runRound(t *testing.T, c *memCluster, urls []string, pinger *recordingPinger, midRound func()) []time.Duration {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	trap := c.clock.Trap().TimerReset("probe")
+	defer trap.Close()
+	advance := func(d time.Duration) {
+		next, ok := c.clock.Peek()
+		if !ok || next != d {
+			t.Fatalf("next timer event in %v (%v), want %v: something else is scheduled", next, ok, d)
+		}
+		c.clock.Advance(d).MustWait(ctx)
+	}
+	beatAt := c.clock.Now().Add(memBeat)
+	base := pinger.total()
+	advance(memBeat) // a's beat starts the round
+	for i := 0; i < len(urls); i++ {
+		wait.For(t, 20*time.Second, fmt.Sprintf("probe %d of the round", i+1), func() bool { return pinger.total() >= base+i+1 })
+		if i == len(urls)-1 {
+			break // the last probe arms no timer
+		}
+		call, err := trap.Wait(ctx)
+		if err != nil {
+			t.Fatalf("waiting for the probe timer after probe %d: %v", i+1, err)
+		}
+		call.MustRelease(ctx)
+		if i == 1 && midRound != nil {
+			midRound()
+		}
+		advance(call.Duration)
+	}
+	// The rest of the interval, up to the next beat: nothing more is due.
+	if next, ok := c.clock.Peek(); !ok || c.clock.Now().Add(next) != beatAt.Add(memBeat) {
+		t.Fatalf("after the round, the next event is in %v, want the next beat at +%v", next, beatAt.Add(memBeat).Sub(c.clock.Now()))
+	}
 	var offsets []time.Duration
 	pinger.mu.Lock()
+	defer pinger.mu.Unlock()
 	for _, u := range urls {
+		var mine []time.Duration
 		for _, at := range pinger.at[u] {
-			if d := at.Sub(roundStart); d >= memBeat && d < 2*memBeat {
-				offsets = append(offsets, d-memBeat)
+			if !at.Before(beatAt) {
+				mine = append(mine, at.Sub(beatAt))
 			}
 		}
+		if len(mine) != 1 {
+			t.Fatalf("peer %s probed %d times in the round (offsets %v), want once", u, len(mine), mine)
+		}
+		offsets = append(offsets, mine[0])
 	}
-	pinger.mu.Unlock()
 	sort.Slice(offsets, func(i, j int) bool { return offsets[i] < offsets[j] })
-	if len(offsets) != 4 {
-		t.Fatalf("want one probe per peer in the round, got offsets %v", offsets)
+	return offsets
+}
+
+// Probes are spread over the heartbeat interval, each peer at its own
+// offset, rather than all at the instant of the beat.
+func TestProbesAreSpreadOverTheInterval(t *testing.T) {
+	t.Parallel()
+	c, _, urls, pinger := probeRound(t)
+	offsets := runRound(t, c, urls, pinger, nil)
+	for i := 1; i < len(offsets); i++ {
+		if gap := offsets[i] - offsets[i-1]; gap < memBeat/8 {
+			t.Fatalf("probes bunched together: offsets %v", offsets)
+		}
 	}
+	if offsets[len(offsets)-1] >= memBeat {
+		t.Fatalf("the round overran the interval: offsets %v", offsets)
+	}
+}
+
+// A row written mid-round because something changed (here an error the
+// mesh reports) neither restarts the round nor probes a peer twice: only
+// the periodic beat starts a round.
+func TestAChangeWrittenMidRoundDoesNotRestartTheProbeRound(t *testing.T) {
+	t.Parallel()
+	c, a, urls, pinger := probeRound(t)
+	offsets := runRound(t, c, urls, pinger, func() {
+		a.SetError("cannot mesh with a peer")
+		wait.For(t, 20*time.Second, "the error is written", func() bool { return a.Self().Error != "" })
+	})
 	for i := 1; i < len(offsets); i++ {
 		if gap := offsets[i] - offsets[i-1]; gap < memBeat/8 {
 			t.Fatalf("probes bunched together: offsets %v", offsets)
