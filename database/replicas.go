@@ -252,13 +252,15 @@ func (db *DB) GetReplica(ctx context.Context, id uuid.UUID) (Replica, error) {
 	return r, nil
 }
 
-// GetReplicaIfLive returns one replica's row and whether it is live (not
-// stopped, updated within staleAfter of the database's now()). A missing
-// row is (Replica{}, false, nil).
+// GetReplicaIfLive returns one replica's row, without its latency matrix
+// (Peers empty; every peer reads the row of every announcement, so the
+// matrix would cost N² entries per replica at a mass start), and whether
+// it is live (not stopped, updated within staleAfter of the database's
+// now()). A missing row is (Replica{}, false, nil).
 func (db *DB) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (Replica, bool, error) {
 	var live bool
 	var r Replica
-	row := db.pool.QueryRow(ctx, `SELECT `+replicaColumns+`, (stopped_at IS NULL AND updated_at > now() - make_interval(secs => $2))
+	row := db.pool.QueryRow(ctx, `SELECT `+memberColumns+`, (stopped_at IS NULL AND updated_at > now() - make_interval(secs => $2))
 FROM replicas WHERE id = $1`, id, staleAfter.Seconds())
 	err := row.Scan(scanTargets(&r, &live)...)
 	if errors.Is(err, pgx.ErrNoRows) {

@@ -27,7 +27,8 @@ type Store interface {
 	// RecentMembers is RecentReplicas without the latency matrix (Peers
 	// empty): the read of every beat, which must not cost N² entries.
 	RecentMembers(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error)
-	// GetReplicaIfLive reads one row; a missing row is (Replica{}, false, nil).
+	// GetReplicaIfLive reads one row without its latency matrix (Peers
+	// empty); a missing row is (Replica{}, false, nil).
 	GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (database.Replica, bool, error)
 	// MarkReplicaStopped records a graceful stop (a tombstone).
 	MarkReplicaStopped(ctx context.Context, id uuid.UUID) error

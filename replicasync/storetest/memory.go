@@ -209,6 +209,7 @@ func (s *Memory) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter 
 		return database.Replica{}, false, nil
 	}
 	r.Live = s.live(r, staleAfter)
+	r.Peers = []database.PeerReport{}
 	return r, r.Live, nil
 }
 

@@ -77,6 +77,11 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		if r.Peers == nil || len(r.Peers) != 0 {
 			t.Fatalf("recent members carry the latency matrix: %+v", r.Peers)
 		}
+		one, live, err := h.Store.GetReplicaIfLive(ctx, st.ID, h.StaleAfter)
+		must(t, err)
+		if !live || one.Hostname != "a" || one.Peers == nil || len(one.Peers) != 0 {
+			t.Fatalf("targeted read = live %v %+v, want the live a without its matrix", live, one)
+		}
 	})
 
 	t.Run("StaleRowIsNotLiveByTheStoreClock", func(t *testing.T) {
