@@ -238,7 +238,8 @@ const matrixTimeout = 2 * time.Second
 // its row: the membership is this replica's view, the matrices are read
 // from the store on request (at most one read per matrixTTL) rather than
 // on every beat, where they would cost every replica N² entries. While
-// the store is unreachable it answers with the matrices last read.
+// the store is unreachable it answers with the matrices last read. This
+// replica's own row shows its current measurements, warnings and error.
 func (m *Manager) Replicas(ctx context.Context) []database.Replica {
 	rows := m.All()
 	m.matrixMu.Lock()
@@ -259,7 +260,15 @@ func (m *Manager) Replicas(ctx context.Context) []database.Replica {
 	}
 	for i := range rows {
 		if rows[i].ID == m.opts.ID {
-			continue // as this replica last wrote it
+			// What this replica would write now: a change that waits for
+			// the next beat (see loop) shows here at once.
+			m.mu.Lock()
+			rows[i].Peers = m.peerReportsLocked()
+			rows[i].Warnings = m.warningsLocked()
+			rows[i].Error = m.ownError
+			rows[i].DatabaseLatency = m.db.latency()
+			m.mu.Unlock()
+			continue
 		}
 		rows[i].Peers = []database.PeerReport{}
 		if p, ok := m.matrix[rows[i].ID]; ok && p != nil {

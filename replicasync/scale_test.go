@@ -143,3 +143,27 @@ func TestMatrixIsReadOnRequestNotOnEveryBeat(t *testing.T) {
 		}
 	}
 }
+
+// A second change within an interval is not written at once (one change
+// write per interval), yet this replica's own row in Replicas shows it at
+// once.
+func TestASecondChangeInAnIntervalWaitsForTheBeatButShowsAtOnce(t *testing.T) {
+	t.Parallel()
+	db := dbtest.NewDB(t)
+	a := start(t, db, replicasync.Options{Hostname: "a", RelayAddress: relay(t).URL}) // beats every minute
+	a.SetError("first")
+	wait.For(t, 10*time.Second, "the first change is written", func() bool { return a.Self().Error == "first" })
+	a.SetError("second")
+	var shown string
+	for _, r := range a.Replicas(context.Background()) {
+		if r.ID == a.Self().ID {
+			shown = r.Error
+		}
+	}
+	if shown != "second" {
+		t.Fatalf("own row in Replicas shows error %q, want the current %q", shown, "second")
+	}
+	if got := a.Self().Error; got != "first" {
+		t.Fatalf("the second change was written within the interval (row error %q)", got)
+	}
+}
