@@ -671,7 +671,8 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	}
 	m.peers = next
 	m.metrics.replicas.Set(float64(len(next) + 1))
-	current := meshPeers(next, m.opts.RegionID)
+	current := withoutURL(meshPeers(next, m.opts.RegionID), m.opts.RelayAddress)
+	selfStarted := m.self.StartedAt
 	changed := !samePeers(current, m.current)
 	m.current = current
 	m.mu.Unlock()
@@ -683,6 +684,18 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	}
 	for _, p := range joined {
 		m.log.Info("replica joined", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
+		if p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) {
+			// Not meshed with (see withoutURL). A row started before this
+			// process is most likely its own previous run; one started
+			// after it is a second replica given the same relay URL.
+			if p.StartedAt.After(selfStarted) {
+				m.log.Warn("another replica uses this replica's relay URL: not meshing with it; give each replica its own",
+					zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
+			} else {
+				m.log.Info("ignoring an older live row with this replica's relay URL (a previous run killed before it could stop?)",
+					zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
+			}
+		}
 		m.startProbe(p)
 	}
 	if changed {
