@@ -48,8 +48,10 @@ type Manager struct {
 	beatMu sync.Mutex
 	left   bool
 
-	leaveMu sync.Mutex
-	leftOK  bool // the stop was written
+	leaveMu  sync.Mutex
+	leftOK   bool  // the stop was written
+	leaveErr error // the last Leave's error; nil before the first
+	tried    bool  // Leave ran at least once
 
 	// mu guards everything below. It is never held across I/O or a
 	// callback.
@@ -310,11 +312,13 @@ func (m *Manager) Leave(ctx context.Context) error {
 	if m.leftOK {
 		return nil
 	}
+	m.tried = true
 	m.beatMu.Lock()
 	m.left = true
 	m.beatMu.Unlock()
 	if err := m.store.MarkReplicaStopped(ctx, m.opts.ID); err != nil {
-		return fmt.Errorf("leave the cluster: %w", err)
+		m.leaveErr = fmt.Errorf("leave the cluster: %w", err)
+		return m.leaveErr
 	}
 	m.leftOK = true
 	m.publish(ctx)
@@ -323,11 +327,24 @@ func (m *Manager) Leave(ctx context.Context) error {
 }
 
 // Close stops every goroutine and waits for them, leaving first (5 s at
-// most) if Leave was not called or failed. The error is Leave's. It is
-// safe to call more than once.
+// most) if Leave was never called. After a Leave that failed it does not
+// try again: the caller already waited for the database once (a drain
+// during an outage must not wait twice), and peers drop the replica when
+// its row goes stale. The error is Leave's. It is safe to call more than
+// once.
 func (m *Manager) Close() error {
 	m.closeOnce.Do(func() {
 		m.stop()
+		m.leaveMu.Lock()
+		tried, err := m.tried, m.leaveErr
+		if m.leftOK {
+			err = nil
+		}
+		m.leaveMu.Unlock()
+		if tried {
+			m.closeErr = err
+			return
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		m.closeErr = m.Leave(ctx)
