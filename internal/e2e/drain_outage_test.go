@@ -23,11 +23,7 @@ func pgBehindProxy(t *testing.T) (string, *faultproxy.Proxy) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		// Close waits for stalled pipes, which only end once unstalled.
-		p.Unstall()
-		_ = p.Close()
-	})
+	t.Cleanup(func() { _ = p.Close() })
 	u.Host = p.Addr()
 	return u.String(), p
 }
