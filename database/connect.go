@@ -77,6 +77,8 @@ type DB struct {
 	// lastRecycleLog rate-limits the WARN line (unix nanoseconds).
 	lastRecycleLog atomic.Int64
 	recycles       atomic.Int64
+	// conns lets Close cut sockets a hung server never lets go of.
+	conns connTracker
 }
 
 // Connect opens a pool to rawURL and checks that the server answers. A
@@ -109,6 +111,7 @@ func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, erro
 		return true, nil
 	}
 	cfg.ConnConfig.Tracer = healthTracer{db: db, next: cfg.ConnConfig.Tracer}
+	cfg.ConnConfig.DialFunc = db.conns.wrap(cfg.ConnConfig.DialFunc)
 	if cfg.ConnConfig.ConnectTimeout == 0 || cfg.ConnConfig.ConnectTimeout > 10*time.Second {
 		cfg.ConnConfig.ConnectTimeout = 10 * time.Second
 	}
@@ -218,8 +221,25 @@ func (db *DB) Pool() *pgxpool.Pool { return db.pool }
 // password: never log it; use Describe.
 func (db *DB) URL() string { return db.url }
 
-// Close closes the pool. It is safe to call more than once.
-func (db *DB) Close() { db.pool.Close() }
+// Close closes the pool, within about 2 s even when the server hangs (it
+// then closes the sockets without a goodbye). It is safe to call more than
+// once.
+func (db *DB) Close() {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		db.pool.Close()
+	}()
+	t := time.NewTimer(closeWait)
+	defer t.Stop()
+	select {
+	case <-done:
+		return
+	case <-t.C:
+	}
+	db.conns.closeAll()
+	<-done
+}
 
 // Ping measures one round trip to the database.
 func (db *DB) Ping(ctx context.Context) (time.Duration, error) {

@@ -71,15 +71,20 @@ func scanTargets(r *Replica, extra ...any) []any {
 		&r.RelayAddress, &r.Version, &r.raw.latencyUS, &r.Error, &r.raw.peers, &r.raw.warnings}, extra...)
 }
 
+// decode fills the fields that need decoding. The peers and warnings
+// columns are reports for display: a row whose JSON has another shape (a
+// newer version's format during a rolling update, a hand edit) reads with
+// empty reports instead of failing the read, because one odd row must
+// never hide every other replica from membership.
 func (r *Replica) decode() error {
 	raw := r.raw
 	r.raw = nil
 	r.DatabaseLatency = time.Duration(raw.latencyUS) * time.Microsecond
-	if err := json.Unmarshal(raw.peers, &r.Peers); err != nil {
-		return fmt.Errorf("decode peers of replica %s: %w", r.ID, err)
+	if json.Unmarshal(raw.peers, &r.Peers) != nil {
+		r.Peers = nil
 	}
-	if err := json.Unmarshal(raw.warnings, &r.Warnings); err != nil {
-		return fmt.Errorf("decode warnings of replica %s: %w", r.ID, err)
+	if json.Unmarshal(raw.warnings, &r.Warnings) != nil {
+		r.Warnings = nil
 	}
 	if r.Peers == nil {
 		r.Peers = []PeerReport{}

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"time"
 
 	"go.uber.org/zap"
@@ -103,6 +105,12 @@ func (g *Guard) callWebhook(k admitKey) (bool, error) {
 	req.Header.Set("Content-Type", "application/json")
 	res, err := g.opts.HTTPClient.Do(req)
 	if err != nil {
+		// The transport's error quotes the URL, query (a shared secret
+		// some webhooks take) included: it is logged, so redact it.
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			uerr.URL = redact(uerr.URL)
+		}
 		return false, err
 	}
 	defer res.Body.Close()

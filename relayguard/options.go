@@ -57,7 +57,9 @@ type Options struct {
 	// CacheSize bounds the verdict cache (least recently used out). Default
 	// 10000.
 	CacheSize int
-	// HTTPClient calls the webhook. Default: a client with WebhookTimeout.
+	// HTTPClient calls the webhook. Default: a client with WebhookTimeout
+	// that does not follow redirects (a redirect is an error, so the
+	// verdict never comes from a host the operator did not configure).
 	HTTPClient *http.Client
 
 	// MaxConnections caps concurrent client connections (mesh connections
@@ -100,7 +102,12 @@ func (o Options) withDefaults() Options {
 		o.CacheSize = 10_000
 	}
 	if o.HTTPClient == nil {
-		o.HTTPClient = &http.Client{Timeout: o.WebhookTimeout}
+		o.HTTPClient = &http.Client{
+			Timeout: o.WebhookTimeout,
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return http.ErrUseLastResponse
+			},
+		}
 	}
 	if o.MaxConnections == 0 {
 		o.MaxConnections = DefaultMaxConnections

@@ -48,8 +48,10 @@ type Manager struct {
 	beatMu sync.Mutex
 	left   bool
 
-	leaveMu sync.Mutex
-	leftOK  bool // the stop was written
+	leaveMu  sync.Mutex
+	leftOK   bool  // the stop was written
+	leaveErr error // the last Leave's error; nil before the first
+	tried    bool  // Leave ran at least once
 
 	// mu guards everything below. It is never held across I/O or a
 	// callback.
@@ -371,11 +373,13 @@ func (m *Manager) Leave(ctx context.Context) error {
 	if m.leftOK {
 		return nil
 	}
+	m.tried = true
 	m.beatMu.Lock()
 	m.left = true
 	m.beatMu.Unlock()
 	if err := m.store.MarkReplicaStopped(ctx, m.opts.ID); err != nil {
-		return fmt.Errorf("leave the cluster: %w", err)
+		m.leaveErr = fmt.Errorf("leave the cluster: %w", err)
+		return m.leaveErr
 	}
 	m.leftOK = true
 	m.publish(ctx)
@@ -384,11 +388,24 @@ func (m *Manager) Leave(ctx context.Context) error {
 }
 
 // Close stops every goroutine and waits for them, leaving first (5 s at
-// most) if Leave was not called or failed. The error is Leave's. It is
-// safe to call more than once.
+// most) if Leave was never called. After a Leave that failed it does not
+// try again: the caller already waited for the database once (a drain
+// during an outage must not wait twice), and peers drop the replica when
+// its row goes stale. The error is Leave's. It is safe to call more than
+// once.
 func (m *Manager) Close() error {
 	m.closeOnce.Do(func() {
 		m.stop()
+		m.leaveMu.Lock()
+		tried, err := m.tried, m.leaveErr
+		if m.leftOK {
+			err = nil
+		}
+		m.leaveMu.Unlock()
+		if tried {
+			m.closeErr = err
+			return
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		m.closeErr = m.Leave(ctx)
@@ -746,7 +763,8 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	}
 	m.peers = next
 	m.metrics.replicas.Set(float64(len(next) + 1))
-	current := meshPeers(next, m.opts.RegionID)
+	current := withoutURL(meshPeers(next, m.opts.RegionID), m.opts.RelayAddress)
+	selfStarted := m.self.StartedAt
 	changed := !samePeers(current, m.current)
 	m.current = current
 	m.mu.Unlock()
@@ -758,6 +776,18 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	}
 	for _, p := range joined {
 		m.log.Info("replica joined", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
+		if p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) {
+			// Not meshed with (see withoutURL). A row started before this
+			// process is most likely its own previous run; one started
+			// after it is a second replica given the same relay URL.
+			if p.StartedAt.After(selfStarted) {
+				m.log.Warn("another replica uses this replica's relay URL: not meshing with it; give each replica its own",
+					zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
+			} else {
+				m.log.Info("ignoring an older live row with this replica's relay URL (a previous run killed before it could stop?)",
+					zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
+			}
+		}
 		m.startProbe(p)
 	}
 	if changed {

@@ -72,7 +72,7 @@ func (m *Manager) probeLoop() {
 // startProbe probes one peer in its own goroutine, unless a probe of it is
 // already under way (a hung peer must not pile up probes).
 func (m *Manager) startProbe(p database.Replica) {
-	if p.RelayAddress == "" || p.RegionID != m.opts.RegionID {
+	if p.RelayAddress == "" || p.RegionID != m.opts.RegionID || sameURL(p.RelayAddress, m.opts.RelayAddress) {
 		return
 	}
 	m.mu.Lock()

@@ -3,6 +3,7 @@ package replicasync
 import (
 	"math/rand/v2"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -46,6 +47,27 @@ func meshPeers(peers map[uuid.UUID]database.Replica, region int32) []Peer {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].RelayAddress < out[j].RelayAddress })
 	return out
+}
+
+// withoutURL drops the peers behind relay URL self (compared without a
+// trailing slash): a previous run of this process, killed before it could
+// mark itself stopped, leaves a live row naming this replica's own relay,
+// and a relay must not mesh with (or probe) itself.
+func withoutURL(peers []Peer, self string) []Peer {
+	if self == "" {
+		return peers
+	}
+	out := peers[:0:0]
+	for _, p := range peers {
+		if !sameURL(p.RelayAddress, self) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func sameURL(a, b string) bool {
+	return strings.TrimSuffix(strings.TrimSpace(a), "/") == strings.TrimSuffix(strings.TrimSpace(b), "/")
 }
 
 func newer(a, b database.Replica) bool {

@@ -118,28 +118,50 @@ func reachable(dir string) bool {
 	}
 }
 
-// readFileNoFollow reads path, refusing a symlink in its last element.
+// readFileNoFollow reads path, refusing a symlink in its last element and
+// anything but a regular file (a FIFO would block the open or the read, a
+// device like /dev/zero would never end).
 func readFileNoFollow(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return nil, err
+	} else if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
 	return io.ReadAll(io.LimitReader(f, 1<<20))
 }
 
-// openNoFollow opens (creating, mode 0600) a file root keeps in Dir. A
-// symlink there (left by an older layout, when Dir belonged to the postgres
-// user) is removed, never followed.
+// openNoFollow opens (creating, mode 0600) a file root keeps in Dir. What
+// an older layout may have left there when Dir belonged to the postgres
+// user is removed, never used: a symlink, a FIFO (opening it would block),
+// anything but a regular file, or a file with another hard link (it may be
+// any file on the file system when fs.protected_hardlinks is off).
 func openNoFollow(path string, flag int) (*os.File, error) {
-	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW, 0o600)
-	if errors.Is(err, syscall.ELOOP) {
-		if err := os.Remove(path); err != nil {
-			return nil, err
+	const safe = syscall.O_NOFOLLOW | syscall.O_NONBLOCK
+	f, err := os.OpenFile(path, flag|safe, 0o600)
+	switch {
+	case errors.Is(err, syscall.ELOOP), errors.Is(err, syscall.ENXIO):
+	case err != nil:
+		return nil, err
+	default:
+		st, serr := f.Stat()
+		if serr != nil {
+			f.Close()
+			return nil, serr
 		}
-		f, err = os.OpenFile(path, flag|syscall.O_NOFOLLOW, 0o600)
+		if sys, ok := st.Sys().(*syscall.Stat_t); st.Mode().IsRegular() && ok && sys.Nlink == 1 {
+			return f, nil
+		}
+		f.Close()
 	}
-	return f, err
+	if err := os.Remove(path); err != nil {
+		return nil, err
+	}
+	return os.OpenFile(path, flag|os.O_CREATE|os.O_EXCL|safe, 0o600)
 }
 
 // writeFileAtomic writes dir/name through a temporary file created with

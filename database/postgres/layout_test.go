@@ -175,3 +175,115 @@ func TestRootKeepsDataInACacheDirItCreates(t *testing.T) {
 		t.Errorf("the shared directory was created although the cache dir is reachable")
 	}
 }
+
+// startWithin runs f and fails the test if it has not returned within d;
+// unblock then releases whatever f is stuck on so its goroutine ends.
+func startWithin(t *testing.T, d time.Duration, what string, f func() error, unblock func()) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- f() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	case <-time.After(d):
+		unblock()
+		<-done
+		t.Fatalf("%s hung for %v on a file the postgres user planted", what, d)
+	}
+}
+
+// openFifoAsOtherEnd unblocks a process stuck opening the FIFO at path.
+func openFifoAsOtherEnd(path string, flag int) {
+	f, err := os.OpenFile(path, flag|syscall.O_NONBLOCK, 0)
+	if err == nil {
+		_ = f.Close()
+	}
+}
+
+// The postgres user owns the data directory (and owned the cache dir in
+// older versions): a FIFO it plants where root reads or writes must not
+// hang the server's start.
+func TestRootIsNotStalledByAFifoThePostgresUserPlanted(t *testing.T) {
+	t.Parallel()
+	uid, gid := requireRootWithPostgres(t)
+	dir := tempDir(t)
+	if err := os.Chown(dir, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	logPath := filepath.Join(dir, "postgres.log")
+	if err := syscall.Mkfifo(logPath, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(logPath, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	opts := postgres.Options{Dir: dir, Ephemeral: true}
+	var c *postgres.Cluster
+	startWithin(t, 60*time.Second, "start with a FIFO as the log file", func() (err error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		defer cancel()
+		c, err = postgres.Run(ctx, opts)
+		return err
+	}, func() { openFifoAsOtherEnd(logPath, os.O_RDONLY) })
+	data := c.DataDir()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The next start looks for a postmaster left by a killed predecessor.
+	pidPath := filepath.Join(data, "postmaster.pid")
+	if err := syscall.Mkfifo(pidPath, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(pidPath, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	startWithin(t, 60*time.Second, "prepare with a FIFO as postmaster.pid", func() (err error) {
+		c, err = postgres.New(opts)
+		if err == nil {
+			_ = c.Close()
+		}
+		return err
+	}, func() { openFifoAsOtherEnd(pidPath, os.O_WRONLY) })
+}
+
+// A hard link the postgres user planted in the cache dir it owned in older
+// versions (possible for any file with fs.protected_hardlinks=0) must not
+// make root hand that file to the server as its log.
+func TestRootDoesNotWriteThroughAHardLinkThePostgresUserPlanted(t *testing.T) {
+	t.Parallel()
+	uid, gid := requireRootWithPostgres(t)
+	dir := tempDir(t)
+	victims := tempDir(t)
+	if err := os.Chown(dir, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	names := []string{"postgres.log", "lock"}
+	for _, name := range names {
+		victim := filepath.Join(victims, name)
+		if err := os.WriteFile(victim, []byte("precious\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Link(victim, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	run(t, postgres.Options{Dir: dir})
+
+	for _, name := range names {
+		b, err := os.ReadFile(filepath.Join(victims, name))
+		if err != nil || string(b) != "precious\n" {
+			t.Errorf("root wrote through the planted %s hard link: the target now holds %.200q (err %v)", name, b, err)
+		}
+		st, err := os.Stat(filepath.Join(victims, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := st.Sys().(*syscall.Stat_t).Nlink; n != 1 {
+			t.Errorf("%s is still linked into the cache dir (%d links)", name, n)
+		}
+	}
+}

@@ -387,8 +387,15 @@ func (c *Cluster) passwordFileForInitdb() (string, func(), error) {
 // postmaster.pid whose process is gone is removed.
 func (c *Cluster) stopOrphan() {
 	pidPath := filepath.Join(c.dataDir(), "postmaster.pid")
-	b, err := os.ReadFile(pidPath)
+	// The postgres user owns the data directory: the pid file may be a
+	// symlink, a FIFO or a device; such a file is no postmaster's.
+	b, err := readFileNoFollow(pidPath)
+	if errors.Is(err, os.ErrNotExist) {
+		return
+	}
 	if err != nil {
+		c.opts.Logger.Info("removing a postmaster.pid that is not a regular file", zap.Error(err))
+		_ = os.Remove(pidPath)
 		return
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0]))

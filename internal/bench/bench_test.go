@@ -3,17 +3,10 @@
 package bench_test
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -25,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/coder-ha/coder/internal/testcert"
 
 	"github.com/coder-ha/coder/coderd"
 	"github.com/coder-ha/coder/database/dbtest"
@@ -523,29 +518,13 @@ func footprint(t *testing.T) Row {
 // writeCerts makes a CA and a certificate for 127.0.0.1, in the layout
 // derper's manual cert mode expects (certs/127.0.0.1.crt and .key).
 func writeCerts(t *testing.T, dir string) (caFile, certFile, keyFile string) {
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "bench CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true}
-	caDER, _ := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	ca, _ := x509.ParseCertificate(caDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost"},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
+	p := testcert.New(t)
+	caFile = filepath.Join(dir, "ca.pem")
+	certFile = filepath.Join(dir, "certs", "127.0.0.1.crt")
+	keyFile = filepath.Join(dir, "certs", "127.0.0.1.key")
+	p.WriteFiles(t, certFile, keyFile)
+	if err := os.WriteFile(caFile, p.CAPEM, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	keyDER, _ := x509.MarshalECPrivateKey(key)
-	certs := filepath.Join(dir, "certs")
-	_ = os.MkdirAll(certs, 0o755)
-	caFile = filepath.Join(dir, "ca.pem")
-	certFile = filepath.Join(certs, "127.0.0.1.crt")
-	keyFile = filepath.Join(certs, "127.0.0.1.key")
-	_ = os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644)
-	_ = os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
-	_ = os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
 	return caFile, certFile, keyFile
 }

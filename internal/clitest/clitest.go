@@ -143,20 +143,20 @@ func kernelPort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// syncBuffer is a bytes.Buffer safe for a process writing while a test
-// reads.
-type syncBuffer struct {
+// SyncBuffer is a bytes.Buffer safe for a process writing while a test
+// reads: give it to exec.Cmd's Stdout/Stderr and read String at any time.
+type SyncBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *SyncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
@@ -166,7 +166,7 @@ func (b *syncBuffer) String() string {
 type Process struct {
 	t      testing.TB
 	cmd    *exec.Cmd
-	out    *syncBuffer
+	out    *SyncBuffer
 	done   chan struct{}
 	err    error
 	Name   string
@@ -180,7 +180,7 @@ type Process struct {
 // failed.
 func Start(t testing.TB, name string, env []string, args ...string) *Process {
 	t.Helper()
-	p := &Process{t: t, out: &syncBuffer{}, done: make(chan struct{}), Name: name}
+	p := &Process{t: t, out: &SyncBuffer{}, done: make(chan struct{}), Name: name}
 	p.cmd = exec.Command(Binary(t), args...)
 	p.cmd.Env = append(cleanEnv(), env...)
 	p.cmd.Stdout = p.out

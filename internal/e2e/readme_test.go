@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -77,25 +76,8 @@ func stripComment(line string) string {
 // shellProcess is one README command run by bash in its own process group.
 type shellProcess struct {
 	cmd  *exec.Cmd
-	out  *lockedBuffer
+	out  *clitest.SyncBuffer
 	done chan struct{}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func (p *shellProcess) exited() bool {
@@ -112,7 +94,7 @@ func (p *shellProcess) exited() bool {
 // then SIGKILL) at cleanup.
 func startShell(t *testing.T, name, dir string, env []string, command string) *shellProcess {
 	t.Helper()
-	p := &shellProcess{out: &lockedBuffer{}, done: make(chan struct{})}
+	p := &shellProcess{out: &clitest.SyncBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command("bash", "-c", command)
 	p.cmd.Dir = dir
 	for _, kv := range os.Environ() {

@@ -134,6 +134,7 @@ func (p *Proxy) Close() error {
 		return nil
 	}
 	p.closed = true
+	p.cut.Store(true) // ends a Stall too: stalled pipes wait while !cut
 	for c := range p.conns {
 		_ = c.Close()
 	}

@@ -14,11 +14,11 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
-	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/coder-ha/coder/internal/clitest"
 )
 
 // Start runs pgbouncer (pool_mode = transaction) in front of the Postgres
@@ -73,7 +73,7 @@ ignore_startup_parameters = extra_float_digits
 	write("users.txt", fmt.Sprintf("%q %q\n", u.User.Username(), pass))
 
 	cmd := exec.Command(bin, filepath.Join(dir, "pgbouncer.ini"))
-	var out lockedBuffer
+	var out clitest.SyncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if os.Geteuid() == 0 { // pgbouncer refuses to run as root
 		cred, err := postgresUser()
@@ -152,21 +152,4 @@ func postgresUser() (*syscall.Credential, error) {
 		return nil, err
 	}
 	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
