@@ -65,13 +65,15 @@ func (s *Server) handleBuildInfo(w http.ResponseWriter, r *http.Request) {
 }
 
 // handleReplicas lists every live replica from this replica's view, which
-// is kept current by notifications; it answers through a Postgres outage.
+// is kept current by notifications, with the latency matrix each replica
+// stored (read on request, at most once a second: not on every beat); it
+// answers through a Postgres outage, with the matrix last read.
 func (s *Server) handleReplicas(w http.ResponseWriter, r *http.Request) {
 	if s.repl == nil || s.repl.replicas == nil {
 		writeError(w, http.StatusServiceUnavailable, "The replica is still starting.", "")
 		return
 	}
-	rows := s.repl.replicas.All()
+	rows := s.repl.replicas.Replicas(r.Context())
 	out := make([]Replica, 0, len(rows))
 	for _, row := range rows {
 		out = append(out, ReplicaFromRow(row))

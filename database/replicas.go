@@ -179,8 +179,12 @@ func (db *DB) UpsertReplica(ctx context.Context, s ReplicaState) (Replica, error
 // that stopped gracefully within the window (StoppedAt set), so a reader
 // can tell a departure from a replica that merely has not beaten yet.
 func (db *DB) RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]Replica, error) {
+	return db.recent(ctx, replicaColumns, staleAfter)
+}
+
+func (db *DB) recent(ctx context.Context, columns string, staleAfter time.Duration) ([]Replica, error) {
 	rows, err := db.pool.Query(ctx, `
-SELECT `+replicaColumns+`, stopped_at IS NULL FROM replicas
+SELECT `+columns+`, stopped_at IS NULL FROM replicas
 WHERE updated_at > now() - make_interval(secs => $1)
 ORDER BY created_at, id`, staleAfter.Seconds())
 	if err != nil {
@@ -202,6 +206,20 @@ ORDER BY created_at, id`, staleAfter.Seconds())
 		return nil, fmt.Errorf("list recent replicas: %w", err)
 	}
 	return out, nil
+}
+
+// memberColumns are the replica columns without the latency matrix
+// (peers): what membership needs. The matrix holds one entry per peer in
+// every row, so reading it on every beat costs each replica N² decoded
+// entries; it is read only when someone asks for it (RecentReplicas).
+const memberColumns = `id, created_at, started_at, stopped_at, updated_at, hostname, region_id,
+	relay_address, version, database_latency, error, '[]'::jsonb, warnings`
+
+// RecentMembers is RecentReplicas without the latency matrix: every row
+// updated within staleAfter of the database's now(), oldest first, with
+// Live set and Peers empty. Replicas call it on every beat.
+func (db *DB) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]Replica, error) {
+	return db.recent(ctx, memberColumns, staleAfter)
 }
 
 // LiveReplicas lists replicas that have not stopped and were updated within
@@ -239,13 +257,15 @@ func (db *DB) GetReplica(ctx context.Context, id uuid.UUID) (Replica, error) {
 	return r, nil
 }
 
-// GetReplicaIfLive returns one replica's row and whether it is live (not
-// stopped, updated within staleAfter of the database's now()). A missing
-// row is (Replica{}, false, nil).
+// GetReplicaIfLive returns one replica's row, without its latency matrix
+// (Peers empty; every peer reads the row of every announcement, so the
+// matrix would cost N² entries per replica at a mass start), and whether
+// it is live (not stopped, updated within staleAfter of the database's
+// now()). A missing row is (Replica{}, false, nil).
 func (db *DB) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (Replica, bool, error) {
 	var live bool
 	var r Replica
-	row := db.pool.QueryRow(ctx, `SELECT `+replicaColumns+`, (stopped_at IS NULL AND updated_at > now() - make_interval(secs => $2))
+	row := db.pool.QueryRow(ctx, `SELECT `+memberColumns+`, (stopped_at IS NULL AND updated_at > now() - make_interval(secs => $2))
 FROM replicas WHERE id = $1`, id, staleAfter.Seconds())
 	err := row.Scan(scanTargets(&r, &live)...)
 	if errors.Is(err, pgx.ErrNoRows) {

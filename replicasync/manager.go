@@ -39,7 +39,7 @@ type Manager struct {
 	wg     sync.WaitGroup
 
 	syncNow  chan struct{} // answer the announcements since the last sync
-	writeNow chan struct{} // write the row and announce (something worth telling changed)
+	writeNow chan struct{} // write the row soon (something worth showing changed)
 	probeNow chan struct{} // start a probe round over the regional peers
 	tellNow  chan struct{} // the callback may be due
 
@@ -81,6 +81,12 @@ type Manager struct {
 	// its subscription is live, so nothing announced later is missed.
 	heard     chan struct{}
 	heardOnce sync.Once
+
+	// matrixMu guards the latency matrix read for Replicas: the peers'
+	// rows as of the last full read (matrixAt), kept through an outage.
+	matrixMu sync.Mutex
+	matrix   map[uuid.UUID][]database.PeerReport
+	matrixAt time.Time
 
 	cancelSub func()
 	closeOnce sync.Once
@@ -168,8 +174,9 @@ func (m *Manager) SetPinger(p LinkPinger) {
 
 // Reprobe asks for an immediate probe of the peer with this relay URL (the
 // mesh calls it when its connection to the peer breaks). A peer that
-// refuses connections is marked unreachable, written and announced within a
-// second instead of after 3 missed beats.
+// refuses connections is marked unreachable within a second instead of
+// after 3 missed beats, and written at once (or with the next beat if a
+// change was already written this interval).
 func (m *Manager) Reprobe(relayURL string) {
 	m.mu.Lock()
 	var target *database.Replica
@@ -187,8 +194,8 @@ func (m *Manager) Reprobe(relayURL string) {
 }
 
 // SetError attaches an error to this replica's row (the mesh reports peers
-// it cannot mesh with). Empty clears it. A change is written and announced
-// at once.
+// it cannot mesh with). Empty clears it. A change is written at once, or
+// with the next beat if a change was already written this interval.
 func (m *Manager) SetError(msg string) {
 	m.mu.Lock()
 	changed := m.ownError != msg
@@ -206,7 +213,9 @@ func (m *Manager) Self() database.Replica {
 	return m.self
 }
 
-// All is every live replica, self included, oldest first.
+// All is every live replica, self included, oldest first. The peers'
+// latency matrices (Peers) are not read on every beat, so they are empty
+// here except for this replica's own; Replicas fills them in.
 func (m *Manager) All() []database.Replica {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -217,6 +226,58 @@ func (m *Manager) All() []database.Replica {
 	}
 	sortReplicas(out)
 	return out
+}
+
+// matrixTTL is how long Replicas reuses a read of the latency matrix:
+// clients polling the replica list share one read a second.
+const matrixTTL = time.Second
+
+// matrixTimeout bounds Replicas' read of the matrix; past it (or while the
+// heartbeat fails) the last matrix read is shown.
+const matrixTimeout = 2 * time.Second
+
+// Replicas is All with every replica's latency matrix (Peers) as stored in
+// its row: the membership is this replica's view, the matrices are read
+// from the store on request (at most one read per matrixTTL) rather than
+// on every beat, where they would cost every replica N² entries. While
+// the store is unreachable it answers with the matrices last read. This
+// replica's own row shows its current measurements, warnings and error.
+func (m *Manager) Replicas(ctx context.Context) []database.Replica {
+	rows := m.All()
+	m.matrixMu.Lock()
+	defer m.matrixMu.Unlock()
+	if (m.matrix == nil || m.clock.Since(m.matrixAt) >= matrixTTL) && !m.HeartbeatFailing() {
+		ctx, cancel := context.WithTimeout(ctx, matrixTimeout)
+		full, err := m.store.RecentReplicas(ctx, m.opts.StaleAfter)
+		cancel()
+		if err != nil {
+			m.log.Debug("read latency matrix", zap.Error(err))
+		} else {
+			m.matrix = make(map[uuid.UUID][]database.PeerReport, len(full))
+			for _, r := range full {
+				m.matrix[r.ID] = r.Peers
+			}
+			m.matrixAt = m.clock.Now()
+		}
+	}
+	for i := range rows {
+		if rows[i].ID == m.opts.ID {
+			// What this replica would write now: a change that waits for
+			// the next beat (see loop) shows here at once.
+			m.mu.Lock()
+			rows[i].Peers = m.peerReportsLocked()
+			rows[i].Warnings = m.warningsLocked()
+			rows[i].Error = m.ownError
+			rows[i].DatabaseLatency = m.db.latency()
+			m.mu.Unlock()
+			continue
+		}
+		rows[i].Peers = []database.PeerReport{}
+		if p, ok := m.matrix[rows[i].ID]; ok && p != nil {
+			rows[i].Peers = p
+		}
+	}
+	return rows
 }
 
 // Regional is every live peer in this replica's region, self excluded.
@@ -476,6 +537,15 @@ func (m *Manager) loop() {
 	cleanup := m.clock.NewTicker(m.opts.CleanupInterval, "cleanup")
 	defer cleanup.Stop()
 	m.cleanup()
+	// A change worth showing (a peer's first latency, a probe error, a
+	// warning, the mesh's error) is written at once if no change was
+	// written in the last interval; otherwise it rides with the next
+	// periodic beat, which writes the current state anyway. At a mass
+	// start, or when a loaded machine makes probes flap, a write per
+	// change would cost every replica a statement per peer per interval;
+	// this way a replica sends at most three statements per interval
+	// (beat, read, one change) besides answering announcements.
+	var lastChange time.Time
 	// heartbeat writes the row and re-reads the peers. Only a periodic
 	// beat (or the retry that stands in for a failed one) starts a probe
 	// round: a beat written because something changed (writeNow) comes at
@@ -484,8 +554,8 @@ func (m *Manager) loop() {
 	heartbeat := func(periodic bool) {
 		err := m.beat(m.ctx, max(m.opts.HeartbeatInterval, 5*time.Second))
 		if err == nil {
-			_ = m.readAll(m.ctx)
-			if periodic {
+			if periodic { // a write on change needs no read: peers are told by announcements
+				_ = m.readAll(m.ctx)
 				m.trigger(m.probeNow)
 			}
 			return
@@ -505,6 +575,10 @@ func (m *Manager) loop() {
 				heartbeat(true)
 			}
 		case <-m.writeNow:
+			if !lastChange.IsZero() && m.clock.Since(lastChange) < m.opts.HeartbeatInterval {
+				continue // the next periodic beat writes it
+			}
+			lastChange = m.clock.Now()
 			heartbeat(false)
 		case <-m.syncNow:
 			m.sync(m.ctx)
@@ -652,11 +726,12 @@ func (m *Manager) sync(ctx context.Context) {
 	m.apply(rows, false, ids)
 }
 
-// readAll reads every recent row and applies it.
+// readAll reads every recent row, without the latency matrices, and
+// applies it.
 func (m *Manager) readAll(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	rows, err := m.store.RecentReplicas(ctx, m.opts.StaleAfter)
+	rows, err := m.store.RecentMembers(ctx, m.opts.StaleAfter)
 	if err != nil {
 		if m.ctx.Err() == nil {
 			m.log.Debug("read peers", zap.Error(err))

@@ -167,7 +167,8 @@ func (m *Manager) probeAgain(id uuid.UUID, samples int, err error) bool {
 }
 
 // recordProbe stores a probe's result and, when the peer's warning or error
-// state changed, logs it once and has the row written and announced. An
+// state changed, logs it once and has the row written (see loop: at most
+// one such write per interval). An
 // error replaces the latency (report, warning and gauge) until the peer
 // answers again. It returns how many samples the peer now has.
 func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err error) int {

@@ -26,9 +26,9 @@ type countingStore struct {
 	fullReads atomic.Int64
 }
 
-func (s *countingStore) RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error) {
+func (s *countingStore) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error) {
 	s.fullReads.Add(1)
-	return s.Memory.RecentReplicas(ctx, staleAfter)
+	return s.Memory.RecentMembers(ctx, staleAfter)
 }
 
 // memCluster is replicas sharing one in-memory store whose "database

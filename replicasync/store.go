@@ -21,9 +21,14 @@ type Store interface {
 	// than the beat (Revived reports either).
 	BeatReplica(ctx context.Context, s database.ReplicaState) (database.Beat, error)
 	// RecentReplicas lists the rows updated within staleAfter: live ones
-	// (Live) and recently stopped ones (StoppedAt set).
+	// (Live) and recently stopped ones (StoppedAt set), latency matrix
+	// (Peers) included. Only Manager.Replicas reads it, on request.
 	RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error)
-	// GetReplicaIfLive reads one row; a missing row is (Replica{}, false, nil).
+	// RecentMembers is RecentReplicas without the latency matrix (Peers
+	// empty): the read of every beat, which must not cost N² entries.
+	RecentMembers(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error)
+	// GetReplicaIfLive reads one row without its latency matrix (Peers
+	// empty); a missing row is (Replica{}, false, nil).
 	GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (database.Replica, bool, error)
 	// MarkReplicaStopped records a graceful stop (a tombstone).
 	MarkReplicaStopped(ctx context.Context, id uuid.UUID) error

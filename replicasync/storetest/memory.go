@@ -183,6 +183,16 @@ func (s *Memory) RecentReplicas(ctx context.Context, staleAfter time.Duration) (
 	return out, nil
 }
 
+// RecentMembers implements replicasync.Store: RecentReplicas with the
+// latency matrix left out.
+func (s *Memory) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error) {
+	rows, err := s.RecentReplicas(ctx, staleAfter)
+	for i := range rows {
+		rows[i].Peers = []database.PeerReport{}
+	}
+	return rows, err
+}
+
 // GetReplicaIfLive implements replicasync.Store.
 func (s *Memory) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (database.Replica, bool, error) {
 	if err := ctx.Err(); err != nil {
@@ -199,6 +209,7 @@ func (s *Memory) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter 
 		return database.Replica{}, false, nil
 	}
 	r.Live = s.live(r, staleAfter)
+	r.Peers = []database.PeerReport{}
 	return r, r.Live, nil
 }
 

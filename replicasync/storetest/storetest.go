@@ -65,8 +65,22 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		}
 		rows, err := h.Store.RecentReplicas(ctx, h.StaleAfter)
 		must(t, err)
-		if r, ok := find(rows, st.ID); !ok || !r.Live {
-			t.Fatalf("recent replicas %+v lack the live a", rows)
+		if r, ok := find(rows, st.ID); !ok || !r.Live || len(r.Peers) != 1 {
+			t.Fatalf("recent replicas %+v lack the live a with its matrix", rows)
+		}
+		members, err := h.Store.RecentMembers(ctx, h.StaleAfter)
+		must(t, err)
+		r, ok := find(members, st.ID)
+		if !ok || !r.Live || r.Hostname != "a" || len(r.Warnings) != 1 {
+			t.Fatalf("recent members %+v lack the live a", members)
+		}
+		if r.Peers == nil || len(r.Peers) != 0 {
+			t.Fatalf("recent members carry the latency matrix: %+v", r.Peers)
+		}
+		one, live, err := h.Store.GetReplicaIfLive(ctx, st.ID, h.StaleAfter)
+		must(t, err)
+		if !live || one.Hostname != "a" || one.Peers == nil || len(one.Peers) != 0 {
+			t.Fatalf("targeted read = live %v %+v, want the live a without its matrix", live, one)
 		}
 	})
 
