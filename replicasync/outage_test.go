@@ -2,7 +2,6 @@ package replicasync_test
 
 import (
 	"context"
-	"net/url"
 	"testing"
 	"time"
 
@@ -23,19 +22,9 @@ import (
 // zero "replica left" events, before or after the database returns.
 func TestRealPostgresOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 	t.Parallel()
-	raw := dbtest.NewURL(t)
-	u, err := url.Parse(raw)
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy, err := faultproxy.New(u.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = proxy.Close() })
-	u.Host = proxy.Addr()
+	proxy, proxied := faultproxy.InFrontOf(t, dbtest.NewURL(t))
 	ctx := context.Background()
-	db, err := database.Connect(ctx, u.String(), database.ConnectOptions{})
+	db, err := database.Connect(ctx, proxied, database.ConnectOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -19,18 +19,12 @@ import (
 // host, port, user or name, and no driver error.
 func TestBadTokenDuringDatabaseOutageLeaksNoDatabaseDetails(t *testing.T) {
 	t.Parallel()
-	pg := dbtest.NewURL(t)
-	u, err := url.Parse(pg)
+	proxy, pgURL := faultproxy.InFrontOf(t, dbtest.NewURL(t))
+	u, err := url.Parse(pgURL)
 	if err != nil {
 		t.Fatal(err)
 	}
-	proxy, err := faultproxy.New(u.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = proxy.Close() })
-	u.Host = proxy.Addr()
-	r := clitest.StartReplica(t, clitest.ReplicaOptions{Name: "r", PostgresURL: u.String()})
+	r := clitest.StartReplica(t, clitest.ReplicaOptions{Name: "r", PostgresURL: pgURL})
 	r.WaitReady(60 * time.Second)
 
 	proxy.Cut()

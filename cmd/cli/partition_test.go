@@ -2,7 +2,6 @@ package cli_test
 
 import (
 	"net/http"
-	"net/url"
 	"testing"
 	"time"
 
@@ -15,17 +14,7 @@ import (
 // proxiedPostgres is a fresh database and a fault proxy in front of it.
 func proxiedPostgres(t *testing.T, pg string) (*faultproxy.Proxy, string) {
 	t.Helper()
-	u, err := url.Parse(pg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := faultproxy.New(u.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = p.Close() })
-	u.Host = p.Addr()
-	return p, u.String()
+	return faultproxy.InFrontOf(t, pg)
 }
 
 var fastBeat = []string{"CODER_REPLICA_HEARTBEAT_INTERVAL=300ms"}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -285,18 +284,9 @@ func TestPublishRightAfterSubscribeReturnsIsAlwaysReceived(t *testing.T) {
 func TestHungListenConnectionIsDetectedAndReplacedWithinSeconds(t *testing.T) {
 	t.Parallel()
 	direct := dbtest.NewDB(t)
-	u, err := url.Parse(direct.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy, err := faultproxy.New(u.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer proxy.Close()
-	u.Host = proxy.Addr()
+	proxy, proxiedURL := faultproxy.InFrontOf(t, direct.URL())
 	ctx := context.Background()
-	proxied, err := database.Connect(ctx, u.String(), database.ConnectOptions{})
+	proxied, err := database.Connect(ctx, proxiedURL, database.ConnectOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

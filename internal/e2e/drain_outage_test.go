@@ -1,7 +1,6 @@
 package e2e_test
 
 import (
-	"net/url"
 	"syscall"
 	"testing"
 	"time"
@@ -15,17 +14,8 @@ import (
 // fault proxy, and the proxy.
 func pgBehindProxy(t *testing.T) (string, *faultproxy.Proxy) {
 	t.Helper()
-	u, err := url.Parse(dbtest.NewURL(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := faultproxy.New(u.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = p.Close() })
-	u.Host = p.Addr()
-	return u.String(), p
+	p, u := faultproxy.InFrontOf(t, dbtest.NewURL(t))
+	return u, p
 }
 
 // SIGTERM while Postgres hangs (every connection, new ones included, black

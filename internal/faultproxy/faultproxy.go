@@ -21,8 +21,10 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/url"
 	"sync"
 	"sync/atomic"
+	"testing"
 	"time"
 )
 
@@ -252,4 +254,22 @@ func (p *Proxy) pipe(dst, src net.Conn, frozen *atomic.Bool) {
 	} else {
 		_ = dst.Close()
 	}
+}
+
+// InFrontOf starts a proxy in front of the host of rawURL (a Postgres or
+// HTTP URL) and returns it with rawURL rewritten to go through it. The proxy
+// is closed when the test ends.
+func InFrontOf(t testing.TB, rawURL string) (*Proxy, string) {
+	t.Helper()
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		t.Fatalf("faultproxy: parse %q: %v", rawURL, err)
+	}
+	p, err := New(u.Host)
+	if err != nil {
+		t.Fatalf("faultproxy: %v", err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	u.Host = p.Addr()
+	return p, u.String()
 }
