@@ -225,27 +225,17 @@ func (db *DB) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]Re
 // LiveReplicas lists replicas that have not stopped and were updated within
 // staleAfter of the database's now(), oldest first.
 func (db *DB) LiveReplicas(ctx context.Context, staleAfter time.Duration) ([]Replica, error) {
-	rows, err := db.pool.Query(ctx, `
-SELECT `+replicaColumns+` FROM replicas
-WHERE stopped_at IS NULL AND updated_at > now() - make_interval(secs => $1)
-ORDER BY created_at, id`, staleAfter.Seconds())
+	rows, err := db.RecentReplicas(ctx, staleAfter)
 	if err != nil {
-		return nil, fmt.Errorf("list live replicas: %w", err)
+		return nil, err
 	}
-	defer rows.Close()
-	var out []Replica
-	for rows.Next() {
-		r, err := scanReplica(rows)
-		if err != nil {
-			return nil, fmt.Errorf("list live replicas: %w", err)
+	live := rows[:0]
+	for _, r := range rows {
+		if r.Live {
+			live = append(live, r)
 		}
-		r.Live = true
-		out = append(out, r)
 	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("list live replicas: %w", err)
-	}
-	return out, nil
+	return live, nil
 }
 
 // GetReplica returns one replica's row, live or not.
