@@ -33,6 +33,29 @@ func needHAProxy(t *testing.T) string {
 	return path
 }
 
+// startHAProxy runs haproxy in the foreground with config until the test
+// ends, and shows its output if the test failed.
+func startHAProxy(t *testing.T, haproxy, config string) {
+	t.Helper()
+	cfgPath := filepath.Join(t.TempDir(), "haproxy.cfg")
+	if err := os.WriteFile(cfgPath, []byte(config), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	lb := exec.Command(haproxy, "-db", "-f", cfgPath)
+	var out clitest.SyncBuffer
+	lb.Stdout, lb.Stderr = &out, &out
+	if err := lb.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = lb.Process.Kill()
+		_ = lb.Wait()
+		if t.Failed() {
+			t.Logf("--- haproxy ---\n%s", out.String())
+		}
+	})
+}
+
 // The documented example is a valid HAProxy configuration.
 func TestHAProxyExampleConfigIsValid(t *testing.T) {
 	t.Parallel()
@@ -100,23 +123,7 @@ func TestRollingRestartBehindHAProxyLosesNoRequests(t *testing.T) {
 	}
 
 	lbPort := clitest.FreePort(t)
-	cfgPath := filepath.Join(t.TempDir(), "haproxy.cfg")
-	if err := os.WriteFile(cfgPath, []byte(fmt.Sprintf(haproxyConfig, lbPort, servers.String())), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	lb := exec.Command(haproxy, "-db", "-f", cfgPath)
-	var lbOut strings.Builder
-	lb.Stdout, lb.Stderr = &lbOut, &lbOut
-	if err := lb.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = lb.Process.Kill()
-		_ = lb.Wait()
-		if t.Failed() {
-			t.Logf("--- haproxy ---\n%s", lbOut.String())
-		}
-	})
+	startHAProxy(t, haproxy, fmt.Sprintf(haproxyConfig, lbPort, servers.String()))
 	lbURL := "http://127.0.0.1:" + strconv.Itoa(lbPort)
 	lbProc := &clitest.Process{URL: lbURL}
 	if !clitest.Eventually(10*time.Second, func() bool { return lbProc.Status("/readyz") == http.StatusOK }) {

@@ -323,23 +323,7 @@ func TestTailnetRegionThroughHAProxyInTCPMode(t *testing.T) {
 		tlsPorts, httpPorts = append(tlsPorts, tlsPort), append(httpPorts, r.Port)
 	}
 
-	cfgPath := filepath.Join(t.TempDir(), "haproxy.cfg")
-	if err := os.WriteFile(cfgPath, []byte(haproxyTCPConfig(t, lbPort, tlsPorts, httpPorts)), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	lb := exec.Command(haproxy, "-db", "-f", cfgPath)
-	var lbOut clitest.SyncBuffer
-	lb.Stdout, lb.Stderr = &lbOut, &lbOut
-	if err := lb.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = lb.Process.Kill()
-		_ = lb.Wait()
-		if t.Failed() {
-			t.Logf("--- haproxy ---\n%s", lbOut.String())
-		}
-	})
+	startHAProxy(t, haproxy, haproxyTCPConfig(t, lbPort, tlsPorts, httpPorts))
 	httpsClient := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
 	wait.For(t, 15*time.Second, "/readyz over TLS through haproxy", func() bool {
 		resp, err := httpsClient.Get(accessURL + "/readyz")
