@@ -229,7 +229,14 @@ func TestFailoverToAPromotedStandbyKeepsTheClusterServing(t *testing.T) {
 		}
 		return false
 	})
-	time.Sleep(2 * time.Second) // a few failed beats on the read-only server
+	within(t, 15*time.Second, "every replica's heartbeat fails on the read-only server", func() bool {
+		for _, n := range nodes {
+			if !strings.Contains(n.Output(), "SQLSTATE 25006") {
+				return false
+			}
+		}
+		return true
+	})
 
 	var promoted bool
 	if err := sconn.QueryRow(context.Background(), "SELECT pg_promote(true, 60)").Scan(&promoted); err != nil || !promoted {
