@@ -173,8 +173,8 @@ func TestHealthPageShowsWhatTheAPISaysAsText(t *testing.T) {
 	if got := p.Replicas[0].Warnings; len(got) != 1 || got[0] != latencyWarning {
 		t.Errorf("replica warnings: %q", got)
 	}
-	if p.Healthy != "false" {
-		t.Errorf("overall: %q, want false", p.Healthy)
+	if p.Healthy != "false" || p.Overall != "✕ Unhealthy, 4 warnings" {
+		t.Errorf("overall: %q %q, want unhealthy with 4 warnings", p.Healthy, p.Overall)
 	}
 	wantSections := []browsertest.HealthPageSection{
 		{Name: "database", Healthy: "true", Warnings: []string{`<svg onload="window.__pwned=3">`}},

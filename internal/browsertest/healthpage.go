@@ -20,8 +20,10 @@ type HealthPage struct {
 	ClusterVisible bool `json:"clusterVisible"`
 	// Refreshes counts the page's completed refreshes (data-refreshes).
 	Refreshes int `json:"refreshes"`
-	// Healthy is the overall verdict shown ("true", "false", "" when none).
+	// Healthy is the overall verdict shown ("true", "false", "" when none)
+	// and Overall its text.
 	Healthy string `json:"healthy"`
+	Overall string `json:"overall"`
 	// Sections are the health sections in page order.
 	Sections []HealthPageSection `json:"sections"`
 	// MixedVersions is the visible mixed-versions notice ("" when hidden).
@@ -119,6 +121,7 @@ const readHealthPageJS = `(() => {
     clusterVisible: !cluster.hidden,
     refreshes: parseInt(q('#refresh').getAttribute('data-refreshes') || '0', 10),
     healthy: q('#overall').getAttribute('data-healthy') || '',
+    overall: q('#overall').textContent,
     sections: qa('[data-section]').map((s) => ({
       name: s.getAttribute('data-section'),
       healthy: s.getAttribute('data-healthy'),
