@@ -8,6 +8,7 @@ import (
 
 	"tailscale.com/derp/derpserver"
 
+	"github.com/coder-ha/coder/coderd/healthpage"
 	"github.com/coder-ha/coder/derpmesh"
 )
 
@@ -23,6 +24,7 @@ func (s *Server) routes() http.Handler {
 	})
 	mux.HandleFunc("GET /readyz", s.handleReadyz)
 	mux.HandleFunc("GET /api/v2/buildinfo", s.handleBuildInfo)
+	mux.Handle("GET /health", healthpage.Handler())
 	mux.HandleFunc("GET /api/v2/derp-map", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.derpMap)
 	})

@@ -2,8 +2,9 @@
 # Installs what the server and tests need from Debian's packages, only when
 # it is missing: the PostgreSQL server binaries (for the built-in database
 # and throwaway test clusters), and on request HAProxy (WITH_HAPROXY=1),
-# PgBouncer (WITH_PGBOUNCER=1) and promtool from the prometheus package
-# (WITH_PROMTOOL=1). Safe to run again; quick when everything is present.
+# PgBouncer (WITH_PGBOUNCER=1), promtool from the prometheus package
+# (WITH_PROMTOOL=1) and Chromium for the /health page's browser tests
+# (WITH_CHROMIUM=1). Safe to run again; quick when everything is present.
 set -euo pipefail
 
 have_pg() {
@@ -26,6 +27,9 @@ if [ "${WITH_PGBOUNCER:-0}" = 1 ] && ! have pgbouncer; then
 fi
 if [ "${WITH_PROMTOOL:-0}" = 1 ] && ! have promtool; then
   missing+=(prometheus)
+fi
+if [ "${WITH_CHROMIUM:-0}" = 1 ] && ! have chromium && ! have chromium-browser; then
+  missing+=(chromium)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
