@@ -39,7 +39,8 @@ lint:
 	$(GO) vet ./...
 
 ## deps: install the system packages the server and tests need (PostgreSQL binaries;
-## HAProxy, PgBouncer, promtool with WITH_HAPROXY=1, WITH_PGBOUNCER=1, WITH_PROMTOOL=1)
+## HAProxy, PgBouncer, promtool, Chromium with WITH_HAPROXY=1, WITH_PGBOUNCER=1,
+## WITH_PROMTOOL=1, WITH_CHROMIUM=1)
 deps:
 	@./scripts/deps.sh
 
