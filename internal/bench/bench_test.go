@@ -46,7 +46,22 @@ type Row struct {
 type results struct {
 	Machine string `json:"machine"`
 	When    string `json:"when"`
-	Rows    []Row  `json:"rows"`
+	// Issue is issue 19's table: the fleet at N=10, 50, 100 against
+	// today's figures and the targets.
+	Issue []IssueRow `json:"issue"`
+	Rows  []Row      `json:"rows"`
+}
+
+// IssueRow is one line of issue 19's table: one measurement at one fleet
+// size, today's figure (the issue's, measured at N=100 on main 41c5966),
+// the target, this run's result and whether it met the target.
+type IssueRow struct {
+	Measurement string `json:"measurement"`
+	N           int    `json:"n"`
+	Today       string `json:"today"`
+	Target      string `json:"target"`
+	Result      string `json:"result"`
+	Met         string `json:"met"` // "met", "missed" or "" (no target)
 }
 
 func summarize(r Row, better string, target float64) Row {
@@ -151,10 +166,13 @@ func TestBench(t *testing.T) {
 	if section("fleet") {
 		stats := newStatsPostgres(t)
 		for _, n := range fleetSizes() {
-			for _, r := range fleet(t, stats, n) {
+			rows, issue := fleetRows(fleet(t, stats, n))
+			for _, r := range rows {
 				add(r)
 			}
+			res.Issue = append(res.Issue, issue...)
 		}
+		sortIssue(res.Issue)
 	}
 	if section("footprint") {
 		add(footprint(t))
@@ -183,6 +201,13 @@ func targetText(v float64, f string) string {
 func markdown(r results) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Machine: %s; %s\n\n", r.Machine, r.When)
+	if len(r.Issue) > 0 {
+		b.WriteString("| N replicas, relay on, 5 s beats | N | today (N=100, main 41c5966) | target | result | met |\n|---|---|---|---|---|---|\n")
+		for _, row := range r.Issue {
+			fmt.Fprintf(&b, "| %s | %d | %s | %s | %s | %s |\n", row.Measurement, row.N, row.Today, row.Target, row.Result, row.Met)
+		}
+		b.WriteString("\n")
+	}
 	b.WriteString("| measurement | median | min – max | runs | target | met |\n|---|---|---|---|---|---|\n")
 	for _, row := range r.Rows {
 		fmt.Fprintf(&b, "| %s | %s %s | %s – %s | %d | %s | %s |\n", row.Measurement, num(row.Median), row.Unit, num(row.Min), num(row.Max), len(row.Samples), row.Target, row.Met)
