@@ -87,8 +87,9 @@ type Options struct {
 	// oldest packet is dropped (coderd_derpmesh_forward_dropped_total).
 	// Larger absorbs longer bursts and pauses of a peer, at up to 64 KiB
 	// of memory per slot under overload, and adds that much delay before a
-	// dead peer's packets start being dropped. Default 1024 (the DERP
-	// server's own queue per client is 32).
+	// dead peer's packets start being dropped. The queue is allocated as
+	// packets wait and released once drained, so an idle link holds none.
+	// Default 1024 (the DERP server's own queue per client is 32).
 	ForwardQueueSize int
 
 	// WriteTimeout bounds one write to a peer's mesh connection; a peer
