@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
 )
 
@@ -52,6 +53,11 @@ type Mesh struct {
 	log     *zap.Logger
 	meshKey key.DERPMesh
 	notify  *notifier
+	// netMon is the one network-state snapshot every mesh client shares
+	// (the library requires one per client; the mesh dials through its own
+	// dialer, so a snapshot per connection, N-1 netlink dumps a replica,
+	// bought nothing).
+	netMon  *netmon.Monitor
 	gauges  []prometheus.Collector
 	dropped *prometheus.CounterVec // coderd_derpmesh_forward_dropped_total{peer_id}
 
@@ -94,6 +100,7 @@ func New(opts Options) (*Mesh, error) {
 		opts:      opts,
 		log:       opts.Logger,
 		meshKey:   meshKey,
+		netMon:    netmon.NewStatic(),
 		peers:     map[string]*peer{},
 		closeDone: make(chan struct{}),
 	}

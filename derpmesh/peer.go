@@ -14,7 +14,6 @@ import (
 	"go.uber.org/zap"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
-	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
 )
 
@@ -301,7 +300,7 @@ type sessionResult struct {
 // before it returns.
 func (p *peer) session(ctx context.Context) (res sessionResult) {
 	srv := p.m.opts.Server
-	c, err := derphttp.NewClient(srv.PrivateKey(), p.derpURL, p.libLogf, netmon.NewStatic())
+	c, err := derphttp.NewClient(srv.PrivateKey(), p.derpURL, p.libLogf, p.m.netMon)
 	if err != nil {
 		return sessionResult{err: fmt.Errorf("invalid relay URL: %v", err)}
 	}
