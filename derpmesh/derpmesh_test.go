@@ -424,3 +424,30 @@ func expvarValue(t *testing.T, n *node, name string) string {
 	}
 	return v.String()
 }
+
+// Replicas' mesh connections are not clients: a replica installs no
+// forwarder for another replica's mesh client that a peer reports, so a
+// server holds one forwarder per real client of its peers, not one per
+// replica per peer (at N=100, 9,702 of them per replica). Real clients
+// still reach each other.
+func TestMeshConnectionsAreNotForwardedTo(t *testing.T) {
+	nodes := fullMesh(t, 4)
+	a, b := connect(t, nodes[0]), connect(t, nodes[3])
+	exchangeBothWays(t, a, b, 50)
+	for i, n := range nodes {
+		set, ok := n.server.ExpVar(false).(*metrics.Set)
+		if !ok {
+			t.Fatal("the DERP server's variables are not a metrics.Set")
+		}
+		created := set.Get("multiforwarder_created").String()
+		remote := set.Get("gauge_clients_remote").String()
+		// Each real client is on one replica: one forwarder per peer
+		// that reports it, never a second (a multiforwarder).
+		if created != "0" {
+			t.Errorf("replica %d made %s multi-forwarders: it forwards to other replicas' mesh connections", i, created)
+		}
+		if want := map[int]string{0: "1", 1: "2", 2: "2", 3: "1"}[i]; remote != want {
+			t.Errorf("replica %d counts %s remote clients, want %s", i, remote, want)
+		}
+	}
+}

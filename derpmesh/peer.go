@@ -435,8 +435,11 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 // forwarder on the local server per client the peer reports. The peer
 // reports a client again for each of its duplicate connections but says it
 // is gone only once, so watch adds each key once; on return it removes
-// every forwarder it added. It never forwards our own server key (the
-// peer reports our mesh connection like any other client).
+// every forwarder it added. It never forwards to a mesh connection (the
+// peer reports every other replica's mesh client, ours included, like any
+// other client, flagged as a mesh peer): nothing sends packets to a
+// replica's server key, and forwarders for them cost every replica N-2
+// forwarders per peer, N² server-lock round trips at a mass start.
 func (p *peer) watch(c *derphttp.Client, fw *forwarder) error {
 	srv := p.m.opts.Server
 	self := srv.PublicKey()
@@ -453,7 +456,7 @@ func (p *peer) watch(c *derphttp.Client, fw *forwarder) error {
 		}
 		switch msg := msg.(type) {
 		case derp.PeerPresentMessage:
-			if msg.Key == self || present[msg.Key] {
+			if msg.Key == self || present[msg.Key] || msg.Flags&derp.PeerPresentIsMeshPeer != 0 {
 				continue
 			}
 			present[msg.Key] = true
