@@ -72,6 +72,12 @@ func TestDeadReplicaIsReportedAndANewOneOnTheSameAddressIsMeshedAgain(t *testing
 	back.meshWith(t, meshOptions{meshKey: k}, n0, n2)
 	start := time.Now()
 	wait.For(t, 10*time.Second, "replica 0 remeshes on its own", func() bool { return n0.connectedTo(deadURL) })
+	// The owner is told of each confirmed link (it measures it at once):
+	// the first one, and the new one to the restarted peer.
+	wait.For(t, eventually, "OnPeerConnected for the first link and the new one", func() bool { return n0.connectedCalls(deadURL) == 2 })
+	if n := n0.connectedCalls(n2.url); n != 1 {
+		t.Fatalf("OnPeerConnected called %d times for a link that never broke, want 1", n)
+	}
 	t.Logf("remeshed by the retry loop %v after the address listened again (RetryInterval %v, MaxRetryInterval %v)",
 		time.Since(start).Round(time.Millisecond), testRetry, testMaxRetry)
 

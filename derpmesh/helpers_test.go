@@ -89,8 +89,9 @@ type node struct {
 	dialURL string // where test clients connect (always plain http)
 	mesh    *derpmesh.Mesh
 
-	mu     sync.Mutex
-	broken []string // OnPeerBroken calls, in order
+	mu        sync.Mutex
+	broken    []string // OnPeerBroken calls, in order
+	connected []string // OnPeerConnected calls, in order
 }
 
 type nodeOptions struct {
@@ -174,6 +175,11 @@ func (n *node) meshWith(t *testing.T, o meshOptions, peers ...*node) {
 			n.broken = append(n.broken, u)
 			n.mu.Unlock()
 		},
+		OnPeerConnected: func(u string) {
+			n.mu.Lock()
+			n.connected = append(n.connected, u)
+			n.mu.Unlock()
+		},
 	}
 	if opts.RetryInterval == 0 {
 		opts.RetryInterval, opts.MaxRetryInterval = testRetry, testMaxRetry
@@ -191,6 +197,18 @@ func (n *node) meshWith(t *testing.T, o meshOptions, peers ...*node) {
 		urls = append(urls, p.url)
 	}
 	m.SetAddresses(urls)
+}
+
+func (n *node) connectedCalls(u string) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	c := 0
+	for _, b := range n.connected {
+		if b == u {
+			c++
+		}
+	}
+	return c
 }
 
 func (n *node) brokenCalls(u string) int {

@@ -130,7 +130,7 @@ func New(opts Options) (*Mesh, error) {
 		}
 	}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
-	m.notify = newNotifier(opts.OnPeerBroken)
+	m.notify = newNotifier(opts.OnPeerBroken, opts.OnPeerConnected)
 	return m, nil
 }
 

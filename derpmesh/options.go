@@ -49,6 +49,13 @@ type Options struct {
 	// not call Close (Close waits for it).
 	OnPeerBroken func(relayURL string)
 
+	// OnPeerConnected is called with a peer's relay URL each time a mesh
+	// connection to it is confirmed (StateConnected), from the same
+	// goroutine and with the same guarantees as OnPeerBroken, so the owner
+	// can measure the new link at once (PingPeer) instead of probing the
+	// peer some other way before the link exists.
+	OnPeerConnected func(relayURL string)
+
 	// RetryInterval is the pause before the first redial of a peer whose
 	// connect attempt failed; each further failure doubles it up to
 	// MaxRetryInterval, with ±20% jitter. Shorter finds a returning peer

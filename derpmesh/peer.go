@@ -224,7 +224,7 @@ func (p *peer) run() {
 
 		msg := res.err.Error()
 		p.setState(StateConnecting, msg)
-		p.m.notify.post(p.url)
+		p.m.notify.post(p.url, eventBroken)
 		if res.confirmed {
 			lastErr = "" // a break after a connection is news: log it at WARN
 		}
@@ -390,6 +390,7 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 			res.confirmed = true
 			p.setClient(c)
 			p.setState(StateConnected, "")
+			p.m.notify.post(p.url, eventConnected)
 			p.log.Info("meshed with peer", zap.String("peer_key", c.ServerPublicKey().ShortString()))
 		case err := <-recvErr:
 			recvDone = true
