@@ -40,6 +40,17 @@ type replication struct {
 	watchDone sync.WaitGroup
 }
 
+// meshPinger measures peer latency over the mesh once it is set (until
+// then every peer is "without a link": probed over HTTP).
+type meshPinger struct{ mesh atomic.Pointer[derpmesh.Mesh] }
+
+func (p *meshPinger) PingPeer(ctx context.Context, relayURL string) (time.Duration, bool, error) {
+	if m := p.mesh.Load(); m != nil {
+		return m.PingPeer(ctx, relayURL)
+	}
+	return 0, false, nil
+}
+
 // isolated reports whether this replica alone is cut off from Postgres:
 // its heartbeat has failed for longer than the stale window and no peer
 // holds a mesh link to its relay any more (peers that reach the database
@@ -143,7 +154,17 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 	if r.pubsub != nil {
 		ps = r.pubsub
 	}
+	// With the relay on, peer latency is measured over the mesh links, and
+	// the manager knows it from the start (it waits for a newcomer's link
+	// instead of probing it over HTTP first); the mesh is built next.
+	var pinger *meshPinger
+	var linkPinger replicasync.LinkPinger
+	if s.derp != nil {
+		pinger = &meshPinger{}
+		linkPinger = pinger
+	}
 	r.replicas, err = replicasync.New(ctx, s.db, ps, replicasync.Options{
+		Pinger:            linkPinger,
 		ID:                s.replicaID,
 		RegionID:          int32(s.cfg.DERPServerRegionID),
 		RelayAddress:      s.cfg.DERPServerRelayURL,
@@ -162,12 +183,13 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		return nil
 	}
 	r.mesh, err = derpmesh.New(derpmesh.Options{
-		Server:       s.derp,
-		MeshKey:      meshKey,
-		TLSConfig:    tlsCfg,
-		Logger:       s.log.Named("derpmesh"),
-		OnPeerBroken: r.replicas.Reprobe,
-		Registerer:   s.registry,
+		Server:          s.derp,
+		MeshKey:         meshKey,
+		TLSConfig:       tlsCfg,
+		Logger:          s.log.Named("derpmesh"),
+		OnPeerBroken:    r.replicas.Reprobe,
+		OnPeerConnected: r.replicas.Reprobe,
+		Registerer:      s.registry,
 	})
 	if err != nil {
 		return err
@@ -175,11 +197,9 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 	s.registry.MustRegister(derpmesh.NewServerCollector(s.derp))
 	r.derpVars, _ = s.derp.ExpVar(false).(*metrics.Set)
 
-	// The mesh measures peer latency over its links once it can; until
-	// then (or without a link) the manager probes over HTTP.
-	if p, ok := any(r.mesh).(replicasync.LinkPinger); ok {
-		r.replicas.SetPinger(p)
-	}
+	// The mesh measures peer latency over its links; without a link the
+	// manager probes over HTTP.
+	pinger.mesh.Store(r.mesh)
 	r.replicas.SetCallback(func(change replicasync.PeerChange) {
 		peers := make([]derpmesh.Peer, 0, len(change.Peers))
 		for _, p := range change.Peers {
