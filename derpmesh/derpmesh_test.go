@@ -1,9 +1,11 @@
 package derpmesh_test
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -455,5 +457,70 @@ func TestMeshConnectionsAreNotForwardedTo(t *testing.T) {
 		if want := map[int]string{0: "1", 1: "2", 2: "2", 3: "1"}[i]; remote != want {
 			t.Errorf("replica %d counts %s remote clients, want %s", i, remote, want)
 		}
+	}
+}
+
+// gotPings is how many pings n's relay has answered.
+func gotPings(t *testing.T, n *node) int64 {
+	t.Helper()
+	set, ok := n.server.ExpVar(false).(*metrics.Set)
+	if !ok {
+		t.Fatal("the DERP server's variables are not a metrics.Set")
+	}
+	v, err := strconv.ParseInt(set.Get("got_ping").String(), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// Keepalive pings cost a replica the same at any mesh size: with more peers
+// than MaxPingsPerInterval, each silent link is pinged less often, so all
+// of them together get about MaxPingsPerInterval per PingInterval; and a
+// link the owner pings (PingPeer, the latency probes) needs no keepalive.
+func TestKeepalivesAreBudgetedAcrossPeersAndSkippedOnLinksHeardFrom(t *testing.T) {
+	t.Parallel()
+	k := newMeshKey()
+	const (
+		peers    = 6
+		interval = 100 * time.Millisecond
+		maxPings = 2
+		window   = 3 * time.Second
+	)
+	a := startNode(t, nodeOptions{meshKey: k})
+	var others []*node
+	for i := 0; i < peers; i++ {
+		others = append(others, startNode(t, nodeOptions{meshKey: k}))
+	}
+	a.meshWith(t, meshOptions{meshKey: k, ping: interval, confirm: time.Second, maxPings: maxPings}, others...)
+	wait.For(t, eventually, "meshed with every peer", a.mesh.Ready)
+
+	// The first peer is pinged by the owner every 50 ms, the others not.
+	probed := others[0]
+	before := make([]int64, peers)
+	for i, o := range others {
+		before[i] = gotPings(t, o)
+	}
+	var owner int64
+	for start := time.Now(); time.Since(start) < window; time.Sleep(50 * time.Millisecond) {
+		if _, ok, err := a.mesh.PingPeer(context.Background(), probed.url); ok && err == nil {
+			owner++
+		}
+	}
+	var keepalives int64
+	for i, o := range others[1:] {
+		keepalives += gotPings(t, o) - before[i+1]
+	}
+	stretched := interval * peers / maxPings
+	most := int64(peers-1) * (int64(window/stretched) + 2)
+	t.Logf("%d keepalive pings to %d silent peers in %v (each link allowed %v of silence; at most %d), %d owner pings", keepalives, peers-1, window, stretched, most, owner)
+	if keepalives > most {
+		t.Fatalf("%d keepalive pings in %v: more than %d (MaxPingsPerInterval %d per %v over %d peers)", keepalives, window, most, maxPings, interval, peers)
+	}
+	if keepalives == 0 {
+		t.Fatal("no keepalive pings at all: silent links are not checked")
+	}
+	if extra := gotPings(t, probed) - before[0] - owner; extra > 2 {
+		t.Fatalf("%d keepalive pings on a link the owner pinged every 50 ms", extra)
 	}
 }

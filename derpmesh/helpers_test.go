@@ -158,6 +158,7 @@ type meshOptions struct {
 	reg       prometheus.Registerer
 	ping      time.Duration // PingInterval (default: the package default)
 	confirm   time.Duration // ConfirmTimeout (default: the package default)
+	maxPings  int           // MaxPingsPerInterval (default: the package default)
 }
 
 // meshWith starts n's Mesh toward peers (closed in a Cleanup).
@@ -185,7 +186,7 @@ func (n *node) meshWith(t *testing.T, o meshOptions, peers ...*node) {
 		opts.RetryInterval, opts.MaxRetryInterval = testRetry, testMaxRetry
 	}
 	opts.Registerer = o.reg
-	opts.PingInterval, opts.ConfirmTimeout = o.ping, o.confirm
+	opts.PingInterval, opts.ConfirmTimeout, opts.MaxPingsPerInterval = o.ping, o.confirm, o.maxPings
 	m, err := derpmesh.New(opts)
 	if err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sort"
 	"strings"
 	"sync"
@@ -274,7 +275,39 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 	if err := c.Ping(ctx); err != nil {
 		return 0, true, fmt.Errorf("ping peer %s over the mesh: %w", p.url, err)
 	}
+	p.noteHeard() // the link is alive: no keepalive needed for a while
 	return time.Since(start), true, nil
+}
+
+// keepaliveInterval is how long a mesh connection may stay silent before
+// its keepalive ping: PingInterval, stretched so that all peers together
+// get at most MaxPingsPerInterval pings per PingInterval.
+func (m *Mesh) keepaliveInterval() time.Duration {
+	m.mu.Lock()
+	peers := len(m.peers)
+	m.mu.Unlock()
+	d := m.opts.PingInterval
+	if peers > m.opts.MaxPingsPerInterval {
+		d = d * time.Duration(peers) / time.Duration(m.opts.MaxPingsPerInterval)
+	}
+	return d
+}
+
+// dialer dials mesh connections with TCP keepalives (after PingInterval of
+// idleness, every ConfirmTimeout/2, two unanswered probes) and a TCP user
+// timeout of PingInterval+2×ConfirmTimeout, so a peer whose machine or
+// network dies without a reset is noticed by the kernel in about that
+// long, whatever the size of the mesh and without waking this process.
+func (m *Mesh) dialer() *net.Dialer {
+	return &net.Dialer{
+		KeepAliveConfig: net.KeepAliveConfig{
+			Enable:   true,
+			Idle:     m.opts.PingInterval,
+			Interval: max(m.opts.ConfirmTimeout/2, time.Second),
+			Count:    2,
+		},
+		Control: userTimeout(m.opts.PingInterval + 2*m.opts.ConfirmTimeout),
+	}
 }
 
 // Reconnect replaces the connection to url at once: a live connection is

@@ -79,13 +79,29 @@ type Options struct {
 	// load. Default 5s, which is also the DERP library's cap on one ping.
 	ConfirmTimeout time.Duration
 
-	// PingInterval is how often an established mesh connection is pinged.
-	// Two pings in a row unanswered within ConfirmTimeout close it and
-	// redial, so a peer that dies without a TCP reset (power loss, a
-	// partition that drops packets) is noticed within about
-	// PingInterval+2×ConfirmTimeout instead of the library's 120s read
-	// timeout. Default 10s (so ~20s): one 8-byte frame each way per peer.
+	// PingInterval is how long an established mesh connection may stay
+	// silent before it is pinged (the keepalive). Anything heard from the
+	// peer counts: a pong to PingPeer (replicasync's latency probes), its
+	// relay's own keepalive frame (every 60 s), a client coming or going.
+	// Two pings in a row unanswered within ConfirmTimeout close the
+	// connection and redial. With more peers than MaxPingsPerInterval the
+	// silence allowed per connection stretches to PingInterval ×
+	// peers/MaxPingsPerInterval, so a replica's keepalives cost the same
+	// at any fleet size; a peer process that hangs while its machine stays
+	// up is noticed within that plus 2×ConfirmTimeout (≈ 20 s up to 10
+	// peers, ≈ 110 s at 99). A peer whose machine or network dies without
+	// a TCP reset is noticed by the kernel instead, at any fleet size:
+	// mesh connections use TCP keepalives after PingInterval of idleness
+	// and a TCP user timeout of PingInterval+2×ConfirmTimeout (≈ 20 s),
+	// which wake no process. Default 10s: one 8-byte frame each way per
+	// silent peer.
 	PingInterval time.Duration
+
+	// MaxPingsPerInterval caps the keepalive pings sent per PingInterval
+	// across all peers (see PingInterval). Larger notices hung peer
+	// processes sooner in a large mesh at the cost of waking both ends of
+	// every silent link more often. Default 10.
+	MaxPingsPerInterval int
 
 	// ForwardQueueSize is how many packets may wait for one peer's mesh
 	// connection. Packets for a peer's clients are queued and written by
@@ -116,12 +132,13 @@ type Options struct {
 
 // DefaultOptions lists the defaults New applies to zero fields.
 var DefaultOptions = Options{
-	RetryInterval:    time.Second,      // a returning peer is meshed ~1s after it listens
-	MaxRetryInterval: 5 * time.Second,  // never slower than the library's fixed 5s
-	ConfirmTimeout:   5 * time.Second,  // the library caps Ping at 5s anyway
-	PingInterval:     10 * time.Second, // silent peer death noticed within ~20s
-	ForwardQueueSize: 1024,             // ~1.3 MB of 1 KiB packets per stalled peer
-	WriteTimeout:     5 * time.Second,  // as the DERP library
+	RetryInterval:       time.Second,      // a returning peer is meshed ~1s after it listens
+	MaxRetryInterval:    5 * time.Second,  // never slower than the library's fixed 5s
+	ConfirmTimeout:      5 * time.Second,  // the library caps Ping at 5s anyway
+	PingInterval:        10 * time.Second, // silent peer death noticed within ~20s
+	MaxPingsPerInterval: 10,               // up to 10 peers, every silent link every PingInterval
+	ForwardQueueSize:    1024,             // ~1.3 MB of 1 KiB packets per stalled peer
+	WriteTimeout:        5 * time.Second,  // as the DERP library
 }
 
 func (o Options) withDefaults() Options {
@@ -142,6 +159,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.PingInterval <= 0 {
 		o.PingInterval = DefaultOptions.PingInterval
+	}
+	if o.MaxPingsPerInterval <= 0 {
+		o.MaxPingsPerInterval = DefaultOptions.MaxPingsPerInterval
 	}
 	if o.ForwardQueueSize <= 0 {
 		o.ForwardQueueSize = DefaultOptions.ForwardQueueSize

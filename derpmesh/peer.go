@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -45,6 +46,11 @@ type peer struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	wake   chan struct{} // cap 1; Reconnect wakes a pause or a park
+
+	// heard is when anything last arrived from the peer on the current
+	// connection (unix nanoseconds): a frame, or a pong to PingPeer. The
+	// keepalive pings only a connection silent for its interval.
+	heard atomic.Int64
 
 	mu            sync.Mutex
 	id            string           // the peer replica's id, "" until told (SetPeers)
@@ -313,7 +319,7 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 		bc   *batchConn
 	)
 	c.SetURLDialer(func(ctx context.Context, network, addr string) (net.Conn, error) {
-		var d net.Dialer
+		d := p.m.dialer()
 		conn, err := d.DialContext(ctx, network, addr)
 		if err != nil {
 			return nil, err
@@ -355,6 +361,7 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 		}
 		return fmt.Errorf("connection lost before the peer confirmed mesh privileges: %v", err)
 	}
+	p.noteHeard()
 	recvErr := make(chan error, 1)
 	go func() { recvErr <- p.watch(c, fw) }()
 	pingCtx, cancelPing := context.WithCancel(ctx)
@@ -455,6 +462,7 @@ func (p *peer) watch(c *derphttp.Client, fw *forwarder) error {
 		if err != nil {
 			return err
 		}
+		p.noteHeard()
 		switch msg := msg.(type) {
 		case derp.PeerPresentMessage:
 			if msg.Key == self || present[msg.Key] || msg.Flags&derp.PeerPresentIsMeshPeer != 0 {
@@ -489,6 +497,12 @@ const missedPingsBeforeDead = 2
 // unanswered pings.
 var errStoppedAnswering = errors.New("peer stopped answering pings")
 
+// noteHeard records that the peer was heard from just now.
+func (p *peer) noteHeard() { p.heard.Store(time.Now().UnixNano()) }
+
+// silentFor is how long the peer has been silent.
+func (p *peer) silentFor() time.Duration { return time.Since(time.Unix(0, p.heard.Load())) }
+
 // pingLoop pings c until ctx ends or the connection is found dead, and
 // closes confirmed on the first pong.
 //
@@ -496,9 +510,11 @@ var errStoppedAnswering = errors.New("peer stopped answering pings")
 // mesh privileges closes the connection (watch sees it), so a missing pong
 // only means a slow or hung peer, and redialing would only add a handshake
 // to its load. It keeps pinging and reports the wait in the status.
-// After it, every PingInterval, missedPingsBeforeDead unanswered pings in a
-// row end the connection with errStoppedAnswering. A ping that cannot be
-// sent (the connection broke) ends it at once.
+// After it, a ping is sent only once the connection has been silent for
+// the keepalive interval (see Options.PingInterval), and
+// missedPingsBeforeDead unanswered pings in a row end the connection with
+// errStoppedAnswering. A ping that cannot be sent (the connection broke)
+// ends it at once.
 func (p *peer) pingLoop(ctx context.Context, c *derphttp.Client, confirmed chan<- struct{}) error {
 	timeout := p.m.opts.ConfirmTimeout
 	ping := func() error {
@@ -509,6 +525,8 @@ func (p *peer) pingLoop(ctx context.Context, c *derphttp.Client, confirmed chan<
 	isConfirmed := false
 	waitingSince := time.Now()
 	misses := 0
+	t := time.NewTimer(time.Hour)
+	defer t.Stop()
 	for {
 		err := ping()
 		switch {
@@ -516,6 +534,7 @@ func (p *peer) pingLoop(ctx context.Context, c *derphttp.Client, confirmed chan<
 			return ctx.Err()
 		case err == nil:
 			misses = 0
+			p.noteHeard()
 			if !isConfirmed {
 				isConfirmed = true
 				close(confirmed)
@@ -533,12 +552,20 @@ func (p *peer) pingLoop(ctx context.Context, c *derphttp.Client, confirmed chan<
 			}
 			continue
 		}
-		t := time.NewTimer(p.m.opts.PingInterval)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		// Wait until the connection has been silent for the interval;
+		// anything heard meanwhile (a pong to PingPeer, a frame) pushes
+		// the next ping back.
+		for {
+			wait := p.m.keepaliveInterval() - p.silentFor()
+			if wait <= 0 {
+				break
+			}
+			t.Reset(wait)
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-t.C:
+			}
 		}
 	}
 }
