@@ -73,6 +73,8 @@ type Mesh struct {
 	peers  map[string]*peer
 	closed bool
 
+	changed chan struct{} // cap 1; see Changed
+
 	closeOnce sync.Once
 	closeDone chan struct{}
 }
@@ -102,6 +104,7 @@ func New(opts Options) (*Mesh, error) {
 		log:       opts.Logger,
 		meshKey:   meshKey,
 		netMon:    netmon.NewStatic(),
+		changed:   make(chan struct{}, 1),
 		peers:     map[string]*peer{},
 		closeDone: make(chan struct{}),
 	}
@@ -133,6 +136,19 @@ func New(opts Options) (*Mesh, error) {
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.notify = newNotifier(opts.OnPeerBroken, opts.OnPeerConnected)
 	return m, nil
+}
+
+// Changed receives a value (coalesced: one for any number of changes
+// since the last receive) whenever what Status reports may have changed: a
+// peer's state or error, or the peer set. An owner that mirrors Status
+// waits on it instead of polling.
+func (m *Mesh) Changed() <-chan struct{} { return m.changed }
+
+func (m *Mesh) noteChange() {
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
 }
 
 // droppedCounter is the drop counter of the peer labelled label.
@@ -235,6 +251,7 @@ func (m *Mesh) SetPeers(peers []Peer) {
 	}
 	m.mu.Unlock()
 
+	m.noteChange()
 	for _, p := range restarted {
 		m.log.Info("peer restarted behind its relay URL; reconnecting", zap.String("relay_url", p.url), zap.String("peer_id", p.label()))
 		p.reconnect()

@@ -109,11 +109,15 @@ func (p *peer) status() PeerStatus {
 
 func (p *peer) setState(state, errMsg string) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	changed := p.state != state || p.err != errMsg
 	if p.state != state {
 		p.since = time.Now()
 	}
 	p.state, p.err = state, errMsg
+	p.mu.Unlock()
+	if changed {
+		p.m.noteChange()
+	}
 }
 
 // label is the peer's coderd_derpmesh_forward_dropped_total label: its
