@@ -524,3 +524,39 @@ func TestKeepalivesAreBudgetedAcrossPeersAndSkippedOnLinksHeardFrom(t *testing.T
 		t.Fatalf("%d keepalive pings on a link the owner pinged every 50 ms", extra)
 	}
 }
+
+// rttSampling reads the relay's TCP round-trip histogram counter for a
+// label ("non-tcp": connections it does not sample).
+func rttSampling(t *testing.T, n *node, label string) int64 {
+	t.Helper()
+	set, ok := n.server.ExpVar(false).(*metrics.Set)
+	if !ok {
+		t.Fatal("the DERP server's variables are not a metrics.Set")
+	}
+	m, ok := set.Get("counter_tcp_rtt").(*metrics.LabelMap)
+	if !ok {
+		t.Fatal("no counter_tcp_rtt")
+	}
+	if v := m.Get(label); v != nil {
+		return v.Value()
+	}
+	return 0
+}
+
+// Mesh connections are spared the relay library's per-connection TCP RTT
+// sampling (a 10 s timer per connection: N-1 wakeups per 10 s on every
+// replica of a large fleet), while clients are still sampled and the
+// mesh still carries their packets.
+func TestMeshConnectionsAreNotSampledForTCPRoundTrips(t *testing.T) {
+	t.Parallel()
+	nodes := fullMesh(t, 3)
+	a, b := connect(t, nodes[0]), connect(t, nodes[2])
+	exchangeBothWays(t, a, b, 20)
+	for i, n := range nodes {
+		// Two peers' mesh connections, not sampled; the test client (if
+		// any) is.
+		if got := rttSampling(t, n, "non-tcp"); got != 2 {
+			t.Errorf("replica %d left %d connections unsampled, want its 2 peers' mesh connections", i, got)
+		}
+	}
+}

@@ -98,6 +98,7 @@ func derpURL(relay string) (string, error) {
 	if !strings.HasSuffix(u.Path, "/derp") {
 		u = u.JoinPath("derp")
 	}
+	u.RawQuery = meshQuery // see Handler
 	return u.String(), nil
 }
 
