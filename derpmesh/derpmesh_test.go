@@ -560,3 +560,29 @@ func TestMeshConnectionsAreNotSampledForTCPRoundTrips(t *testing.T) {
 		}
 	}
 }
+
+// An established mesh connection costs three goroutines (its dialer and
+// session, its receiver, its forwarder's writer) and no timer of its own:
+// the keepalive checks every connection from one goroutine per Mesh. At
+// N=100 a fourth goroutine per peer, each with a timer re-armed whenever
+// the peer's relay sent its own keepalive, was a wakeup per peer a minute.
+// Not parallel: it counts the package's goroutines.
+func TestEstablishedLinksShareOneKeepaliveGoroutine(t *testing.T) {
+	k := newMeshKey()
+	a := startNode(t, nodeOptions{meshKey: k})
+	var peers []*node
+	for i := 0; i < 5; i++ {
+		peers = append(peers, startNode(t, nodeOptions{meshKey: k}))
+	}
+	a.meshWith(t, meshOptions{meshKey: k}, peers...)
+	wait.For(t, eventually, "meshed with every peer", a.mesh.Ready)
+	n := 0
+	for _, g := range meshGoroutines() {
+		if strings.Contains(g, "derpmesh.(*peer)") || strings.Contains(g, "derpmesh.(*forwarder)") {
+			n++
+		}
+	}
+	if n > 3*len(peers) {
+		t.Fatalf("%d goroutines for %d established mesh connections, want 3 each", n, len(peers))
+	}
+}

@@ -73,7 +73,8 @@ type Mesh struct {
 	peers  map[string]*peer
 	closed bool
 
-	changed chan struct{} // cap 1; see Changed
+	changed chan struct{}  // cap 1; see Changed
+	wg      sync.WaitGroup // keepaliveLoop and its pings
 
 	closeOnce sync.Once
 	closeDone chan struct{}
@@ -135,6 +136,8 @@ func New(opts Options) (*Mesh, error) {
 	}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.notify = newNotifier(opts.OnPeerBroken, opts.OnPeerConnected)
+	m.wg.Add(1)
+	go m.keepaliveLoop()
 	return m, nil
 }
 
@@ -296,6 +299,45 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 	return time.Since(start), true, nil
 }
 
+// keepaliveLoop checks every established connection each half
+// PingInterval and pings, each on its own goroutine, those silent for
+// their keepalive interval (see Options.PingInterval): one wakeup per
+// tick for the whole mesh, instead of a timer per connection firing each
+// time the peer's relay sends its own keepalive.
+func (m *Mesh) keepaliveLoop() {
+	defer m.wg.Done()
+	t := time.NewTicker(max(m.opts.PingInterval/2, time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-t.C:
+		}
+		interval := m.keepaliveInterval()
+		m.mu.Lock()
+		peers := make([]*peer, 0, len(m.peers))
+		for _, p := range m.peers {
+			peers = append(peers, p)
+		}
+		m.mu.Unlock()
+		for _, p := range peers {
+			if p.silentFor() < interval {
+				continue
+			}
+			ctx, c, dead, ok := p.startKeepalive()
+			if !ok {
+				continue
+			}
+			m.wg.Add(1)
+			go func() {
+				defer m.wg.Done()
+				p.keepalive(ctx, c, dead)
+			}()
+		}
+	}
+}
+
 // keepaliveInterval is how long a mesh connection may stay silent before
 // its keepalive ping: PingInterval, stretched so that all peers together
 // get at most MaxPingsPerInterval pings per PingInterval.
@@ -399,6 +441,7 @@ func (m *Mesh) Close() error {
 		for _, p := range peers {
 			<-p.done
 		}
+		m.wg.Wait()
 		m.setMu.Unlock()
 		m.notify.close()
 		m.unregister()

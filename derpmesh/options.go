@@ -83,13 +83,16 @@ type Options struct {
 	// silent before it is pinged (the keepalive). Anything heard from the
 	// peer counts: a pong to PingPeer (replicasync's latency probes), its
 	// relay's own keepalive frame (every 60 s), a client coming or going.
-	// Two pings in a row unanswered within ConfirmTimeout close the
-	// connection and redial. With more peers than MaxPingsPerInterval the
-	// silence allowed per connection stretches to PingInterval ×
-	// peers/MaxPingsPerInterval, so a replica's keepalives cost the same
-	// at any fleet size; a peer process that hangs while its machine stays
-	// up is noticed within that plus 2×ConfirmTimeout (≈ 20 s up to 10
-	// peers, ≈ 110 s at 99). A peer whose machine or network dies without
+	// Connections are checked every PingInterval/2, all at once (one
+	// wakeup for the whole mesh). Two pings in a row unanswered within
+	// ConfirmTimeout close the connection and redial. With more peers than
+	// MaxPingsPerInterval the silence allowed per connection stretches to
+	// PingInterval × peers/MaxPingsPerInterval, so a replica's keepalives
+	// cost the same at any fleet size; a peer process that hangs while its
+	// machine stays up is noticed within that plus PingInterval/2 +
+	// 2×ConfirmTimeout (≈ 25 s up to 10 peers, ≈ 115 s at 99; its
+	// heartbeat stopping drops it sooner when the whole process hangs). A
+	// peer whose machine or network dies without
 	// a TCP reset is noticed by the kernel instead, at any fleet size:
 	// mesh connections use TCP keepalives after PingInterval of idleness
 	// and a TCP user timeout of PingInterval+2×ConfirmTimeout (≈ 20 s),

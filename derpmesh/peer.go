@@ -55,6 +55,9 @@ type peer struct {
 	mu            sync.Mutex
 	id            string           // the peer replica's id, "" until told (SetPeers)
 	client        *derphttp.Client // the confirmed connection, nil when none
+	sessionCtx    context.Context  // the confirmed connection's session
+	dead          chan error       // cap 1; the keepalive found client dead
+	pinging       bool             // a keepalive ping of client is under way
 	state         string
 	err           string
 	since         time.Time
@@ -151,10 +154,57 @@ func (p *peer) confirmedClient() *derphttp.Client {
 	return p.client
 }
 
-func (p *peer) setClient(c *derphttp.Client) {
+// setClient records the session's confirmed connection (nil: none), for
+// PingPeer and the keepalive, which reports a dead one on dead.
+func (p *peer) setClient(ctx context.Context, c *derphttp.Client, dead chan error) {
 	p.mu.Lock()
-	p.client = c
+	p.client, p.sessionCtx, p.dead, p.pinging = c, ctx, dead, false
 	p.mu.Unlock()
+}
+
+// startKeepalive claims a keepalive ping of the confirmed connection, if
+// there is one and no ping of it is under way.
+func (p *peer) startKeepalive() (context.Context, *derphttp.Client, chan error, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.client == nil || p.pinging {
+		return nil, nil, nil, false
+	}
+	p.pinging = true
+	return p.sessionCtx, p.client, p.dead, true
+}
+
+func (p *peer) keepaliveDone(c *derphttp.Client) {
+	p.mu.Lock()
+	if p.client == c {
+		p.pinging = false
+	}
+	p.mu.Unlock()
+}
+
+// keepalive pings the confirmed connection c up to missedPingsBeforeDead
+// times in a row, each within ConfirmTimeout, and reports it dead (on
+// dead) when none is answered. A ping that cannot be sent means the
+// connection broke, which its session sees by itself.
+func (p *peer) keepalive(ctx context.Context, c *derphttp.Client, dead chan error) {
+	defer p.keepaliveDone(c)
+	timeout := p.m.opts.ConfirmTimeout
+	for misses := 0; misses < missedPingsBeforeDead; misses++ {
+		pctx, cancel := context.WithTimeout(ctx, timeout)
+		err := c.Ping(pctx)
+		cancel()
+		switch {
+		case err == nil:
+			p.noteHeard()
+			return
+		case ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded):
+			return
+		}
+	}
+	select {
+	case dead <- fmt.Errorf("%w (%d in a row unanswered within %s)", errStoppedAnswering, missedPingsBeforeDead, timeout):
+	default:
+	}
 }
 
 func (p *peer) reconnect() {
@@ -372,11 +422,12 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 	pingCtx, cancelPing := context.WithCancel(ctx)
 	confirmed := make(chan struct{})
 	pingErr := make(chan error, 1)
-	go func() { pingErr <- p.pingLoop(pingCtx, c, confirmed) }()
+	go func() { pingErr <- p.confirm(pingCtx, c, confirmed) }()
+	dead := make(chan error, 1) // the Mesh's keepalive found it dead
 
 	recvDone, pingDone := false, false
 	defer func() {
-		p.setClient(nil)
+		p.setClient(nil, nil, nil)
 		cancelPing()
 		_ = c.Close()
 		if !recvDone {
@@ -400,7 +451,7 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 		case <-confirmedCh:
 			confirmedCh = nil
 			res.confirmed = true
-			p.setClient(c)
+			p.setClient(pingCtx, c, dead)
 			p.setState(StateConnected, "")
 			p.m.notify.post(p.url, eventConnected)
 			p.log.Info("meshed with peer", zap.String("peer_key", c.ServerPublicKey().ShortString()))
@@ -418,18 +469,24 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 			return res
 		case err := <-pingErr:
 			pingDone = true
+			if err == nil { // confirmed: the Mesh's keepalive takes over
+				continue
+			}
 			if ctx.Err() != nil {
 				return sessionResult{confirmed: res.confirmed}
 			}
 			res.confirmed = res.confirmed || isConfirmed()
-			switch {
-			case errors.Is(err, errStoppedAnswering):
-				res.err = err
-			case !res.confirmed:
+			if !res.confirmed {
 				res.err = unconfirmedBreak(err) // the ping could not be sent
-			default:
+			} else {
 				res.err = fmt.Errorf("connection lost: %v", err)
 			}
+			return res
+		case err := <-dead:
+			if ctx.Err() != nil {
+				return sessionResult{confirmed: res.confirmed}
+			}
+			res.confirmed, res.err = true, err
 			return res
 		case <-fw.failed:
 			if ctx.Err() != nil {
@@ -508,69 +565,34 @@ func (p *peer) noteHeard() { p.heard.Store(time.Now().UnixNano()) }
 // silentFor is how long the peer has been silent.
 func (p *peer) silentFor() time.Duration { return time.Since(time.Unix(0, p.heard.Load())) }
 
-// pingLoop pings c until ctx ends or the connection is found dead, and
-// closes confirmed on the first pong.
+// confirm pings c until the first pong, closes confirmed, and returns nil;
+// from then on the Mesh's keepalive (keepaliveLoop) watches the
+// connection. It returns an error only if a ping cannot be sent (the
+// connection broke) or ctx ends first.
 //
-// Before that first pong, silence is not a failure: a peer that refuses
+// Silence before that first pong is not a failure: a peer that refuses
 // mesh privileges closes the connection (watch sees it), so a missing pong
 // only means a slow or hung peer, and redialing would only add a handshake
-// to its load. It keeps pinging and reports the wait in the status.
-// After it, a ping is sent only once the connection has been silent for
-// the keepalive interval (see Options.PingInterval), and
-// missedPingsBeforeDead unanswered pings in a row end the connection with
-// errStoppedAnswering. A ping that cannot be sent (the connection broke)
-// ends it at once.
-func (p *peer) pingLoop(ctx context.Context, c *derphttp.Client, confirmed chan<- struct{}) error {
+// to its load. It keeps pinging every ConfirmTimeout and reports the wait
+// in the status.
+func (p *peer) confirm(ctx context.Context, c *derphttp.Client, confirmed chan<- struct{}) error {
 	timeout := p.m.opts.ConfirmTimeout
-	ping := func() error {
-		pctx, cancel := context.WithTimeout(ctx, timeout)
-		defer cancel()
-		return c.Ping(pctx)
-	}
-	isConfirmed := false
 	waitingSince := time.Now()
-	misses := 0
-	t := time.NewTimer(time.Hour)
-	defer t.Stop()
 	for {
-		err := ping()
+		pctx, cancel := context.WithTimeout(ctx, timeout)
+		err := c.Ping(pctx)
+		cancel()
 		switch {
 		case ctx.Err() != nil:
 			return ctx.Err()
 		case err == nil:
-			misses = 0
 			p.noteHeard()
-			if !isConfirmed {
-				isConfirmed = true
-				close(confirmed)
-			}
+			close(confirmed)
+			return nil
 		case !errors.Is(err, context.DeadlineExceeded):
 			return err
-		case !isConfirmed:
-			p.setState(StateConnecting, fmt.Sprintf("peer %s has not answered a ping for %s after the mesh handshake (overloaded or hung?)",
-				p.url, time.Since(waitingSince).Round(time.Second)))
-			continue
-		default:
-			misses++
-			if misses >= missedPingsBeforeDead {
-				return fmt.Errorf("%w (%d in a row unanswered within %s)", errStoppedAnswering, misses, timeout)
-			}
-			continue
 		}
-		// Wait until the connection has been silent for the interval;
-		// anything heard meanwhile (a pong to PingPeer, a frame) pushes
-		// the next ping back.
-		for {
-			wait := p.m.keepaliveInterval() - p.silentFor()
-			if wait <= 0 {
-				break
-			}
-			t.Reset(wait)
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-t.C:
-			}
-		}
+		p.setState(StateConnecting, fmt.Sprintf("peer %s has not answered a ping for %s after the mesh handshake (overloaded or hung?)",
+			p.url, time.Since(waitingSince).Round(time.Second)))
 	}
 }
