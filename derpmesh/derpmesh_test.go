@@ -561,13 +561,14 @@ func TestMeshConnectionsAreNotSampledForTCPRoundTrips(t *testing.T) {
 	}
 }
 
-// An established mesh connection costs three goroutines (its dialer and
-// session, its receiver, its forwarder's writer) and no timer of its own:
-// the keepalive checks every connection from one goroutine per Mesh. At
-// N=100 a fourth goroutine per peer, each with a timer re-armed whenever
-// the peer's relay sent its own keepalive, was a wakeup per peer a minute.
-// Not parallel: it counts the package's goroutines.
-func TestEstablishedLinksShareOneKeepaliveGoroutine(t *testing.T) {
+// An idle established mesh connection costs two goroutines (its dialer
+// and session, its receiver) and no timer of its own: the keepalive
+// checks every connection from one goroutine per Mesh, and a forwarder's
+// writer starts with the first packet to forward. At N=100, a keepalive
+// goroutine per peer (with a timer re-armed whenever the peer's relay sent
+// its own keepalive) and an idle writer per peer were 198 goroutines per
+// replica. Not parallel: it counts the package's goroutines.
+func TestIdleMeshLinksCostTwoGoroutinesAndNoTimers(t *testing.T) {
 	k := newMeshKey()
 	a := startNode(t, nodeOptions{meshKey: k})
 	var peers []*node
@@ -582,7 +583,22 @@ func TestEstablishedLinksShareOneKeepaliveGoroutine(t *testing.T) {
 			n++
 		}
 	}
-	if n > 3*len(peers) {
-		t.Fatalf("%d goroutines for %d established mesh connections, want 3 each", n, len(peers))
+	if n > 2*len(peers) {
+		t.Fatalf("%d goroutines for %d idle established mesh connections, want 2 each", n, len(peers))
+	}
+	// Traffic starts a writer for the link that carries it, and only that
+	// (only a meshes here: packets flow from a's clients to the peers').
+	c0, c1 := connect(t, a), connect(t, peers[0])
+	if !derptest.Reachable(c0, c1, 15*time.Second) {
+		t.Fatal("a's client cannot reach the peer's")
+	}
+	n = 0
+	for _, g := range meshGoroutines() {
+		if strings.Contains(g, "derpmesh.(*forwarder)") {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d forwarder writers after traffic over one link, want 1", n)
 	}
 }

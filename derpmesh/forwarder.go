@@ -37,8 +37,9 @@ type fwdPacket struct {
 // peer drains it, encoding every queued packet into one buffer and writing
 // it with one syscall when the queue is empty (or every maxBatchBytes).
 //
-// The writer is owned by the session that created it: close stops it and
-// waits. A write that fails or does not finish within the write timeout
+// The writer is owned by the session that created it: the first packet
+// starts it (an idle link, most of them in a large fleet, has none), and
+// close stops it and waits. A write that fails or does not finish within the write timeout
 // closes the connection, which ends the session (failed is closed).
 type forwarder struct {
 	c       *derphttp.Client
@@ -46,13 +47,14 @@ type forwarder struct {
 	dropped prometheus.Counter
 	name    string
 
-	mu     sync.Mutex
-	ring   []fwdPacket // grows on demand up to max; nil while idle
-	max    int         // the queue size: packets beyond it drop the oldest
-	head   int         // index of the oldest queued packet
-	n      int         // packets queued
-	closed bool
-	err    error // why the writer stopped on its own
+	mu      sync.Mutex
+	ring    []fwdPacket // grows on demand up to max; nil while idle
+	max     int         // the queue size: packets beyond it drop the oldest
+	head    int         // index of the oldest queued packet
+	n       int         // packets queued
+	closed  bool
+	started bool  // the writer was started (by the first packet) or never will be
+	err     error // why the writer stopped on its own
 
 	wake   chan struct{} // cap 1
 	stop   chan struct{}
@@ -73,7 +75,6 @@ func newForwarder(c *derphttp.Client, bc *batchConn, queue int, dropped promethe
 		done:    make(chan struct{}),
 		failed:  make(chan struct{}),
 	}
-	go f.run()
 	return f
 }
 
@@ -101,6 +102,10 @@ func (f *forwarder) ForwardPacket(src, dst key.NodePublic, payload []byte) error
 	// The server allocates payload per packet and never reuses it.
 	f.ring[(f.head+f.n)%len(f.ring)] = fwdPacket{src: src, dst: dst, payload: payload}
 	f.n++
+	if !f.started { // the first packet starts the writer: idle links have none
+		f.started = true
+		go f.run()
+	}
 	f.mu.Unlock()
 	select {
 	case f.wake <- struct{}{}:
@@ -229,6 +234,8 @@ func (f *forwarder) failure() error {
 func (f *forwarder) close() {
 	f.once.Do(func() {
 		f.mu.Lock()
+		started := f.started
+		f.started = true // no writer starts from now on
 		if !f.closed {
 			f.closed = true
 			f.dropped.Add(float64(f.n))
@@ -236,6 +243,9 @@ func (f *forwarder) close() {
 		}
 		f.mu.Unlock()
 		close(f.stop)
+		if !started {
+			close(f.done)
+		}
 	})
 	<-f.done
 }

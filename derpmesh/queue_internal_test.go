@@ -12,7 +12,8 @@ import (
 // the queue itself.
 func queueOnly(size int) (*forwarder, prometheus.Counter) {
 	dropped := prometheus.NewCounter(prometheus.CounterOpts{Name: "dropped"})
-	return &forwarder{max: size, dropped: dropped, wake: make(chan struct{}, 1)}, dropped
+	// started: as if its writer ran, so the first packet starts none.
+	return &forwarder{max: size, dropped: dropped, wake: make(chan struct{}, 1), started: true}, dropped
 }
 
 func counterValue(c prometheus.Counter) float64 {

@@ -55,10 +55,10 @@ func TestFleetAB(t *testing.T) {
 				clitest.BinaryOverride = bd.path
 				o := fleetAs(t, stats, n, fmt.Sprintf("%s_r%d", bd.name, r))
 				got[bd.name] = append(got[bd.name], o)
-				t.Logf("N=%d %s round %d: ready %.1fs listing %.1fs cpu %.1f%%+%.1f%% rss %.1fMB join %v statements %.2f", n, bd.name, r, o.ready, o.listing, o.cpuFleet, o.cpuPG, med(o.rss), o.join, o.statements)
+				t.Logf("N=%d %s round %d: ready %.1fs listing %.1fs cpu %.1f%%+%.1f%% wakeups %.1f/s rss %.1fMB join %v statements %.2f", n, bd.name, r, o.ready, o.listing, o.cpuFleet, o.cpuPG, o.wakeups, med(o.rss), o.join, o.statements)
 			}
 		}
-		fmt.Fprintf(&b, "N=%d (%d round(s); medians over rounds)\n\n| build | all ready (s) | lists N after (s) | idle CPU replicas + Postgres (%% of a core) | RSS per replica (MB) | join → meshed (s) | statements per beat |\n|---|---|---|---|---|---|---|\n", n, rounds)
+		fmt.Fprintf(&b, "N=%d (%d round(s); medians over rounds)\n\n| build | all ready (s) | lists N after (s) | idle CPU replicas + Postgres (%% of a core) | context switches per replica per s | RSS per replica (MB) | join → meshed (s) | statements per beat |\n|---|---|---|---|---|---|---|---|\n", n, rounds)
 		for _, bd := range builds {
 			os := got[bd.name]
 			pick := func(f func(fleetOutcome) float64) string {
@@ -68,10 +68,11 @@ func TestFleetAB(t *testing.T) {
 				}
 				return num(med(v))
 			}
-			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s |\n", bd.name,
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s |\n", bd.name,
 				pick(func(o fleetOutcome) float64 { return o.ready }),
 				pick(func(o fleetOutcome) float64 { return o.listing }),
 				pick(func(o fleetOutcome) float64 { return o.cpuFleet + o.cpuPG }),
+				pick(func(o fleetOutcome) float64 { return o.wakeups }),
 				pick(func(o fleetOutcome) float64 { return med(o.rss) }),
 				pick(func(o fleetOutcome) float64 { return med(o.join) / 1000 }),
 				pick(func(o fleetOutcome) float64 { return o.statements }))

@@ -195,6 +195,9 @@ type fleetOutcome struct {
 	join []float64
 	// statements and xacts per beat per replica over the idle window.
 	statements, xacts float64
+	// wakeups: context switches per second per replica over the idle
+	// window, all threads (each is the process woken for something).
+	wakeups float64
 	notes             map[string]string
 }
 
@@ -345,6 +348,7 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 	}
 	st0, x0 := s.counts(db)
 	f0, p0 := cpu(pids), cpu(pgPids)
+	w0 := switches(pids)
 	var prof sync.WaitGroup
 	for i, port := range pprofPorts { // CPU profiles over most of the window
 		prof.Add(1)
@@ -357,12 +361,15 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 	prof.Wait()
 	st1, x1 := s.counts(db)
 	f1, p1 := cpu(pids), cpu(pgPids)
+	w1 := switches(pids)
 	beats := window.Seconds() / 5 * float64(n)
 	out.statements = (st1 - st0) / beats
 	out.xacts = (x1 - x0) / beats
 	out.cpuFleet = (f1 - f0).Seconds() / window.Seconds() * 100
 	out.cpuPG = (p1 - p0).Seconds() / window.Seconds() * 100
-	out.notes["cpu"] = fmt.Sprintf("replicas %.1f %% + Postgres %.1f %% (%d processes); load average %s", out.cpuFleet, out.cpuPG, len(pgPids), loadavg())
+	out.wakeups = float64(w1-w0) / window.Seconds() / float64(max(len(pids), 1))
+	out.notes["cpu"] = fmt.Sprintf("replicas %.1f %% + Postgres %.1f %% (%d processes); %.1f context switches per second per replica; load average %s",
+		out.cpuFleet, out.cpuPG, len(pgPids), out.wakeups, loadavg())
 	for _, pid := range pids {
 		if mb := rssMB(pid); mb > 0 {
 			out.rss = append(out.rss, mb)
@@ -421,6 +428,25 @@ func fleetJoin(t *testing.T, c *clitest.Cluster, n int) []float64 {
 		time.Sleep(time.Second) // the fleet forgets it
 	}
 	return join
+}
+
+// switches counts the context switches (voluntary and not) of every
+// thread of pids so far.
+func switches(pids []int) int64 {
+	var n int64
+	for _, pid := range pids {
+		tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		for _, task := range tasks {
+			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, task.Name()))
+			for _, l := range strings.Split(string(b), "\n") {
+				if strings.HasPrefix(l, "voluntary_ctxt_switches:") || strings.HasPrefix(l, "nonvoluntary_ctxt_switches:") {
+					v, _ := strconv.ParseInt(strings.TrimSpace(strings.SplitN(l, ":", 2)[1]), 10, 64)
+					n += v
+				}
+			}
+		}
+	}
+	return n
 }
 
 // rssMB is VmRSS of pid in MB (0 when unknown).
