@@ -99,3 +99,33 @@ func med(v []float64) float64 {
 	sort.Float64s(clean)
 	return clean[len(clean)/2]
 }
+
+// TestRelayAB compares builds on the relay rows (throughput and round
+// trip, 1 KiB windowed, same replica / two replicas / derper pair / one
+// derper, over TLS; and two replicas over plain HTTP), back to back:
+// BENCH_AB as for TestFleetAB. It writes relay-ab.md.
+func TestRelayAB(t *testing.T) {
+	spec := os.Getenv("BENCH_AB")
+	if spec == "" {
+		t.Skip("BENCH_AB not set")
+	}
+	dir := t.TempDir()
+	caPEM, certFile, keyFile := writeCerts(t, dir)
+	os.Setenv("SSL_CERT_FILE", caPEM)
+	defer func() { clitest.BinaryOverride = "" }()
+	var b strings.Builder
+	fmt.Fprintf(&b, "Machine: %s\n\n| build | measurement | median | min – max |\n|---|---|---|---|\n", machine())
+	for _, kv := range strings.Split(spec, ",") {
+		name, path, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok {
+			t.Fatalf("BENCH_AB entry %q is not name=path", kv)
+		}
+		clitest.BinaryOverride = path
+		for _, r := range relay(t, dir, caPEM, certFile, keyFile) {
+			fmt.Fprintf(&b, "| %s | %s | %s %s | %s – %s |\n", name, r.Measurement, num(r.Median), r.Unit, num(r.Min), num(r.Max))
+		}
+	}
+	fmt.Fprintf(&b, "\nload average at the end %s\n", loadavg())
+	_ = os.WriteFile(filepath.Join(benchOut(), "relay-ab.md"), []byte(b.String()), 0o644)
+	fmt.Println(b.String())
+}

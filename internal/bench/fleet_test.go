@@ -244,7 +244,9 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 		ports[i] = clitest.FreePort(t)
 	}
 	start := time.Now()
+	started := make([]time.Time, n) // each process's start
 	for i := 0; i < n; i++ {
+		started[i] = time.Now()
 		var env []string
 		if i < len(pprofPorts) {
 			env = append(env, fmt.Sprintf("CODER_DEBUG_PPROF_ADDRESS=127.0.0.1:%d", pprofPorts[i]))
@@ -289,11 +291,13 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 	readyAt := time.Now()
 	if len(pending) == 0 {
 		out.ready = readyAt.Sub(start).Seconds()
+		out.notes["phases"] = startPhases(c.Nodes, started)
 	} else {
 		out.notes["ready"] = fmt.Sprintf("%d of %d not ready after %s", len(pending), n, fleetBound)
 		getToken()
 	}
-	out.notes["ready"] = strings.TrimPrefix(out.notes["ready"]+"; load average "+loadavg(), "; ")
+	out.notes["ready"] = strings.TrimPrefix(out.notes["ready"]+"; "+out.notes["phases"]+"; load average "+loadavg(), "; ")
+	out.notes["ready"] = strings.ReplaceAll(out.notes["ready"], "; ; ", "; ")
 
 	token := <-tokenCh
 	pendingList := make(chan *clitest.Process, n)
@@ -390,6 +394,42 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 
 	out.join = fleetJoin(t, c, n)
 	return out
+}
+
+// startPhases splits each replica's start, from its own log lines: from
+// its process start to "server started" (connected, schema migrated or
+// found current, pubsub self-test, registered, announced, peers read),
+// and from there to "replica is ready" (meshed with every peer it knows,
+// both ways). It reports the median and the slowest of each, which is
+// what the replica itself would say; the fleet's "all ready" is the
+// slowest replica seen from outside, polled.
+func startPhases(nodes []*clitest.Process, started []time.Time) string {
+	var reg, mesh []float64
+	for i, node := range nodes {
+		at := map[string]time.Time{}
+		for _, l := range strings.Split(node.Output(), "\n") {
+			for _, msg := range []string{"server started", "replica is ready"} {
+				if _, seen := at[msg]; !seen && strings.Contains(l, "\t"+msg) {
+					if ts, err := time.Parse(time.RFC3339Nano, strings.SplitN(l, "\t", 2)[0]); err == nil {
+						at[msg] = ts
+					}
+				}
+			}
+		}
+		s, r := at["server started"], at["replica is ready"]
+		if s.IsZero() || r.IsZero() {
+			continue
+		}
+		reg = append(reg, s.Sub(started[i]).Seconds())
+		mesh = append(mesh, r.Sub(s).Seconds())
+	}
+	if len(reg) == 0 {
+		return ""
+	}
+	sort.Float64s(reg)
+	sort.Float64s(mesh)
+	return fmt.Sprintf("per replica, from its logs: process start → registered median %.1f s, slowest %.1f s; registered → ready median %.1f s, slowest %.1f s",
+		reg[len(reg)/2], reg[len(reg)-1], mesh[len(mesh)/2], mesh[len(mesh)-1])
 }
 
 // fleetJoin starts the n+1th replica runs times and measures, each time,
@@ -647,7 +687,7 @@ func fleetRows(o fleetOutcome) ([]Row, []IssueRow) {
 	var issue []IssueRow
 	for i, tg := range issueTargets {
 		r := rows[i]
-		ir := IssueRow{Measurement: tg.name, N: o.n, Target: fmt.Sprintf("≤ %s %s", num(tg.target), tg.unit)}
+		ir := IssueRow{Measurement: tg.name, N: o.n, Target: fmt.Sprintf("≤ %g %s", tg.target, tg.unit)}
 		if o.n == 100 {
 			ir.Today = tg.today
 		}
