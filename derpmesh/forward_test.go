@@ -279,10 +279,9 @@ func TestPeerRestartedBehindTheSameURLIsMeshedAgainAtOnce(t *testing.T) {
 	}
 }
 
-// Over a plain (http) link the forwarder writes the DERP frames itself, a
-// batch per write, while the mesh client writes its own frames (pings) on
-// the same connection: packets still arrive whole, in order and all of
-// them, and every ping is answered.
+// The forwarder writes a batch of frames per write while the mesh client
+// writes its own frames (pings) on the same connection: packets still
+// arrive, all of them, and every ping is answered.
 func TestForwardedBatchesAndPingsShareALink(t *testing.T) {
 	t.Parallel()
 	k := newMeshKey()

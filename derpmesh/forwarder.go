@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/types/key"
 )
@@ -43,13 +42,8 @@ type fwdPacket struct {
 // close stops it and waits. A write that fails or does not finish within the write timeout
 // closes the connection, which ends the session (failed is closed).
 type forwarder struct {
-	c  *derphttp.Client
-	bc *batchConn // nil if the connection was not dialed through it
-	// raw: the connection is plain TCP (an http relay URL), so the writer
-	// encodes the forward frames itself, straight into bc's buffer, one
-	// write per batch; over TLS every packet goes through c (the library
-	// encrypts each frame as it is flushed).
-	raw     bool
+	c       *derphttp.Client
+	bc      *batchConn // nil if the connection was not dialed through it
 	dropped prometheus.Counter
 	name    string
 
@@ -69,11 +63,10 @@ type forwarder struct {
 	once   sync.Once
 }
 
-func newForwarder(c *derphttp.Client, bc *batchConn, raw bool, queue int, dropped prometheus.Counter, name string) *forwarder {
+func newForwarder(c *derphttp.Client, bc *batchConn, queue int, dropped prometheus.Counter, name string) *forwarder {
 	f := &forwarder{
 		c:       c,
 		bc:      bc,
-		raw:     raw && bc != nil,
 		dropped: dropped,
 		name:    name,
 		max:     queue,
@@ -194,13 +187,6 @@ func (f *forwarder) run() {
 
 // write encodes batch into the connection's buffer and writes it out.
 func (f *forwarder) write(batch []fwdPacket) error {
-	if f.raw {
-		sent, err := f.bc.writeFrames(batch)
-		if err != nil {
-			f.dropped.Add(float64(len(batch) - sent))
-		}
-		return err
-	}
 	f.bc.hold()
 	for i, p := range batch {
 		if err := f.c.ForwardPacket(p.src, p.dst, p.payload); err != nil {
@@ -324,46 +310,6 @@ func (b *batchConn) buffered() int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return len(b.buf)
-}
-
-// writeFrames encodes each packet as a DERP forward frame (type, length,
-// source key, destination key, payload: the frame derp.Client.ForwardPacket
-// writes) into the buffer and writes it out, in chunks of about
-// maxBatchBytes, holding the connection for the whole batch: the DERP
-// client's own frames (pings, the watch request) are whole writes too, so
-// they land between batches, never inside a frame. It returns how many
-// packets were written before an error. Only for a connection that
-// carries DERP frames directly (no TLS above it).
-func (b *batchConn) writeFrames(batch []fwdPacket) (sent int, err error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	buf := b.buf[:0]
-	pending := 0
-	for _, p := range batch {
-		n := 2*derp.KeyLen + len(p.payload)
-		buf = append(buf, byte(derp.FrameForwardPacket), byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
-		buf = p.src.AppendTo(buf)
-		buf = p.dst.AppendTo(buf)
-		buf = append(buf, p.payload...)
-		pending++
-		if len(buf) >= maxBatchBytes {
-			if _, err := b.writeLocked(buf); err != nil {
-				return sent, err
-			}
-			sent += pending
-			pending, buf = 0, buf[:0]
-		}
-	}
-	if len(buf) > 0 {
-		if _, err := b.writeLocked(buf); err != nil {
-			return sent, err
-		}
-	}
-	if cap(buf) > 4*maxBatchBytes {
-		buf = nil // a one-off large batch: do not keep its memory
-	}
-	b.buf = buf[:0]
-	return len(batch), nil
 }
 
 // flush ends the batch and writes what it collected in one write.

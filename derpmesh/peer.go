@@ -399,7 +399,7 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 	// Packets for the peer's clients go through our own forwarder (see
 	// forwarder), writing on the connection dialed above.
 	bcMu.Lock()
-	fw := newForwarder(c, bc, strings.HasPrefix(p.derpURL, "http:"), p.m.opts.ForwardQueueSize, p.m.droppedCounter(p.label()), p.url)
+	fw := newForwarder(c, bc, p.m.opts.ForwardQueueSize, p.m.droppedCounter(p.label()), p.url)
 	bcMu.Unlock()
 	defer fw.close()
 

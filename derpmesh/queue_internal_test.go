@@ -26,7 +26,7 @@ func counterValue(c prometheus.Counter) float64 {
 // N-1 forwarders, nearly all idle, and a preallocated 1024-slot queue (plus
 // the writer's batch) cost 180 KB each.
 func TestIdleForwarderHoldsNoQueueMemory(t *testing.T) {
-	f := newForwarder(nil, nil, false, DefaultOptions.ForwardQueueSize, prometheus.NewCounter(prometheus.CounterOpts{Name: "d"}), "idle")
+	f := newForwarder(nil, nil, DefaultOptions.ForwardQueueSize, prometheus.NewCounter(prometheus.CounterOpts{Name: "d"}), "idle")
 	defer f.close()
 	f.mu.Lock()
 	held := cap(f.ring)
