@@ -397,18 +397,20 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 }
 
 // startPhases splits each replica's start, from its own log lines: from
-// its process start to "server started" (connected, schema migrated or
-// found current, pubsub self-test, registered, announced, peers read),
-// and from there to "replica is ready" (meshed with every peer it knows,
-// both ways). It reports the median and the slowest of each, which is
-// what the replica itself would say; the fleet's "all ready" is the
-// slowest replica seen from outside, polled.
+// its process start to "replica sync mode chosen" (connected, schema
+// migrated or found current — the migration lock included —, listening,
+// pubsub self-test), from there to "server started" (registered,
+// announced until heard back, peers read), and from there to "replica is
+// ready" (meshed with every peer it knows). It reports the median and the
+// slowest of each: what the replicas themselves would say, where the
+// fleet's "all ready" is the slowest replica seen from outside, polled.
 func startPhases(nodes []*clitest.Process, started []time.Time) string {
-	var reg, mesh []float64
+	msgs := []string{"replica sync mode chosen", "server started", "replica is ready"}
+	phases := make([][]float64, len(msgs))
 	for i, node := range nodes {
 		at := map[string]time.Time{}
 		for _, l := range strings.Split(node.Output(), "\n") {
-			for _, msg := range []string{"server started", "replica is ready"} {
+			for _, msg := range msgs {
 				if _, seen := at[msg]; !seen && strings.Contains(l, "\t"+msg) {
 					if ts, err := time.Parse(time.RFC3339Nano, strings.SplitN(l, "\t", 2)[0]); err == nil {
 						at[msg] = ts
@@ -416,20 +418,31 @@ func startPhases(nodes []*clitest.Process, started []time.Time) string {
 				}
 			}
 		}
-		s, r := at["server started"], at["replica is ready"]
-		if s.IsZero() || r.IsZero() {
+		prev := started[i]
+		complete := true
+		for _, msg := range msgs {
+			if at[msg].IsZero() {
+				complete = false
+			}
+		}
+		if !complete {
 			continue
 		}
-		reg = append(reg, s.Sub(started[i]).Seconds())
-		mesh = append(mesh, r.Sub(s).Seconds())
+		for j, msg := range msgs {
+			phases[j] = append(phases[j], at[msg].Sub(prev).Seconds())
+			prev = at[msg]
+		}
 	}
-	if len(reg) == 0 {
+	if len(phases[0]) == 0 {
 		return ""
 	}
-	sort.Float64s(reg)
-	sort.Float64s(mesh)
-	return fmt.Sprintf("per replica, from its logs: process start → registered median %.1f s, slowest %.1f s; registered → ready median %.1f s, slowest %.1f s",
-		reg[len(reg)/2], reg[len(reg)-1], mesh[len(mesh)/2], mesh[len(mesh)-1])
+	names := []string{"process start → pubsub up (connect, migrate or wait for the lock, listen, self-test)", "→ registered (register, announce, read peers)", "→ ready (meshed)"}
+	var parts []string
+	for j := range phases {
+		sort.Float64s(phases[j])
+		parts = append(parts, fmt.Sprintf("%s median %.1f s, slowest %.1f s", names[j], phases[j][len(phases[j])/2], phases[j][len(phases[j])-1]))
+	}
+	return "per replica, from its logs: " + strings.Join(parts, "; ")
 }
 
 // fleetJoin starts the n+1th replica runs times and measures, each time,
