@@ -389,6 +389,7 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 		for i := range pprofPorts {
 			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", c.Nodes[i].Pid()))
 			writeBenchFile(fmt.Sprintf("smaps-replica%d-%s.txt", i+1, label), string(b))
+			writeBenchFile(fmt.Sprintf("log-replica%d-%s.txt", i+1, label), c.Nodes[i].Output())
 		}
 	}
 
