@@ -347,7 +347,8 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 	}
 	pgPids := s.pids()
 	const window = 20 * time.Second
-	if profile {
+	if profile { // what start-up cost the database, then a clean slate for the window
+		writeBenchFile("statements-start-"+label+".txt", s.topStatements(db))
 		s.resetStatements()
 	}
 	st0, x0 := s.counts(db)
@@ -551,10 +552,11 @@ func (s *statsPostgres) resetStatements() {
 	_, _ = s.conn.Exec(context.Background(), "SELECT pg_stat_statements_reset()")
 }
 
-// topStatements lists the fleet database's statements by calls.
+// topStatements lists the fleet database's statements by total time (a
+// lock's time is its wait).
 func (s *statsPostgres) topStatements(db string) string {
 	rows, err := s.conn.Query(context.Background(), `SELECT calls, round(total_exec_time::numeric, 1)::float8, regexp_replace(query, '\s+', ' ', 'g')
-		FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1 ORDER BY calls DESC LIMIT 20`, db)
+		FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1 ORDER BY total_exec_time DESC LIMIT 20`, db)
 	if err != nil {
 		return err.Error()
 	}
