@@ -76,9 +76,15 @@ func (o ConnectOptions) withDefaults() ConnectOptions {
 //   - when a query finds its connection broken, or the server read-only
 //     (SQLSTATE 25006: a standby, or an old primary behind an endpoint that
 //     moved), every pooled connection is recycled;
-//   - when a query times out with its connection, the idle connections
-//     are pinged (PingTimeout) before use rather than recycled, since the
-//     server may only be slow.
+//   - when a query times out with its connection (or the LISTEN
+//     connection stops answering, see CheckIdle), the idle connections are
+//     checked at once, in the background and in parallel (a ping of
+//     PingTimeout each), and those that do not answer are closed: after a
+//     network path froze (a middlebox that lost the connections' state, a
+//     stalled proxy) the next queries get working connections instead of
+//     each waiting out a silent one. Connections that answer are kept (the
+//     server may only be slow), and any idle since then is pinged before
+//     use until the check is done.
 type DB struct {
 	pool *pgxpool.Pool
 	src  *URLSource
@@ -93,6 +99,10 @@ type DB struct {
 	recycles       atomic.Int64
 	// conns lets Close cut sockets a hung server never lets go of.
 	conns connTracker
+	// checking is set while CheckIdle's pings run (one check at a time);
+	// checkWG waits for them in Close.
+	checking atomic.Bool
+	checkWG  sync.WaitGroup
 
 	// cfgMu guards the connection config last built from the source.
 	cfgMu   sync.Mutex
@@ -305,10 +315,12 @@ func (h healthTracer) TraceQueryEnd(ctx context.Context, conn *pgx.Conn, data pg
 	switch {
 	case errors.As(data.Err, &pgErr) && pgErr.Code == "25006":
 		h.db.recycle("the database is read-only (a standby, or a primary that was demoted)")
-	case conn.IsClosed() && (pgconn.Timeout(data.Err) || errors.Is(data.Err, context.Canceled)):
-		// Gave up waiting: the server may only be slow, and recycling
-		// would add connection setup to its load. Check idle connections
-		// before use instead.
+	case conn.IsClosed() && pgconn.Timeout(data.Err):
+		// Gave up waiting: the connection hung, or the server is only
+		// slow, and recycling would add connection setup to its load.
+		// Check the idle connections instead.
+		h.db.CheckIdle()
+	case conn.IsClosed() && errors.Is(data.Err, context.Canceled):
 		h.db.noteBroken()
 	case conn.IsClosed():
 		h.db.recycle("a connection broke: " + h.db.src.Redact(rootCause(data.Err)))
@@ -364,6 +376,56 @@ func (db *DB) noteConnect(err error) {
 				zap.String("reason", db.src.Redact(rootCause(err))))
 		}
 	}
+}
+
+// CheckIdle checks every idle pooled connection now: it takes them out
+// of the pool at once (so no caller gets one meanwhile), pings them in
+// parallel in the background (PingTimeout each), closes those that do not
+// answer and gives back the others. Until it is done, any connection idle
+// since before the call is pinged before use. It returns at once; while a
+// check runs, another call only does the latter. The owner of a
+// connection that hung (the LISTEN connection) calls it: the same path
+// likely froze the pooled ones too.
+func (db *DB) CheckIdle() {
+	db.noteBroken()
+	if db.pool == nil || !db.checking.CompareAndSwap(false, true) {
+		return
+	}
+	conns := db.pool.AcquireAllIdle(context.Background())
+	if len(conns) == 0 {
+		db.checking.Store(false)
+		return
+	}
+	db.checkWG.Add(1)
+	go func() {
+		defer db.checkWG.Done()
+		defer db.checking.Store(false)
+		var wg sync.WaitGroup
+		var closed atomic.Int32
+		for _, c := range conns {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), db.opts.PingTimeout)
+				err := c.Ping(ctx)
+				cancel()
+				if err == nil {
+					c.Release()
+					return
+				}
+				// Out of the pool and its socket closed at once: pgx's
+				// own close would wait up to 15 s for a goodbye a frozen
+				// path never delivers, holding a pool slot meanwhile.
+				closed.Add(1)
+				_ = c.Hijack().PgConn().Conn().Close()
+			}()
+		}
+		wg.Wait()
+		if n := closed.Load(); n > 0 {
+			db.log.Warn("closed idle database connections that did not answer a ping", zap.String("address", db.src.Describe()),
+				zap.Int32("closed", n), zap.Int("checked", len(conns)), zap.Duration("ping_timeout", db.opts.PingTimeout))
+		}
+	}()
 }
 
 // noteBroken records that a broken connection was seen, so idle
@@ -422,6 +484,7 @@ func (db *DB) Close() {
 	go func() {
 		defer close(done)
 		db.pool.Close()
+		db.checkWG.Wait()
 	}()
 	t := time.NewTimer(closeWait)
 	defer t.Stop()

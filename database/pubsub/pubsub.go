@@ -514,6 +514,11 @@ func (p *Pubsub) ping(conn *pgx.Conn) error {
 		if p.ctx.Err() != nil {
 			return p.ctx.Err()
 		}
+		// Whatever froze this connection (a middlebox that lost its
+		// state, a stalled proxy) likely froze the pool's idle ones too:
+		// have them checked now, so the re-read that follows the
+		// reconnect (and any query after it) does not wait one out.
+		p.db.CheckIdle()
 		return fmt.Errorf("idle connection did not answer a ping within %s: %w", p.opts.PingTimeout, err)
 	}
 	return nil
