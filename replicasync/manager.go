@@ -794,7 +794,7 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	for _, p := range joined {
 		m.log.Info("replica joined", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
 		if p.RegionID == m.opts.RegionID && p.RelayAddress == "" && m.opts.RelayAddress != "" {
-			m.log.Warn("a live replica of this region has no relay URL: its relay cannot be meshed with, so its clients cannot reach clients here; give it --derp-server-relay-url",
+			m.log.Warn("a live replica of this region has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
 				zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.Int32("region_id", p.RegionID))
 		}
 		if p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) {
@@ -813,7 +813,7 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	}
 	if selfNoRelayChanged {
 		if len(selfNoRelay) > 0 {
-			m.log.Warn("this replica has no relay URL while live replicas of its region have one: they cannot mesh with it, so clients here cannot reach clients there; set --derp-server-relay-url",
+			m.log.Warn("this replica has no relay URL while live replicas of its region have one: they cannot mesh with it, so clients on them cannot reach clients here; set --derp-server-relay-url",
 				zap.String("hostname", m.opts.Hostname), zap.Stringer("replica_id", m.opts.ID), zap.Strings("peers", selfNoRelay))
 		} else {
 			m.log.Info("no live replica of this region has a relay URL any more: nothing to mesh with", zap.String("hostname", m.opts.Hostname))
@@ -896,13 +896,13 @@ func (m *Manager) warningsLocked() []string {
 	}
 	var peerWarnings []string
 	if peers := m.selfWithoutRelayLocked(); len(peers) > 0 {
-		out = append(out, fmt.Sprintf("this replica (%q, id %s) has no relay URL: the %d other replica(s) of region %d cannot mesh with it, so clients on it cannot reach clients on them; set --derp-server-relay-url",
+		out = append(out, fmt.Sprintf("this replica (%q, id %s) has no relay URL: the %d other replica(s) of region %d cannot mesh with it, so clients on them cannot reach clients on it; set --derp-server-relay-url",
 			m.opts.Hostname, m.opts.ID, len(peers), m.opts.RegionID))
 	}
 	if m.opts.RelayAddress != "" {
 		for id, p := range m.peers {
 			if p.RegionID == m.opts.RegionID && p.RelayAddress == "" {
-				peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (id %s) has no relay URL: this replica cannot mesh with it, so clients on it cannot reach clients here; give it --derp-server-relay-url",
+				peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (id %s) has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
 					p.Hostname, id))
 			}
 		}
