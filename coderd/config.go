@@ -196,9 +196,8 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 			// peers reach this replica: the same default as the access
 			// URL, so that a replica started beside `make run` meshes
 			// with it both ways.
+			// ("server started" logs it.)
 			c.DERPServerRelayURL = listenURL
-			log.Info("no --derp-server-relay-url or --access-url given: peers reach this replica's relay at its listen URL",
-				zap.String("relay_url", listenURL))
 		}
 	}
 	access, err := url.Parse(c.AccessURL)
