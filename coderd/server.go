@@ -139,11 +139,15 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	return s, nil
 }
 
-// openDatabase connects to the configured Postgres, or starts the built-in
-// one when no URL was given.
+// openDatabase connects to the configured Postgres (--postgres-url, or
+// --postgres-url-file, read again for every connection opened), or starts
+// the built-in one when neither was given.
 func (s *Server) openDatabase(ctx context.Context) error {
-	url := s.cfg.PostgresURL
-	if url == "" {
+	src, err := s.cfg.PostgresSource()
+	if err != nil {
+		return err
+	}
+	if src == nil {
 		dir := filepath.Join(s.cfg.CacheDir, "postgres")
 		s.log.Info("no --postgres-url given: starting the built-in postgres", zap.String("dir", dir))
 		start := time.Now()
@@ -152,10 +156,13 @@ func (s *Server) openDatabase(ctx context.Context) error {
 			return fmt.Errorf("built-in postgres: %w", err)
 		}
 		s.builtin = c
-		url = c.URL()
+		src = database.StaticURL(c.URL())
 		s.log.Info("built-in postgres is ready", zap.Int("port", c.Port()), zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+	} else if src.Path() != "" {
+		s.log.Info("reading the postgres URL from a file whenever a connection is opened", zap.String("file", src.Path()),
+			zap.String("database", src.Describe()))
 	}
-	db, err := database.Connect(ctx, url, database.ConnectOptions{Logger: s.log})
+	db, err := database.ConnectSource(ctx, src, database.ConnectOptions{Logger: s.log})
 	if err != nil {
 		return err
 	}

@@ -62,14 +62,17 @@ type Manager struct {
 	db           latencyWindow
 	grace        outageGrace
 	cutOffWarned bool
-	skew         time.Duration // database clock minus this machine's, at the last beat
-	skewWarned   bool
-	ownError     string
-	pinger       LinkPinger
-	callback     func(PeerChange)
-	current      []Peer // the mesh set as of the last read
-	told         []Peer // what the callback was last told
-	tellDue      bool   // the callback must be called even if the set is unchanged
+	// selfNoRelayWarned: the "this replica has no relay URL" WARN line
+	// was logged and its condition still holds.
+	selfNoRelayWarned bool
+	skew              time.Duration // database clock minus this machine's, at the last beat
+	skewWarned        bool
+	ownError          string
+	pinger            LinkPinger
+	callback          func(PeerChange)
+	current           []Peer // the mesh set as of the last read
+	told              []Peer // what the callback was last told
+	tellDue           bool   // the callback must be called even if the set is unchanged
 
 	// pending are replicas announced since the last sync; pendingAll asks
 	// for a full re-read (messages may have been lost, or a burst).
@@ -767,15 +770,33 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	selfStarted := m.self.StartedAt
 	changed := !samePeers(current, m.current)
 	m.current = current
-	m.mu.Unlock()
-
+	// Peer-labelled series follow membership, under mu so that a probe
+	// ending as its peer leaves cannot bring a series back: the probe
+	// error counter of a regional peer exists (at 0) from when the peer is
+	// first seen, and both go when it leaves.
 	for _, p := range left {
 		m.metrics.peerLatency.DeleteLabelValues(p.ID.String(), p.Hostname)
 		m.metrics.probeErrors.DeleteLabelValues(p.ID.String(), p.Hostname)
+	}
+	for _, p := range joined {
+		if p.RegionID == m.opts.RegionID {
+			m.metrics.probeErrors.WithLabelValues(p.ID.String(), p.Hostname)
+		}
+	}
+	selfNoRelay := m.selfWithoutRelayLocked()
+	selfNoRelayChanged := (len(selfNoRelay) > 0) != m.selfNoRelayWarned
+	m.selfNoRelayWarned = len(selfNoRelay) > 0
+	m.mu.Unlock()
+
+	for _, p := range left {
 		m.log.Info("replica left", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress), zap.Bool("stopped", p.StoppedAt != nil))
 	}
 	for _, p := range joined {
 		m.log.Info("replica joined", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
+		if p.RegionID == m.opts.RegionID && p.RelayAddress == "" && m.opts.RelayAddress != "" {
+			m.log.Warn("a live replica of this region has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
+				zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.Int32("region_id", p.RegionID))
+		}
 		if p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) {
 			// Not meshed with (see withoutURL). A row started before this
 			// process is most likely its own previous run; one started
@@ -789,6 +810,14 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 			}
 		}
 		m.startProbe(p)
+	}
+	if selfNoRelayChanged {
+		if len(selfNoRelay) > 0 {
+			m.log.Warn("this replica has no relay URL while live replicas of its region have one: they cannot mesh with it, so clients on them cannot reach clients here; set --derp-server-relay-url",
+				zap.String("hostname", m.opts.Hostname), zap.Stringer("replica_id", m.opts.ID), zap.Strings("peers", selfNoRelay))
+		} else {
+			m.log.Info("no live replica of this region has a relay URL any more: nothing to mesh with", zap.String("hostname", m.opts.Hostname))
+		}
 	}
 	if changed {
 		m.trigger(m.tellNow)
@@ -866,6 +895,18 @@ func (m *Manager) warningsLocked() []string {
 			now.Sub(m.grace.failingSince).Round(time.Second), m.opts.StaleAfter))
 	}
 	var peerWarnings []string
+	if peers := m.selfWithoutRelayLocked(); len(peers) > 0 {
+		out = append(out, fmt.Sprintf("this replica (%q, id %s) has no relay URL: the %d other replica(s) of region %d cannot mesh with it, so clients on them cannot reach clients on it; set --derp-server-relay-url",
+			m.opts.Hostname, m.opts.ID, len(peers), m.opts.RegionID))
+	}
+	if m.opts.RelayAddress != "" {
+		for id, p := range m.peers {
+			if p.RegionID == m.opts.RegionID && p.RelayAddress == "" {
+				peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (id %s) has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
+					p.Hostname, id))
+			}
+		}
+	}
 	for id, st := range m.probes {
 		if !st.w.warned {
 			continue
@@ -876,6 +917,24 @@ func (m *Manager) warningsLocked() []string {
 	}
 	sort.Strings(peerWarnings)
 	return append(out, peerWarnings...)
+}
+
+// selfWithoutRelayLocked names the live regional peers that have a relay
+// URL when this replica has none (they mesh one way only: toward them).
+// Empty when this replica has a relay URL, or no peer has one (a region
+// whose replicas all run without the DERP server).
+func (m *Manager) selfWithoutRelayLocked() []string {
+	if m.opts.RelayAddress != "" {
+		return nil
+	}
+	var out []string
+	for id, p := range m.peers {
+		if p.RegionID == m.opts.RegionID && p.RelayAddress != "" {
+			out = append(out, fmt.Sprintf("%s (%s)", p.Hostname, id))
+		}
+	}
+	sort.Strings(out)
+	return out
 }
 
 func sortReplicas(rs []database.Replica) {

@@ -186,8 +186,8 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 	}
 	samples := len(st.w.samples)
 	current := st.w.latency()
-	m.mu.Unlock()
-
+	// Under mu: apply deletes a leaving peer's series under it, and a
+	// probe that ends just after must not bring them back.
 	id, host := p.ID.String(), p.Hostname
 	if err != nil {
 		m.metrics.peerLatency.DeleteLabelValues(id, host)
@@ -195,6 +195,8 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 	} else {
 		m.metrics.peerLatency.WithLabelValues(id, host).Set(current.Seconds())
 	}
+	m.mu.Unlock()
+
 	fields := []zap.Field{zap.String("peer_hostname", p.Hostname), zap.String("relay_url", p.RelayAddress), zap.Stringer("peer_id", p.ID)}
 	switch {
 	case c.warnedNow && !c.warnedBefore:

@@ -45,6 +45,8 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "access-url", "CODER_ACCESS_URL")
 	pf.StringVar(&cfg.PostgresURL, "postgres-url", "", "The shared Postgres every replica meets in; empty starts the built-in Postgres")
 	bindEnv(pf, "postgres-url", "CODER_PG_CONNECTION_URL")
+	pf.StringVar(&cfg.PostgresURLFile, "postgres-url-file", "", "A file holding the Postgres URL, read again whenever a connection is opened (a rotated Secret applies without a restart); not with --postgres-url")
+	bindEnv(pf, "postgres-url-file", "CODER_PG_CONNECTION_URL_FILE")
 	f.StringVar(&cfg.PostgresPubsub, "postgres-pubsub", "auto", "How replicas hear of each other: listen (LISTEN/NOTIFY), poll (read the replicas table every second; for PgBouncer transaction pooling) or auto")
 	bindEnv(f, "postgres-pubsub", "CODER_POSTGRES_PUBSUB")
 	pf.StringVar(&cfg.CacheDir, "cache-dir", coderd.DefaultCacheDir(), "Where the built-in Postgres keeps its data")
@@ -156,13 +158,21 @@ func runServer(cmd *cobra.Command, cfg coderd.Config, verbose, logJSON bool) err
 	return nil
 }
 
-// openDatabaseForCommand connects to --postgres-url, or to the built-in
-// Postgres: the running server's if there is one, else a temporary start.
+// openDatabaseForCommand connects to --postgres-url (or --postgres-url-file),
+// or to the built-in Postgres: the running server's if there is one, else
+// a temporary start.
 func openDatabaseForCommand(ctx context.Context, cfg *coderd.Config) (*database.DB, func(), error) {
+	src, err := cfg.PostgresSource()
+	if err != nil {
+		var cfgErr *coderd.ConfigError
+		if errors.As(err, &cfgErr) {
+			return nil, nil, &exitError{code: 2, msg: cfgErr.Error()}
+		}
+		return nil, nil, err
+	}
 	dir := filepath.Join(cfg.CacheDir, "postgres")
-	url := cfg.PostgresURL
 	stop := func() {}
-	if url == "" {
+	if src == nil {
 		if u, err := postgres.ReadURL(dir, "", ""); err == nil {
 			quick, cancel := context.WithTimeout(ctx, 2*time.Second)
 			db, err := database.Connect(quick, u, database.ConnectOptions{Timeout: 2 * time.Second})
@@ -175,10 +185,10 @@ func openDatabaseForCommand(ctx context.Context, cfg *coderd.Config) (*database.
 		if err != nil {
 			return nil, nil, fmt.Errorf("built-in postgres: %w", err)
 		}
-		url = c.URL()
+		src = database.StaticURL(c.URL())
 		stop = func() { _ = c.Close() }
 	}
-	db, err := database.Connect(ctx, url, database.ConnectOptions{})
+	db, err := database.ConnectSource(ctx, src, database.ConnectOptions{})
 	if err != nil {
 		stop()
 		return nil, nil, err
@@ -196,6 +206,10 @@ func newCreateTokenCmd(cfg *coderd.Config, verbose, logJSON *bool) *cobra.Comman
 			ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Minute)
 			defer cancel()
 			db, closeDB, err := openDatabaseForCommand(ctx, cfg)
+			var exit *exitError
+			if errors.As(err, &exit) {
+				return exit
+			}
 			if err != nil {
 				return &exitError{code: 1, msg: err.Error()}
 			}

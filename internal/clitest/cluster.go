@@ -17,6 +17,9 @@ import (
 type ReplicaOptions struct {
 	Name        string
 	PostgresURL string
+	// PostgresURLFile, when set, is given instead of PostgresURL
+	// (CODER_PG_CONNECTION_URL_FILE).
+	PostgresURLFile string
 	// Port to listen on; 0 picks a free one.
 	Port int
 	// RelayURL overrides http://127.0.0.1:Port (e.g. a fault proxy in
@@ -39,11 +42,15 @@ func StartReplica(t testing.TB, opts ReplicaOptions) *Process {
 	if relay == "" {
 		relay = "http://" + addr
 	}
+	pg := "CODER_PG_CONNECTION_URL=" + opts.PostgresURL
+	if opts.PostgresURLFile != "" {
+		pg = "CODER_PG_CONNECTION_URL_FILE=" + opts.PostgresURLFile
+	}
 	env := append([]string{
 		"CODER_ADDRESS=" + addr,
 		"CODER_DERP_SERVER_RELAY_URL=" + relay,
 		"CODER_ACCESS_URL=https://coder.big.corp",
-		"CODER_PG_CONNECTION_URL=" + opts.PostgresURL,
+		pg,
 		"CODER_REPLICA_LATENCY_THRESHOLD=200ms",
 	}, opts.Env...)
 	p := Start(t, opts.Name, env, "server")
