@@ -64,7 +64,7 @@ type pendingSet struct {
 	grace time.Duration
 
 	mu        sync.Mutex
-	list      list.List                      // guarded by mu: *trackedConn, oldest first
+	list      list.List                       // guarded by mu: *trackedConn, oldest first
 	meshAddrs lru.Cache[netip.Addr, struct{}] // guarded by mu
 }
 
