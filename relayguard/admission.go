@@ -29,20 +29,28 @@ type admitKey struct {
 // call per client at a time) and falls back on a recent admission, then
 // on FailOpen, when the webhook cannot answer.
 func (g *Guard) admit(req tailcfg.DERPAdmitClientRequest) bool {
+	allow, _ := g.decide(req)
+	return allow
+}
+
+// decide is admit; for an admission taken from the cache, it also returns
+// until when that cached verdict is fresh (zero otherwise): the client's
+// first re-verification is due by then.
+func (g *Guard) decide(req tailcfg.DERPAdmitClientRequest) (allow bool, cachedUntil time.Time) {
 	if g.opts.VerifyURL == "" {
-		return true
+		return true, time.Time{}
 	}
 	k := admitKey{node: req.NodePublic, src: req.Source}
-	if allow, ok := g.cache.fresh(k, g.clock.Now()); ok {
+	if allow, until, ok := g.cache.fresh(k, g.clock.Now()); ok {
 		g.m.cacheHit.Inc()
 		g.count(allow, "cache")
-		return allow
+		return allow, until
 	}
 	g.m.cacheMiss.Inc()
 	res, _, _ := g.flight.Do(k.node.String()+"|"+k.src.String(), func() (any, error) {
 		return g.askWebhook(k), nil
 	})
-	return res.(bool)
+	return res.(bool), time.Time{}
 }
 
 // askWebhook calls the webhook for k and turns its answer, or its failure,

@@ -33,17 +33,17 @@ func newVerdictCache(size int) *verdictCache {
 }
 
 // fresh returns the verdict for k that may be used without asking the
-// webhook at now, if there is one.
-func (c *verdictCache) fresh(k admitKey, now time.Time) (allow, ok bool) {
+// webhook at now, if there is one, and until when.
+func (c *verdictCache) fresh(k admitKey, now time.Time) (allow bool, until time.Time, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if a, found := c.allow.GetOk(k); found && now.Before(a.freshUntil) {
-		return true, true
+		return true, a.freshUntil, true
 	}
 	if until, found := c.deny.GetOk(k); found && now.Before(until) {
-		return false, true
+		return false, until, true
 	}
-	return false, false
+	return false, time.Time{}, false
 }
 
 // stale reports whether k has an admission still usable at now while the

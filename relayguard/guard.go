@@ -90,6 +90,11 @@ func New(s *derpserver.Server, opts Options) (*Guard, error) {
 	if opts.VerifyURL == "" || interval < 0 {
 		interval = 0
 	}
+	if interval > 0 && g.opts.AllowTTL > interval {
+		// No admission is trusted longer than a connected client goes
+		// without being verified again.
+		g.opts.AllowTTL = interval
+	}
 	g.sched = newSchedule(interval)
 	g.pend = newPendingSet(g, opts.MaxPendingConnections, opts.PendingGrace)
 	g.ipLimiters.MaxEntries = opts.CacheSize
@@ -203,7 +208,9 @@ func (g *Guard) serveVerify(w http.ResponseWriter, r *http.Request) {
 		allow = false // counted under its reason already
 	default:
 		k := admitKey{node: req.NodePublic, src: req.Source}
-		allow = g.admit(req) && g.schedule(c, k)
+		var cachedUntil time.Time
+		allow, cachedUntil = g.decide(req)
+		allow = allow && g.schedule(c, k, cachedUntil)
 		if !allow {
 			g.m.refused.WithLabelValues(ReasonAdmission).Inc()
 		}
@@ -213,14 +220,16 @@ func (g *Guard) serveVerify(w http.ResponseWriter, r *http.Request) {
 }
 
 // schedule puts an admitted client's connection on the re-verification
-// schedule. It returns false when the client must be refused after all: a
-// re-verification refused k meanwhile (its other connections were just
-// cut), or the connection is already gone.
-func (g *Guard) schedule(c *conn, k admitKey) bool {
+// schedule, due by dueBy at the latest when that is set (the admission
+// came from a cached verdict, fresh until then). It returns false when the
+// client must be refused after all: a re-verification refused k meanwhile
+// (its other connections were just cut), or the connection is already
+// gone.
+func (g *Guard) schedule(c *conn, k admitKey, dueBy time.Time) bool {
 	if g.opts.VerifyURL == "" {
 		return true
 	}
-	if !g.sched.add(c, k, g.clock.Now()) {
+	if !g.sched.add(c, k, g.clock.Now(), dueBy) {
 		return false
 	}
 	if g.cache.denied(k, g.clock.Now()) {

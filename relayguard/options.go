@@ -71,7 +71,11 @@ type Options struct {
 
 	// AllowTTL is how long an admission is trusted without asking the
 	// webhook again. Longer: fewer webhook calls; shorter: a revoked node
-	// stops being able to (re)connect sooner. Default 1m.
+	// stops being able to (re)connect sooner. Default 1m, and never more
+	// than VerifyInterval when that is set: a client admitted from the
+	// cache is verified again by the time its cached verdict expires, so no
+	// client stays on the relay more than one interval after the webhook
+	// last admitted it.
 	AllowTTL time.Duration
 	// DenyTTL is how long a refusal is remembered. It absorbs reconnect
 	// storms of refused clients; shorter lets a newly authorized node in

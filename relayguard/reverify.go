@@ -49,10 +49,11 @@ func (s *schedule) firstDue(now time.Time, seq uint64) time.Time {
 	return now.Add(time.Duration((1 - frac) * float64(s.interval)))
 }
 
-// add puts the admitted connection c, admitted as k, on the schedule. It
-// returns false when c is already gone (the library gave up on the
-// admission call before it was answered).
-func (s *schedule) add(c *conn, k admitKey, now time.Time) bool {
+// add puts the admitted connection c, admitted as k, on the schedule; a
+// new group is due by dueBy (when set) at the latest. It returns false
+// when c is already gone (the library gave up on the admission call before
+// it was answered).
+func (s *schedule) add(c *conn, k admitKey, now, dueBy time.Time) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if c.gone {
@@ -64,6 +65,9 @@ func (s *schedule) add(c *conn, k admitKey, now time.Time) bool {
 	g := s.clients[k]
 	if g == nil {
 		g = &clientGroup{due: s.firstDue(now, s.seq), conns: map[*conn]struct{}{}}
+		if !dueBy.IsZero() && dueBy.Before(g.due) {
+			g.due = dueBy // verified again when the cached verdict expires
+		}
 		s.seq++
 		s.clients[k] = g
 	}

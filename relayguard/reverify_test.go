@@ -226,3 +226,44 @@ func TestZeroIntervalNeverReverifies(t *testing.T) {
 		t.Fatalf("the webhook was asked %d times about a client with re-verification off, want once", n)
 	}
 }
+
+// A revoked node that reconnects (say, to another replica) on an admission
+// that replica still has cached is cut by the time that cached verdict
+// expires, not a whole spread interval after it reconnected: no client
+// stays on the relay more than one interval after the webhook last
+// admitted it.
+func TestClientAdmittedFromCacheIsVerifiedWhenThatVerdictExpires(t *testing.T) {
+	t.Parallel()
+	const interval = time.Minute
+	clk := quartz.NewMock(t).WithLogger(quartz.NoOpLogger)
+	hook := newWebhook(t, "allow")
+	a := startRelay(t, newMeshKey(), relayguard.Options{VerifyURL: hook.url(), VerifyInterval: interval, Clock: clk})
+	ctx, cancel := context.WithTimeout(context.Background(), eventually)
+	defer cancel()
+	advance := func(d time.Duration) {
+		for ; d > 0; d -= time.Second {
+			clk.Advance(time.Second).MustWait(ctx)
+		}
+	}
+	// Warm the schedule's sequence so the reconnection would be spread
+	// late into the interval.
+	warm := connect(t, a)
+
+	k := key.NewNode()
+	first := connectKey(t, a, k) // admitted by the webhook at t0
+	works(t, first, warm, "the node before it is revoked")
+	_ = first.Close()
+	wait.For(t, eventually, "the first connection to be gone", func() bool { return !a.server.IsClientConnectedForTest(k.Public()) })
+	advance(50 * time.Second)
+
+	hook.refuseKey(k.Public())
+	again := connectKey(t, a, k) // admitted from the cache (fresh until t0+1m)
+	works(t, again, warm, "the node reconnecting on its cached admission")
+	if n := hook.saw(k.Public()); n != 1 {
+		t.Fatalf("the webhook was asked %d times, want once (the reconnection must come from the cache)", n)
+	}
+	advance(11 * time.Second)
+	wait.For(t, eventually, "the node to be cut when its cached admission expired", func() bool {
+		return !a.server.IsClientConnectedForTest(k.Public())
+	})
+}
