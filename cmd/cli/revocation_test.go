@@ -222,3 +222,16 @@ func scrapeValue(t *testing.T, url, series string) float64 {
 	}
 	return -1
 }
+
+// A negative re-verification interval is a one-line start-up error naming
+// the flag.
+func TestNegativeVerifyClientIntervalIsRefusedAtStart(t *testing.T) {
+	t.Parallel()
+	p := clitest.StartServer(t, "bad-interval", []string{"CODER_PG_CONNECTION_URL=postgres://127.0.0.1:1/x", "CODER_DERP_SERVER_VERIFY_CLIENT_INTERVAL=-1s"})
+	if code := p.Wait(30 * time.Second); code != 2 {
+		t.Fatalf("exit code %d, want 2; output:\n%s", code, p.Output())
+	}
+	if out := p.Output(); !strings.Contains(out, "--derp-server-verify-client-interval") || strings.Contains(out, "goroutine") {
+		t.Fatalf("want a one-line error naming the flag, got:\n%s", out)
+	}
+}
