@@ -29,6 +29,11 @@ func (c *countingDB) ValidateAPIKey(ctx context.Context, token string) error {
 	return c.db.ValidateAPIKey(ctx, token)
 }
 
+func (c *countingDB) ExistingAPIKeyIDs(ctx context.Context, ids []string) ([]string, error) {
+	c.queries.Add(1)
+	return c.db.ExistingAPIKeyIDs(ctx, ids)
+}
+
 func authServer(t *testing.T, v *tokenValidator) *httptest.Server {
 	srv := httptest.NewServer(v.requireToken(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusOK)
@@ -118,6 +123,11 @@ func (b *blockedDB) ValidateAPIKey(ctx context.Context, token string) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+func (b *blockedDB) ExistingAPIKeyIDs(ctx context.Context, ids []string) ([]string, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
 }
 
 // Distinct fake tokens bypass the negative cache, so lookups are bounded:

@@ -65,6 +65,11 @@ type Config struct {
 	// DERPServerVerifyClientURLFailOpen admits new clients while the
 	// webhook cannot be reached. Default false (fail closed).
 	DERPServerVerifyClientURLFailOpen bool
+	// DERPServerVerifyClientInterval: with a webhook, connected clients are
+	// verified again at this interval (spread over it) and disconnected
+	// when it now refuses them. 0: never (as the flag's 0; the flag's
+	// default is relayguard.DefaultVerifyInterval, 1m).
+	DERPServerVerifyClientInterval time.Duration
 	// DERPServerMaxConnections caps DERP client connections per replica
 	// (mesh connections never count). 0: relayguard.DefaultMaxConnections;
 	// negative: no cap.
@@ -239,6 +244,9 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 		if err != nil || !u.IsAbs() || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			return c, &ConfigError{"derp-server-verify-client-url", "must be an absolute http or https URL such as https://headscale.example.com/verify"}
 		}
+	}
+	if c.DERPServerVerifyClientInterval < 0 {
+		return c, &ConfigError{"derp-server-verify-client-interval", "must not be negative (0: never verify connected clients again)"}
 	}
 	if c.HTTPReadTimeout <= 0 {
 		c.HTTPReadTimeout = httpReadTimeout

@@ -107,6 +107,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		s.guard, err = relayguard.New(s.derp, relayguard.Options{
 			VerifyURL:       cfg.DERPServerVerifyClientURL,
 			FailOpen:        cfg.DERPServerVerifyClientURLFailOpen,
+			VerifyInterval:  cfg.DERPServerVerifyClientInterval,
 			MaxConnections:  cfg.DERPServerMaxConnections,
 			AcceptRate:      rate.Limit(cfg.DERPServerAcceptRate),
 			AcceptRatePerIP: rate.Limit(cfg.DERPServerAcceptRatePerIP),
@@ -127,6 +128,9 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		return nil, err
 	}
 	if err := s.startReplication(ctx, meshKey); err != nil {
+		return nil, err
+	}
+	if err := s.tokens.followRevocations(s.repl.pubsub); err != nil {
 		return nil, err
 	}
 	go s.watchReady()
@@ -189,6 +193,9 @@ func (s *Server) listen() error {
 		return &ConfigError{"http-address", fmt.Sprintf("listen on %s: %v", s.cfg.HTTPAddress, err)}
 	}
 	s.httpAddr = l.Addr().String()
+	if s.guard != nil {
+		l = s.guard.Listener(l) // bounds unfinished connections
+	}
 	s.serve(l, handler)
 
 	if s.cfg.TLSEnable {
@@ -199,6 +206,9 @@ func (s *Server) listen() error {
 		tl, err := net.Listen("tcp", ListenAddress(s.cfg.TLSAddress))
 		if err != nil {
 			return &ConfigError{"tls-address", fmt.Sprintf("listen on %s: %v", s.cfg.TLSAddress, err)}
+		}
+		if s.guard != nil {
+			tl = s.guard.Listener(tl) // below TLS: a stalled TLS handshake is unfinished too
 		}
 		s.serve(tls.NewListener(tl, &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12}), handler)
 	}
@@ -345,6 +355,9 @@ func (s *Server) closeListeners() {
 // the database.
 func (s *Server) closeRest() error {
 	var errs []error
+	if s.tokens != nil {
+		s.tokens.Close()
+	}
 	s.closeReplication()
 	if s.db != nil {
 		s.db.Close()

@@ -65,6 +65,8 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "derp-server-verify-client-url", "CODER_DERP_SERVER_VERIFY_CLIENT_URL")
 	f.BoolVar(&cfg.DERPServerVerifyClientURLFailOpen, "derp-server-verify-client-url-fail-open", false, "Admit new clients while the admission webhook cannot be reached (a relay that fails open is an open relay)")
 	bindEnv(f, "derp-server-verify-client-url-fail-open", "CODER_DERP_SERVER_VERIFY_CLIENT_URL_FAIL_OPEN")
+	f.DurationVar(&cfg.DERPServerVerifyClientInterval, "derp-server-verify-client-interval", relayguard.DefaultVerifyInterval, "Verify connected DERP clients with the webhook again at this interval (spread over it) and disconnect those it now refuses; 0: never")
+	bindEnv(f, "derp-server-verify-client-interval", "CODER_DERP_SERVER_VERIFY_CLIENT_INTERVAL")
 	f.IntVar(&cfg.DERPServerMaxConnections, "derp-server-max-connections", relayguard.DefaultMaxConnections, "DERP client connections one replica holds at once (mesh connections never count); -1: no cap")
 	bindEnv(f, "derp-server-max-connections", "CODER_DERP_SERVER_MAX_CONNECTIONS")
 	f.Float64Var(&cfg.DERPServerAcceptRate, "derp-server-accept-rate", relayguard.DefaultAcceptRate, "New DERP client connections accepted per second per replica (burst: twice that); -1: no limit")
@@ -106,7 +108,7 @@ built-in Postgres is started in --cache-dir.`,
 	pf.BoolVar(&logJSON, "log-json", false, "Log JSON lines instead of human-readable console lines")
 	bindEnv(pf, "log-json", "CODER_LOGGING_JSON")
 
-	cmd.AddCommand(newCreateTokenCmd(&cfg, &verbose, &logJSON), newBuiltinURLCmd(&cfg))
+	cmd.AddCommand(newCreateTokenCmd(&cfg, &verbose, &logJSON), newRevokeTokenCmd(&cfg), newBuiltinURLCmd(&cfg))
 	return cmd
 }
 

@@ -68,7 +68,8 @@ func summarize(r Row, better string, target float64) Row {
 var runs = envInt("BENCH_RUNS", 3)
 
 // section reports whether BENCH_SECTIONS (comma-separated: join, detect,
-// relay, sigstop, fleet, footprint, statements; empty: all) includes name.
+// relay, sigstop, fleet, footprint, statements, revocation; empty: all)
+// includes name.
 func section(name string) bool {
 	v := os.Getenv("BENCH_SECTIONS")
 	if v == "" {
@@ -161,6 +162,11 @@ func TestBench(t *testing.T) {
 	}
 	if section("statements") {
 		for _, r := range statementModes(t) {
+			add(r)
+		}
+	}
+	if section("revocation") {
+		for _, r := range revocationRows(t) {
 			add(r)
 		}
 	}
