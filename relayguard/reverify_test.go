@@ -163,7 +163,9 @@ func TestWebhookOutageDuringReverificationKeepsConnectedClients(t *testing.T) {
 			core, logs := observer.New(zap.InfoLevel)
 			a := startRelay(t, newMeshKey(), relayguard.Options{
 				VerifyURL: hook.url(), VerifyInterval: interval, Clock: clk,
-				WebhookTimeout: 300 * time.Millisecond, Logger: zap.New(core),
+				// Long enough that an answering webhook never times out on a
+				// loaded machine (a timeout there would count as an outage).
+				WebhookTimeout: 2 * time.Second, Logger: zap.New(core),
 			})
 			k1 := key.NewNode()
 			c1, c2 := connectKey(t, a, k1), connect(t, a)
