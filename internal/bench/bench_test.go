@@ -68,7 +68,7 @@ func summarize(r Row, better string, target float64) Row {
 var runs = envInt("BENCH_RUNS", 3)
 
 // section reports whether BENCH_SECTIONS (comma-separated: join, detect,
-// relay, sigstop, fleet, footprint; empty: all) includes name.
+// relay, sigstop, fleet, footprint, upgrade; empty: all) includes name.
 func section(name string) bool {
 	v := os.Getenv("BENCH_SECTIONS")
 	if v == "" {
@@ -158,6 +158,11 @@ func TestBench(t *testing.T) {
 	}
 	if section("footprint") {
 		add(footprint(t))
+	}
+	if section("upgrade") {
+		for _, r := range upgrade(t) {
+			add(r)
+		}
 	}
 
 	res.Machine += "; load average at the end " + loadavg()
