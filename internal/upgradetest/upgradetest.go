@@ -79,9 +79,11 @@ type Result struct {
 	// HeartbeatFailures is the increase of the old replicas'
 	// coderd_replica_heartbeat_failures_total during the roll.
 	HeartbeatFailures float64
-	// HealthzOK and HealthzFailed count the first new replica's /healthz
-	// answers before it was ready, once it listened.
-	HealthzOK, HealthzFailed int
+	// HealthzWhileLocked counts the first new replica's /healthz answers
+	// of 200 while the reader held its lock (it was waiting to migrate);
+	// HealthzFailed its other answers before it was ready, once it had
+	// answered one.
+	HealthzWhileLocked, HealthzFailed int
 	// ReadyDuringLock: the first new replica answered /readyz 200 while
 	// the reader held its lock (it cannot have migrated).
 	ReadyDuringLock bool
@@ -275,7 +277,9 @@ func watchFirstStart(t testing.TB, n *replica, reader *pgx.Conn, hold time.Durat
 		switch code := n.Status("/healthz"); {
 		case code == http.StatusOK:
 			listening = true
-			res.HealthzOK++
+			if reader != nil {
+				res.HealthzWhileLocked++
+			}
 		case listening:
 			res.HealthzFailed++
 		}
