@@ -14,7 +14,6 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
@@ -348,19 +347,16 @@ func gauges(t *testing.T, reg *prometheus.Registry, name, label string) map[stri
 			continue
 		}
 		for _, m := range mf.GetMetric() {
-			out[labelValue(m, label)] = m.GetGauge().GetValue()
+			value := ""
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label {
+					value = l.GetValue()
+				}
+			}
+			out[value] = m.GetGauge().GetValue()
 		}
 	}
 	return out
-}
-
-func labelValue(m *dto.Metric, name string) string {
-	for _, l := range m.GetLabel() {
-		if l.GetName() == name {
-			return l.GetValue()
-		}
-	}
-	return ""
 }
 
 // A release started on a schema newer than it knows (the next release

@@ -120,8 +120,9 @@ func (s *Server) watchVersions(r *replication) {
 	}
 }
 
-// watchSchema reads the schema version again every schemaCheckInterval:
-// the next release may migrate while this replica runs.
+// watchSchema reads the newest schema version again every
+// schemaCheckInterval (one small query): the next release may migrate
+// while this replica runs. Only a change costs a full status read.
 func (s *Server) watchSchema(r *replication) {
 	defer r.watchDone.Done()
 	t := time.NewTicker(schemaCheckInterval)
@@ -133,12 +134,16 @@ func (s *Server) watchSchema(r *replication) {
 		case <-t.C:
 		}
 		ctx, cancel := context.WithTimeout(r.ctx, 10*time.Second)
-		st, err := s.db.SchemaStatus(ctx, database.MigrateOptions{})
+		newest, err := s.db.NewestSchemaVersion(ctx)
+		if err == nil && newest != s.schema.Load().Found {
+			var st database.SchemaStatus
+			if st, err = s.db.SchemaStatus(ctx, database.MigrateOptions{}); err == nil {
+				s.setSchema(st)
+			}
+		}
 		cancel()
 		if err != nil {
 			s.log.Debug("read the schema version", zap.Error(err))
-			continue
 		}
-		s.setSchema(st)
 	}
 }

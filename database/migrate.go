@@ -229,6 +229,18 @@ func (db *DB) SchemaStatus(ctx context.Context, opts MigrateOptions) (SchemaStat
 	return db.schemaStatus(ctx, o)
 }
 
+// NewestSchemaVersion is the newest expand version applied (0 before the
+// first migration): one cheap query, for replicas that watch whether a
+// newer release migrated under them.
+func (db *DB) NewestSchemaVersion(ctx context.Context) (int64, error) {
+	var v int64
+	err := db.pool.QueryRow(ctx, `SELECT COALESCE(max(version_id), 0) FROM goose_db_version WHERE is_applied`).Scan(&v)
+	if err != nil {
+		return 0, fmt.Errorf("read the schema version: %w", err)
+	}
+	return v, nil
+}
+
 // CheckSchemaFloor returns a *TooOldError when a finalized contract step
 // requires a newer schema than known. A starting replica calls it again
 // once registered: a finalize that checked the live replicas before this
