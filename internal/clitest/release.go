@@ -93,6 +93,7 @@ func buildRelease(r Release) (path, skip string, err error) {
 		if err := os.MkdirAll(src, 0o755); err != nil {
 			return "", "", err
 		}
+		defer os.RemoveAll(src) // only the binary is kept
 		archive := exec.Command("sh", "-c", fmt.Sprintf("git -C %q archive %s | tar -x -C %q", root, r.Commit, src))
 		if out, err := archive.CombinedOutput(); err != nil {
 			return "", "", fmt.Errorf("export %s: %v: %s", r.Commit, err, out)
