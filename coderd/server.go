@@ -50,7 +50,17 @@ type Server struct {
 	httpAddr  string
 	serveWG   sync.WaitGroup
 
-	ready    atomic.Bool // latched once registered and meshed
+	// handler is what the listeners serve: the starting routes (/healthz
+	// 200, /readyz 503) until New has everything the API needs.
+	handler switchHandler
+	// schema is the database schema as of start-up and the last periodic
+	// check (watchSchema).
+	schema atomic.Pointer[database.SchemaStatus]
+
+	// joined is set once startReplication has built s.repl: the handlers,
+	// served before that, read s.repl only after it.
+	joined   atomic.Bool
+	ready    atomic.Bool // latched once registered and meshed both ways
 	draining atomic.Bool
 
 	shutdownOnce sync.Once
@@ -59,7 +69,12 @@ type Server struct {
 
 // New validates cfg, connects to (or starts) Postgres, migrates, and starts
 // serving. A start-up rule violation is returned as a *ConfigError before
-// anything is written. On error everything started so far is stopped.
+// anything is written; a release too old for the database (a finalized
+// contract step) as a *database.TooOldError, before anything is written
+// too. The listeners are bound before the migrations run: /healthz answers
+// 200 (a startup or liveness probe must not restart a replica that waits
+// for a table lock) and /readyz 503 until the replica is ready. On error
+// everything started so far is stopped.
 func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error) {
 	if log == nil {
 		log = zap.NewNop()
@@ -74,6 +89,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 			s.closeAll()
 		}
 	}()
+	s.registry.MustRegister(newBuildInfoCollector(cfg.Version), newVersionsCollector(s.liveReplicas))
 
 	s.derpMap, err = buildDERPMap(cfg)
 	if err != nil {
@@ -85,25 +101,11 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	if err := s.checkStartupRules(ctx); err != nil {
 		return nil, err
 	}
-	if err := s.db.Migrate(ctx, log); err != nil {
-		return nil, err
-	}
-	if s.deploymentID, err = s.db.DeploymentID(ctx); err != nil {
-		return nil, err
-	}
-	s.registry.MustRegister(newPoolCollector(s.db.Pool()))
-	s.tokens = newTokenValidator(s.db, tokenValidatorOptions{Logger: log.Named("auth")})
-
-	var meshKey string
 	if cfg.DERPServerEnable {
-		meshKey, err = s.db.DERPMeshKey(ctx)
-		if err != nil {
-			return nil, err
-		}
+		// The relay and its guard exist before the listeners are bound, so
+		// the guard bounds unfinished connections from the first accept;
+		// the mesh key is set once the schema is migrated.
 		s.derp = derpserver.New(key.NewNode(), derpLogf(log))
-		if err := s.derp.SetMeshKey(meshKey); err != nil {
-			return nil, fmt.Errorf("set derp mesh key: %w", err)
-		}
 		s.guard, err = relayguard.New(s.derp, relayguard.Options{
 			VerifyURL:       cfg.DERPServerVerifyClientURL,
 			FailOpen:        cfg.DERPServerVerifyClientURLFailOpen,
@@ -127,12 +129,44 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	if err := s.listen(); err != nil {
 		return nil, err
 	}
+	if err := s.migrate(ctx); err != nil {
+		return nil, err
+	}
+	if s.deploymentID, err = s.db.DeploymentID(ctx); err != nil {
+		return nil, err
+	}
+	s.registry.MustRegister(newPoolCollector(s.db.Pool()))
+	s.tokens = newTokenValidator(s.db, tokenValidatorOptions{Logger: log.Named("auth")})
+
+	var meshKey string
+	if cfg.DERPServerEnable {
+		// Served only once the routes switch below (after the mesh key is
+		// set): the relay is not routed while the replica starts.
+		meshKey, err = s.db.DERPMeshKey(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.derp.SetMeshKey(meshKey); err != nil {
+			return nil, fmt.Errorf("set derp mesh key: %w", err)
+		}
+	}
+	s.handler.set(s.routes())
 	if err := s.startReplication(ctx, meshKey); err != nil {
 		return nil, err
 	}
 	if err := s.tokens.followRevocations(s.repl.pubsub); err != nil {
 		return nil, err
 	}
+	s.joined.Store(true)
+	// Registered: a finalize that read the live replicas before this row
+	// existed has raised the schema floor by now (see
+	// database.CheckSchemaFloor).
+	if err := s.db.CheckSchemaFloor(ctx, cfg.Version, s.schema.Load().Known); err != nil {
+		return nil, err
+	}
+	s.repl.watchDone.Add(2)
+	go s.watchSchema(s.repl)
+	go s.watchVersions(s.repl)
 	go s.watchReady()
 	log.Info("server started",
 		zap.String("access_url", cfg.AccessURL),
@@ -141,6 +175,34 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		zap.Stringer("replica_id", s.replicaID),
 		zap.String("deployment_id", s.deploymentID))
 	return s, nil
+}
+
+// migrate brings the schema up to what this release knows (see
+// database.MigrateWith: no lock when nothing is pending, short lock
+// attempts otherwise) and warns when the schema is newer than it knows.
+func (s *Server) migrate(ctx context.Context) error {
+	st, err := s.db.MigrateWith(ctx, database.MigrateOptions{Logger: s.log.Named("migrate"), Release: s.cfg.Version})
+	if err != nil {
+		return err
+	}
+	s.setSchema(st)
+	return nil
+}
+
+// setSchema keeps st for the health report and logs a change of skew:
+// WARN when the schema is newer than this release knows, INFO when it is
+// not any more.
+func (s *Server) setSchema(st database.SchemaStatus) {
+	prev := s.schema.Swap(&st)
+	was := prev != nil && prev.Newer()
+	switch {
+	case st.Newer() && (!was || prev.Found != st.Found):
+		s.log.Warn("database schema is newer than this release knows: running on it (one release of skew); upgrade this replica",
+			zap.Int64("schema_found", st.Found), zap.String("schema_found_release", st.FoundRelease),
+			zap.Int64("schema_known", st.Known), zap.String("release", s.cfg.Version))
+	case !st.Newer() && was:
+		s.log.Info("database schema is one this release knows again", zap.Int64("schema", st.Found))
+	}
 }
 
 // openDatabase connects to the configured Postgres (--postgres-url, or
@@ -174,8 +236,10 @@ func (s *Server) openDatabase(ctx context.Context) error {
 	return nil
 }
 
-// listen binds the HTTP (and TLS, and metrics) listeners and serves. The
-// API answers /readyz with 503 until the replica is registered and meshed.
+// listen binds the HTTP (and TLS, and metrics) listeners and serves, first
+// the starting routes (/healthz 200, /readyz 503, everything else 503),
+// then, once New sets them, the full routes. /readyz answers 503 until the
+// replica is registered and meshed both ways.
 func (s *Server) listen() error {
 	if s.cfg.DERPServerSTUNAddress != "" {
 		// Before the API serves, so the DERP map it serves names the port.
@@ -186,7 +250,8 @@ func (s *Server) listen() error {
 		s.stun = st
 		setSTUNPort(s.derpMap, s.cfg.DERPServerRegionID, st.Port())
 	}
-	handler := s.routes()
+	s.handler.set(startingRoutes())
+	handler := &s.handler
 	addr := ListenAddress(s.cfg.HTTPAddress)
 	l, err := net.Listen("tcp", addr)
 	if err != nil {

@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
 )
@@ -22,23 +20,9 @@ func TestConcurrentMigratorsApplyEachMigrationOnce(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	// An empty (unmigrated) database: create one by hand from the template's
-	// server.
-	migrated := dbtest.NewURL(t)
-	admin, err := pgx.Connect(ctx, migrated)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close(ctx)
-	if _, err := admin.Exec(ctx, "CREATE DATABASE empty_migrate_test"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_, _ = admin.Exec(context.Background(), "DROP DATABASE IF EXISTS empty_migrate_test WITH (FORCE)")
-	})
-	parsed, _ := url.Parse(migrated)
-	parsed.Path = "/empty_migrate_test"
-	emptyURL := parsed.String()
+	// A fresh, empty database of its own (a fixed name made -count=2 and
+	// parallel runs collide).
+	emptyURL := dbtest.NewEmptyURL(t)
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 10)

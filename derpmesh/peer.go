@@ -50,6 +50,7 @@ type peer struct {
 	mu            sync.Mutex
 	id            string           // the peer replica's id, "" until told (SetPeers)
 	client        *derphttp.Client // the confirmed connection, nil when none
+	serverKey     key.NodePublic   // the peer relay's key while client is set
 	state         string
 	err           string
 	since         time.Time
@@ -99,7 +100,7 @@ func derpURL(relay string) (string, error) {
 func (p *peer) status() PeerStatus {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return PeerStatus{URL: p.url, State: p.state, Error: p.err, Since: p.since}
+	return PeerStatus{URL: p.url, State: p.state, Error: p.err, Since: p.since, ServerKey: p.serverKey}
 }
 
 func (p *peer) setState(state, errMsg string) {
@@ -142,8 +143,12 @@ func (p *peer) confirmedClient() *derphttp.Client {
 }
 
 func (p *peer) setClient(c *derphttp.Client) {
+	var k key.NodePublic
+	if c != nil {
+		k = c.ServerPublicKey()
+	}
 	p.mu.Lock()
-	p.client = c
+	p.client, p.serverKey = c, k
 	p.mu.Unlock()
 }
 

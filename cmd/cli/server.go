@@ -108,7 +108,7 @@ built-in Postgres is started in --cache-dir.`,
 	pf.BoolVar(&logJSON, "log-json", false, "Log JSON lines instead of human-readable console lines")
 	bindEnv(pf, "log-json", "CODER_LOGGING_JSON")
 
-	cmd.AddCommand(newCreateTokenCmd(&cfg, &verbose, &logJSON), newRevokeTokenCmd(&cfg), newBuiltinURLCmd(&cfg))
+	cmd.AddCommand(newCreateTokenCmd(&cfg, &verbose, &logJSON), newRevokeTokenCmd(&cfg), newBuiltinURLCmd(&cfg), newMigrateCmd(&cfg, &verbose, &logJSON))
 	return cmd
 }
 

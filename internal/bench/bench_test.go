@@ -68,8 +68,8 @@ func summarize(r Row, better string, target float64) Row {
 var runs = envInt("BENCH_RUNS", 3)
 
 // section reports whether BENCH_SECTIONS (comma-separated: join, detect,
-// relay, sigstop, fleet, footprint, statements, revocation; empty: all)
-// includes name.
+// relay, sigstop, fleet, footprint, statements, revocation, upgrade; empty:
+// all) includes name.
 func section(name string) bool {
 	v := os.Getenv("BENCH_SECTIONS")
 	if v == "" {
@@ -167,6 +167,11 @@ func TestBench(t *testing.T) {
 	}
 	if section("revocation") {
 		for _, r := range revocationRows(t) {
+			add(r)
+		}
+	}
+	if section("upgrade") {
+		for _, r := range upgrade(t) {
 			add(r)
 		}
 	}
