@@ -2,6 +2,7 @@ package cli_test
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -233,5 +234,33 @@ func TestNegativeVerifyClientIntervalIsRefusedAtStart(t *testing.T) {
 	}
 	if out := p.Output(); !strings.Contains(out, "--derp-server-verify-client-interval") || strings.Contains(out, "goroutine") {
 		t.Fatalf("want a one-line error naming the flag, got:\n%s", out)
+	}
+}
+
+// A running server counts connections that never finish a request as
+// pending: the bound on unfinished connections wraps its real listener
+// (it is built before the listener is bound, not after).
+func TestSilentConnectionsCountAsPendingOnARunningServer(t *testing.T) {
+	t.Parallel()
+	pg := dbtest.NewURL(t)
+	promPort := clitest.FreePort(t)
+	r := clitest.StartReplica(t, clitest.ReplicaOptions{Name: "pending", PostgresURL: pg, Env: []string{
+		"CODER_PROMETHEUS_ENABLE=true", "CODER_PROMETHEUS_ADDRESS=127.0.0.1:" + strconv.Itoa(promPort),
+	}})
+	r.WaitReady(60 * time.Second)
+	metrics := "http://127.0.0.1:" + strconv.Itoa(promPort) + "/metrics"
+	const silent = 20
+	for i := 0; i < silent; i++ {
+		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(r.Port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+	}
+	wait.For(t, 30*time.Second, "the silent connections counted as pending", func() bool {
+		return scrapeValue(t, metrics, "coderd_derp_pending_connections") >= silent
+	})
+	if code := r.GetJSON("/healthz", "", nil); code != http.StatusOK {
+		t.Fatalf("/healthz beside the silent connections = %d, want 200", code)
 	}
 }
