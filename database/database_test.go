@@ -10,6 +10,7 @@ import (
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
@@ -191,4 +192,49 @@ func TestReplicaRowSurvivesDeletion(t *testing.T) {
 	}
 	// What a beat after the stop does is in replicas_test.go: a late beat
 	// never revives, the next beat of a live replica does.
+}
+
+// A replica whose insert of the mesh key waits on another replica's
+// insert, which then commits, gets that replica's key: the waiting
+// statement's snapshot predates the row, so it must read again rather than
+// fail with "no rows" (seen when three replicas started at once).
+func TestMeshKeyWaitingOnAnotherInsertGetsItsKey(t *testing.T) {
+	t.Parallel()
+	db := dbtest.NewDB(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	tx, err := db.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	const theirs = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+	if _, err := tx.Exec(ctx, "INSERT INTO site_configs (key, value) VALUES ('derp_mesh_key', $1)", theirs); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		key string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		k, err := db.DERPMeshKey(ctx)
+		done <- result{k, err}
+	}()
+	wait.For(t, 30*time.Second, "the second insert to wait on the first", func() bool {
+		var waiting int
+		_ = db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&waiting)
+		return waiting > 0
+	})
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("mesh key while another replica's insert committed: %v", r.err)
+	}
+	if r.key != theirs {
+		t.Fatalf("mesh key = %q, want the one the other replica stored", r.key)
+	}
 }

@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 )
 
 // Site config keys.
@@ -22,10 +24,14 @@ func (db *DB) getOrInitSiteConfig(ctx context.Context, key string, gen func() (s
 	if err != nil {
 		return "", fmt.Errorf("generate %s: %w", key, err)
 	}
-	var value string
 	// One statement: insert if absent, then read whatever is there. The CTE
-	// sees the pre-insert snapshot, hence the COALESCE over both.
-	err = db.pool.QueryRow(ctx, `
+	// sees the pre-insert snapshot, hence the COALESCE over both. When
+	// another replica inserted the key in a transaction that committed
+	// while ours waited on the conflict, neither branch sees its row (the
+	// snapshot predates it): the next statement, with a new snapshot, does.
+	for attempt := 1; ; attempt++ {
+		var value string
+		err = db.pool.QueryRow(ctx, `
 WITH ins AS (
 	INSERT INTO site_configs (key, value) VALUES ($1, $2)
 	ON CONFLICT (key) DO NOTHING
@@ -35,10 +41,14 @@ SELECT value FROM ins
 UNION ALL
 SELECT value FROM site_configs WHERE key = $1
 LIMIT 1`, key, candidate).Scan(&value)
-	if err != nil {
-		return "", fmt.Errorf("get or init site config %s: %w", key, err)
+		if errors.Is(err, pgx.ErrNoRows) && attempt < 5 {
+			continue
+		}
+		if err != nil {
+			return "", fmt.Errorf("get or init site config %s: %w", key, err)
+		}
+		return value, nil
 	}
-	return value, nil
 }
 
 // DeploymentID returns the deployment's id, generating it on first use.
