@@ -11,6 +11,7 @@ import (
 
 	"github.com/coder/quartz"
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/database"
@@ -133,9 +134,7 @@ func New(ctx context.Context, store Store, ps Pubsub, opts Options) (*Manager, e
 		}
 		m.cancelSub = cancelSub
 	}
-	// Registration, at a mass start when the database is busiest, gets
-	// more patience than a beat.
-	if err := m.beat(ctx, 30*time.Second); err != nil {
+	if err := m.register(ctx); err != nil {
 		m.cancelSub()
 		m.cancel()
 		return nil, fmt.Errorf("register replica: %w", err)
@@ -468,6 +467,50 @@ func ParseNotification(payload []byte) (uuid.UUID, bool) {
 		return uuid.Nil, false
 	}
 	return id, true
+}
+
+// registerPatience bounds registration: at a mass start the database is
+// at its busiest, and a connection that breaks (a pooler or a server
+// restarting) is worth another try rather than a failed start.
+const registerPatience = 30 * time.Second
+
+// register writes this replica's first row, trying again (every
+// RetryInterval, jittered) after an error that may pass, for
+// registerPatience in all; an error the server gives for the statement
+// itself (permissions, a missing table) fails at once.
+func (m *Manager) register(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, registerPatience)
+	defer cancel()
+	for {
+		err := m.beat(ctx, registerPatience)
+		if err == nil || !transient(err) || ctx.Err() != nil {
+			return err
+		}
+		m.log.Info("registration failed; trying again", zap.Error(err))
+		t := m.clock.NewTimer(jitter(m.opts.RetryInterval), "register")
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+	}
+}
+
+// transient reports whether a store error may pass on its own: a broken
+// or refused connection, or one of the server's "not now" answers
+// (starting up, read-only during a failover, too many connections, a
+// lock or serialization conflict).
+func transient(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return true
+	}
+	switch pgErr.Code {
+	case "57P03", "25006", "53300", "55P03", "40001", "40P01":
+		return true
+	}
+	return false
 }
 
 // listenTimeout bounds how long New waits to hear its own announcement.
