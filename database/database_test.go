@@ -140,7 +140,8 @@ func TestAPIKeyValidatesOnlyTheIssuedToken(t *testing.T) {
 	if stored != 0 {
 		t.Fatal("the token's secret is stored in clear")
 	}
-	for _, bad := range []string{"", "garbage", tok + "x", tok[:11] + "wrongsecretwrongsecret", "abcdefghij-" + tok[11:]} {
+	for _, bad := range []string{"", "garbage", tok + "x", tok[:11] + "wrongsecretwrongsecret", "abcdefghij-" + tok[11:],
+		"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6-" + tok[11:], "é" + tok[2:]} {
 		if err := db.ValidateAPIKey(ctx, bad); err != database.ErrInvalidToken {
 			t.Errorf("token %q: got %v, want ErrInvalidToken", bad, err)
 		}
