@@ -191,18 +191,23 @@ func (v *tokenValidator) lookup(sum [32]byte, id, token string) error {
 // (LISTEN), each revocation notice (database.APIKeyRevokedChannel) drops
 // that key's token, and a gap in the notices (ps re-established its
 // connection: notices sent meanwhile are lost) makes the validator check
-// every token it trusts against the database in one query. Without ps
-// (poll mode) it does that every RecheckInterval. Where a check fails (the
-// database is down) tokens stay trusted until their TTL, as in any outage.
-// Close stops it.
+// every token it trusts against the database in one query, again every
+// RecheckInterval until that check gets an answer. Without ps (poll mode)
+// it does that every RecheckInterval. While checks fail (the database is
+// down) tokens stay trusted until their TTL, as in any outage. Close stops
+// it.
 func (v *tokenValidator) followRevocations(ps *pubsub.Pubsub) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	v.stopFollow = cancel
 	if ps != nil {
-		unsub, err := ps.Subscribe(database.APIKeyRevokedChannel, func(ctx context.Context, payload []byte, err error) {
+		gaps := make(chan struct{}, 1)
+		unsub, err := ps.Subscribe(database.APIKeyRevokedChannel, func(_ context.Context, payload []byte, err error) {
 			switch {
 			case errors.Is(err, pubsub.ErrDroppedMessages):
-				v.recheck(ctx)
+				select {
+				case gaps <- struct{}{}:
+				default: // a check is due already
+				}
 			case err == nil:
 				v.forget(string(payload))
 			}
@@ -212,6 +217,8 @@ func (v *tokenValidator) followRevocations(ps *pubsub.Pubsub) error {
 			return fmt.Errorf("follow token revocations: %w", err)
 		}
 		v.unsubscribe = unsub
+		v.followDone.Add(1)
+		go v.recheckAfterGaps(ctx, gaps)
 		return nil
 	}
 	v.followDone.Add(1)
@@ -243,6 +250,31 @@ func (v *tokenValidator) Close() {
 	})
 }
 
+// recheckAfterGaps checks the trusted tokens after each gap in the
+// revocation notices, and again every RecheckInterval until a check gets
+// an answer (the database may still be failing right after the LISTEN
+// connection came back). It runs apart from the notices, so a slow check
+// never delays one. It returns when ctx ends.
+func (v *tokenValidator) recheckAfterGaps(ctx context.Context, gaps <-chan struct{}) {
+	defer v.followDone.Done()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-gaps:
+		}
+		for !v.recheck(ctx) {
+			t := time.NewTimer(v.opts.RecheckInterval)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+	}
+}
+
 // forget stops trusting the token of key id.
 func (v *tokenValidator) forget(id string) {
 	v.mu.Lock()
@@ -252,14 +284,15 @@ func (v *tokenValidator) forget(id string) {
 }
 
 // recheck asks the database which of the trusted tokens' keys still exist
-// and forgets the others. Nothing to check: no query.
-func (v *tokenValidator) recheck(ctx context.Context) {
+// and forgets the others. Nothing to check: no query. It reports whether
+// the database answered (or there was nothing to ask).
+func (v *tokenValidator) recheck(ctx context.Context) bool {
 	v.mu.Lock()
 	ids := make([]string, 0, v.valid.Len())
 	v.valid.ForEach(func(id string, _ trusted) { ids = append(ids, id) })
 	v.mu.Unlock()
 	if len(ids) == 0 {
-		return
+		return true
 	}
 	ctx, cancel := context.WithTimeout(ctx, v.opts.LookupWait+5*time.Second)
 	defer cancel()
@@ -268,7 +301,7 @@ func (v *tokenValidator) recheck(ctx context.Context) {
 		if ctx.Err() == nil {
 			v.logFailure(err)
 		}
-		return
+		return false
 	}
 	still := make(map[string]bool, len(existing))
 	for _, id := range existing {
@@ -282,6 +315,7 @@ func (v *tokenValidator) recheck(ctx context.Context) {
 			v.forgets++
 		}
 	}
+	return true
 }
 
 // logFailure logs why token checks fail, at most every 10 seconds: the

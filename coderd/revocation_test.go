@@ -3,6 +3,7 @@ package coderd
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -174,4 +175,61 @@ func TestLookupRacingARevocationDoesNotCacheTheToken(t *testing.T) {
 	if err := v.check(ctx, token); !errors.Is(err, database.ErrInvalidToken) {
 		t.Fatalf("after the revocation the token gets %v, want refused (the racing lookup cached it)", err)
 	}
+}
+
+// flakyDB is the real database, except that its first failures calls of
+// ExistingAPIKeyIDs fail as a query does when the server refuses new
+// connections (max_connections reached as the LISTEN connection took the
+// last slot, a pool whose connections are all stuck).
+type flakyDB struct {
+	*countingDB
+	failures atomic.Int64
+}
+
+func (f *flakyDB) ExistingAPIKeyIDs(ctx context.Context, ids []string) ([]string, error) {
+	if f.failures.Add(-1) >= 0 {
+		return nil, errors.New("FATAL: sorry, too many clients already (SQLSTATE 53300)")
+	}
+	return f.countingDB.ExistingAPIKeyIDs(ctx, ids)
+}
+
+// A revocation whose notice was lost still takes effect when the check the
+// LISTEN reconnect triggers fails at first: the check is tried again until
+// it gets an answer, rather than leaving the token trusted for the rest
+// of its 5-minute TTL.
+func TestRecheckAfterAGapIsRetriedUntilItAnswers(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	base := &countingDB{db: dbtest.NewDB(t)}
+	token, err := base.db.CreateAPIKey(ctx, "ops")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := database.APIKeyID(token)
+	ps, err := pubsub.New(ctx, base.db, pubsub.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ps.Close() })
+	db := &flakyDB{countingDB: base}
+	v := newTokenValidator(db, tokenValidatorOptions{RecheckInterval: 100 * time.Millisecond})
+	if err := v.followRevocations(ps); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(v.Close)
+	if err := v.check(ctx, token); err != nil {
+		t.Fatalf("a new token is refused: %v", err)
+	}
+	// Deleted behind the server's back: no notification at all.
+	if _, err := base.db.Pool().Exec(ctx, `DELETE FROM api_keys WHERE id = $1`, id); err != nil {
+		t.Fatal(err)
+	}
+	db.failures.Store(2)
+	pid := ps.BackendPID()
+	if _, err := base.db.Pool().Exec(ctx, `SELECT pg_terminate_backend($1)`, int(pid)); err != nil {
+		t.Fatal(err)
+	}
+	wait.For(t, 30*time.Second, "the token deleted while notices could have been lost to be refused, though the first checks failed", func() bool {
+		return errors.Is(v.check(ctx, token), database.ErrInvalidToken)
+	})
 }

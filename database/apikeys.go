@@ -51,7 +51,7 @@ func (db *DB) CreateAPIKey(ctx context.Context, name string) (string, error) {
 // ErrInvalidToken for any token that does not authenticate.
 func (db *DB) ValidateAPIKey(ctx context.Context, token string) error {
 	id, secret, ok := strings.Cut(token, "-")
-	if !ok || len(id) != 10 || secret == "" {
+	if !ok || !validID(id) || secret == "" {
 		return ErrInvalidToken
 	}
 	var hashed []byte
@@ -78,7 +78,23 @@ const APIKeyRevokedChannel = "coder_api_key_revoked"
 // is an id; ok is false when s is neither.
 func APIKeyID(s string) (id string, ok bool) {
 	id, _, _ = strings.Cut(strings.TrimSpace(s), "-")
-	return id, len(id) == 10
+	return id, validID(id)
+}
+
+// validID reports whether id could name a key: 10 characters of the token
+// alphabet. Anything else (bytes that are not UTF-8 included, which
+// Postgres would refuse with an error rather than find no row for) never
+// reaches the database.
+func validID(id string) bool {
+	if len(id) != 10 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if !strings.Contains(tokenAlphabet, id[i:i+1]) {
+			return false
+		}
+	}
+	return true
 }
 
 // RevokeAPIKey deletes the key with id and announces it on

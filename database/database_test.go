@@ -125,7 +125,8 @@ func TestAPIKeyValidatesOnlyTheIssuedToken(t *testing.T) {
 	if stored != 0 {
 		t.Fatal("the token's secret is stored in clear")
 	}
-	for _, bad := range []string{"", "garbage", tok + "x", tok[:11] + "wrongsecretwrongsecret", "abcdefghij-" + tok[11:]} {
+	for _, bad := range []string{"", "garbage", tok + "x", tok[:11] + "wrongsecretwrongsecret", "abcdefghij-" + tok[11:],
+		"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6-" + tok[11:], "é" + tok[2:]} {
 		if err := db.ValidateAPIKey(ctx, bad); err != database.ErrInvalidToken {
 			t.Errorf("token %q: got %v, want ErrInvalidToken", bad, err)
 		}
@@ -194,47 +195,45 @@ func TestReplicaRowSurvivesDeletion(t *testing.T) {
 	// never revives, the next beat of a live replica does.
 }
 
-// A replica whose insert of the mesh key waits on another replica's
-// insert, which then commits, gets that replica's key: the waiting
-// statement's snapshot predates the row, so it must read again rather than
-// fail with "no rows" (seen when three replicas started at once).
-func TestMeshKeyWaitingOnAnotherInsertGetsItsKey(t *testing.T) {
+// A replica whose get-or-init of a site config value (the deployment id,
+// the mesh key) runs while another replica's insert of it is in flight
+// gets the value that replica stored, not an error: two replicas started
+// at once on a fresh database both come up.
+func TestSiteConfigInitRacingAnotherReplicasInsert(t *testing.T) {
 	t.Parallel()
 	db := dbtest.NewDB(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	// The other replica's statement: inserted, not committed yet.
 	tx, err := db.Pool().Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() { _ = tx.Rollback(context.Background()) }()
-	const theirs = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
-	if _, err := tx.Exec(ctx, "INSERT INTO site_configs (key, value) VALUES ('derp_mesh_key', $1)", theirs); err != nil {
+	defer func() { _ = tx.Rollback(ctx) }()
+	const theirs = "11111111-2222-3333-4444-555555555555"
+	if _, err := tx.Exec(ctx, `INSERT INTO site_configs (key, value) VALUES ('deployment_id', $1)`, theirs); err != nil {
 		t.Fatal(err)
 	}
 	type result struct {
-		key string
+		id  string
 		err error
 	}
-	done := make(chan result, 1)
+	got := make(chan result, 1)
 	go func() {
-		k, err := db.DERPMeshKey(ctx)
-		done <- result{k, err}
+		id, err := db.DeploymentID(ctx)
+		got <- result{id, err}
 	}()
-	wait.For(t, 30*time.Second, "the second insert to wait on the first", func() bool {
+	// Ours waits on their row lock; then they commit.
+	wait.For(t, 10*time.Second, "our statement to wait on the other insert", func() bool {
 		var waiting int
-		_ = db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-			WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&waiting)
+		_ = db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&waiting)
 		return waiting > 0
 	})
 	if err := tx.Commit(ctx); err != nil {
 		t.Fatal(err)
 	}
-	r := <-done
-	if r.err != nil {
-		t.Fatalf("mesh key while another replica's insert committed: %v", r.err)
-	}
-	if r.key != theirs {
-		t.Fatalf("mesh key = %q, want the one the other replica stored", r.key)
+	r := <-got
+	if r.err != nil || r.id != theirs {
+		t.Fatalf("deployment id = %q, %v; want the other replica's %q", r.id, r.err, theirs)
 	}
 }

@@ -24,13 +24,13 @@ func (db *DB) getOrInitSiteConfig(ctx context.Context, key string, gen func() (s
 	if err != nil {
 		return "", fmt.Errorf("generate %s: %w", key, err)
 	}
+	var value string
 	// One statement: insert if absent, then read whatever is there. The CTE
-	// sees the pre-insert snapshot, hence the COALESCE over both. When
-	// another replica inserted the key in a transaction that committed
-	// while ours waited on the conflict, neither branch sees its row (the
-	// snapshot predates it): the next statement, with a new snapshot, does.
-	for attempt := 1; ; attempt++ {
-		var value string
+	// sees the pre-insert snapshot, hence the UNION over both. When another
+	// replica's insert of key was in flight as the statement started, the
+	// insert waits for it and does nothing, and the read's snapshot predates
+	// that row: no row at all. A new statement (a new snapshot) sees it.
+	for attempt := 0; ; attempt++ {
 		err = db.pool.QueryRow(ctx, `
 WITH ins AS (
 	INSERT INTO site_configs (key, value) VALUES ($1, $2)
@@ -41,7 +41,7 @@ SELECT value FROM ins
 UNION ALL
 SELECT value FROM site_configs WHERE key = $1
 LIMIT 1`, key, candidate).Scan(&value)
-		if errors.Is(err, pgx.ErrNoRows) && attempt < 5 {
+		if errors.Is(err, pgx.ErrNoRows) && attempt < 3 {
 			continue
 		}
 		if err != nil {

@@ -169,6 +169,7 @@ func startRelay(t *testing.T, meshKey string, opts relayguard.Options) *relay {
 	mux := http.NewServeMux()
 	mux.Handle("/derp", g.Handler(derpmesh.Handler(s)))
 	mux.HandleFunc("/derp/latency-check", func(http.ResponseWriter, *http.Request) {})
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("OK")) })
 	ts := httptest.NewUnstartedServer(mux)
 	ts.Listener = g.Listener(ts.Listener)
 	ts.Start()

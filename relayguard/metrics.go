@@ -27,7 +27,7 @@ const (
 // (coderd_derp_pending_connections_closed_total).
 const (
 	pendingRefused = "refused" // at the bound, closed right after accept
-	pendingEvicted = "evicted" // the oldest, past PendingGrace, closed to make room
+	pendingEvicted = "evicted" // closed to make room (see Listener)
 )
 
 type metrics struct {
@@ -109,7 +109,7 @@ func newMetrics(g *Guard) *metrics {
 		}),
 		pendingClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coderd_derp_pending_connections_closed_total",
-			Help: "Connections closed by the pending bound: refused (closed right after accept) or evicted (the oldest unfinished one, past the grace period, closed to make room).",
+			Help: "Connections closed by the pending bound: refused (closed right after accept) or evicted (closed to make room: the oldest unfinished one past the grace period, or the oldest of the address holding the most, for a lighter address or a peer replica's).",
 		}, []string{"reason"}),
 	}
 	for _, r := range []string{ReasonAdmission, ReasonLimit, ReasonRate} {

@@ -128,17 +128,23 @@ type Options struct {
 
 	// MaxPendingConnections bounds the connections accepted through
 	// Listener that do not carry an established relay connection yet (see
-	// DefaultMaxPendingConnections). At the bound, a new connection closes
-	// the oldest pending one if that one is older than PendingGrace, and is
-	// itself closed right after accept otherwise (before anything is
-	// allocated for it). Connections from an address a mesh peer connected
-	// from are never counted, refused or closed by it. 0:
+	// DefaultMaxPendingConnections). At the bound, a connection from an
+	// address holding fewer pending connections than the address holding
+	// the most (or from a mesh peer's address) closes that address's
+	// oldest pending one; any other closes the oldest pending one if that
+	// one is older than PendingGrace, and is itself closed right after
+	// accept otherwise (before anything is allocated for it). So a flood
+	// from few addresses never locks out other addresses (probes, health
+	// checks, clients, peers), and mesh peers are never refused. 0:
 	// DefaultMaxPendingConnections; negative: no bound.
 	MaxPendingConnections int
 	// PendingGrace: at the bound, a pending connection older than this is
-	// closed to make room (see DefaultPendingGrace). Shorter: a slow flood
-	// needs a higher connection rate to lock new clients out; longer: real
-	// clients on slow links are never cut under pressure.
+	// closed to make room for a connection from an address that holds as
+	// many as any (see DefaultPendingGrace). It caps how fast such sources
+	// get in: MaxPendingConnections per PendingGrace. Shorter: a slow
+	// flood needs a higher connection rate to lock the flood's own
+	// address out; longer: real clients on slow links behind that address
+	// are never cut under pressure.
 	PendingGrace time.Duration
 
 	// Logger receives one line per change of webhook health and rate

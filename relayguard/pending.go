@@ -22,15 +22,28 @@ const meshAddrsSize = 256
 // requests in progress, idle keep-alive connections, and upgrades that
 // never send their DERP handshake.
 //
-// At MaxPendingConnections, Accept closes the oldest pending connection to
-// make room if it has been pending longer than PendingGrace; otherwise it
-// closes the new connection at once (with a reset) and accepts the next,
-// so a refused connection costs nothing beyond the kernel's socket.
-// Connections from an address a mesh peer has completed a mesh handshake
-// from are never counted, refused or closed by the bound, so replicas stay
-// meshed through a flood. The timeouts that end stalled connections on
-// their own stay as they are (the HTTP server's, and the DERP library's
-// 10 s per handshake step); the bound only adds a ceiling.
+// At MaxPendingConnections, a new connection makes room as follows:
+//
+//   - from an address that holds fewer pending connections than the
+//     address holding the most (by two or more), or from an address a mesh
+//     peer has completed a mesh handshake from: the oldest pending
+//     connection of the address holding the most is closed, however young.
+//     So a flood from one address (or a few), however fast, never locks
+//     out anyone else: a kubelet's probes, a load balancer's health checks,
+//     clients from other addresses, a peer replica meshing;
+//   - otherwise the oldest pending connection is closed if it has been
+//     pending longer than PendingGrace, else the new connection is closed
+//     at once (with a reset) and Accept takes the next, so a refused
+//     connection costs nothing beyond the kernel's socket, and the flood's
+//     own sources get in at most MaxPendingConnections per PendingGrace.
+//
+// Connections from a mesh peer's address count like any other (an
+// attacker sharing a replica's address, behind a proxy or on the same
+// host, is bounded too); the peer's own mesh connection finishes its
+// handshake within milliseconds and leaves the set. The timeouts that end
+// stalled connections on their own stay as they are (the HTTP server's,
+// and the DERP library's 10 s per handshake step); the bound only adds a
+// ceiling.
 //
 // Wrap the listener below TLS (tls.NewListener(g.Listener(tcp), …)), so a
 // stalled TLS handshake counts too.
@@ -57,7 +70,7 @@ func (l *pendingListener) Accept() (net.Conn, error) {
 }
 
 // pendingSet is the pending connections in the order they were accepted,
-// and the addresses mesh peers connect from.
+// the same per source address, and the addresses mesh peers connect from.
 type pendingSet struct {
 	g     *Guard
 	max   int // <= 0: no bound
@@ -65,11 +78,12 @@ type pendingSet struct {
 
 	mu        sync.Mutex
 	list      list.List                       // guarded by mu: *trackedConn, oldest first
+	byIP      map[netip.Addr]*list.List       // guarded by mu: the same, per address; no empty lists
 	meshAddrs lru.Cache[netip.Addr, struct{}] // guarded by mu
 }
 
 func newPendingSet(g *Guard, max int, grace time.Duration) *pendingSet {
-	p := &pendingSet{g: g, max: max, grace: grace}
+	p := &pendingSet{g: g, max: max, grace: grace, byIP: map[netip.Addr]*list.List{}}
 	p.meshAddrs.MaxEntries = meshAddrsSize
 	return p
 }
@@ -87,25 +101,25 @@ func (p *pendingSet) track(nc net.Conn) *trackedConn {
 	now := p.g.clock.Now()
 	var evict *trackedConn
 	p.mu.Lock()
-	if _, ok := p.meshAddrs.PeekOk(ip); ok && ip.IsValid() {
-		p.mu.Unlock()
-		return &trackedConn{Conn: nc, p: p, ip: ip, exempt: true}
-	}
 	if p.max > 0 && p.list.Len() >= p.max {
-		oldest := p.list.Front().Value.(*trackedConn)
-		if now.Sub(oldest.at) < p.grace {
+		evict = p.victim(ip, now)
+		if evict == nil {
 			p.mu.Unlock()
 			abort(nc)
 			p.g.m.pendingClosed.WithLabelValues(pendingRefused).Inc()
 			p.g.noteRefused(reasonPending)
 			return nil
 		}
-		p.list.Remove(oldest.elem)
-		oldest.elem = nil
-		evict = oldest
+		p.removeLocked(evict)
 	}
 	tc := &trackedConn{Conn: nc, p: p, ip: ip, at: now}
 	tc.elem = p.list.PushBack(tc)
+	q := p.byIP[ip]
+	if q == nil {
+		q = list.New()
+		p.byIP[ip] = q
+	}
+	tc.ipElem = q.PushBack(tc)
 	p.mu.Unlock()
 	if evict != nil {
 		abort(evict.Conn)
@@ -113,6 +127,49 @@ func (p *pendingSet) track(nc net.Conn) *trackedConn {
 		p.g.noteRefused(reasonPending)
 	}
 	return tc
+}
+
+// victim picks the pending connection to close so that one from ip can be
+// accepted at the bound, or nil when ip's connection is to be refused (see
+// Listener). p.mu is held.
+func (p *pendingSet) victim(ip netip.Addr, now time.Time) *trackedConn {
+	// The address holding the most pending connections. A scan, at the
+	// bound only: there are at most max addresses, and a flood from few
+	// addresses (the case this is for) makes it short.
+	var heavy *list.List
+	for _, q := range p.byIP {
+		if heavy == nil || q.Len() > heavy.Len() {
+			heavy = q
+		}
+	}
+	mine := 0
+	if q := p.byIP[ip]; q != nil {
+		mine = q.Len()
+	}
+	_, mesh := p.meshAddrs.PeekOk(ip)
+	if (mesh && ip.IsValid()) || mine+1 < heavy.Len() {
+		return heavy.Front().Value.(*trackedConn)
+	}
+	if oldest := p.list.Front().Value.(*trackedConn); now.Sub(oldest.at) >= p.grace {
+		return oldest
+	}
+	return nil
+}
+
+// removeLocked takes c out of the pending set. p.mu is held.
+func (p *pendingSet) removeLocked(c *trackedConn) {
+	if c.elem == nil {
+		return
+	}
+	p.list.Remove(c.elem)
+	c.elem = nil
+	if q := p.byIP[c.ip]; q != nil {
+		q.Remove(c.ipElem)
+		if q.Len() == 0 {
+			delete(p.byIP, c.ip)
+		}
+	}
+	c.ipElem = nil
 }
 
 // abort closes nc with a reset: nothing is left in TIME_WAIT for a
@@ -139,12 +196,13 @@ func addrOf(a net.Addr) netip.Addr {
 // trackedConn is one connection accepted through Listener.
 type trackedConn struct {
 	net.Conn
-	p      *pendingSet
-	ip     netip.Addr
-	at     time.Time
-	exempt bool // from a mesh peer's address: never counted
+	p  *pendingSet
+	ip netip.Addr
+	at time.Time
 
-	elem *list.Element // guarded by p.mu: nil once no longer pending
+	// Guarded by p.mu: nil once no longer pending.
+	elem   *list.Element // in p.list
+	ipElem *list.Element // in p.byIP[ip]
 
 	// linked: the relay handler hijacked this connection, so the verify
 	// endpoint will hear about it if it is a client. verified: it did.
@@ -161,10 +219,7 @@ func (c *trackedConn) established(mesh bool) {
 	p := c.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if c.elem != nil {
-		p.list.Remove(c.elem)
-		c.elem = nil
-	}
+	p.removeLocked(c)
 	if mesh && c.ip.IsValid() {
 		p.meshAddrs.Set(c.ip, struct{}{})
 	}
@@ -184,7 +239,7 @@ func (c *trackedConn) markVerified() {
 func (c *trackedConn) SetDeadline(t time.Time) error {
 	if !t.IsZero() {
 		c.deadline.Store(true)
-	} else if c.deadline.Load() && !c.verified.Load() && !c.exempt {
+	} else if c.deadline.Load() && !c.verified.Load() {
 		c.established(c.linked.Load())
 	}
 	return c.Conn.SetDeadline(t)
@@ -192,9 +247,7 @@ func (c *trackedConn) SetDeadline(t time.Time) error {
 
 // Close stops counting c and closes it.
 func (c *trackedConn) Close() error {
-	if !c.exempt {
-		c.established(false)
-	}
+	c.established(false)
 	return c.Conn.Close()
 }
 

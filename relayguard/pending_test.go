@@ -32,13 +32,19 @@ var silentKinds = []string{"tcp", "headers", "upgrade"}
 // the server resets at once may fail to dial: it was refused).
 func openSilent(t *testing.T, base string, n int) []net.Conn {
 	t.Helper()
+	return openSilentFrom(t, base, attackerIP, n)
+}
+
+// openSilentFrom is openSilent from the local address ip.
+func openSilentFrom(t *testing.T, base, ip string, n int) []net.Conn {
+	t.Helper()
 	u, err := url.Parse(base)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var conns []net.Conn
 	for i := 0; i < n; i++ {
-		nc, err := dialFrom(attackerIP, u.Host)
+		nc, err := dialFrom(ip, u.Host)
 		if err != nil {
 			continue
 		}
@@ -148,10 +154,10 @@ func TestSilentConnectionsLockNobodyOut(t *testing.T) {
 }
 
 // Once a peer has meshed, its address is never held back by the bound:
-// while the bound is full of connections that may not be evicted yet, new
-// clients are refused right after accept, but the peer's mesh connection
-// comes back at once when it redials, and existing relay connections keep
-// working.
+// while the bound is full of connections that may not be evicted yet, the
+// flood's new connections are refused right after accept, but the peer's
+// mesh connection comes back at once when it redials, and existing relay
+// connections keep working.
 func TestMeshPeersAreNeverLockedOut(t *testing.T) {
 	t.Parallel()
 	const bound = 100
@@ -169,8 +175,8 @@ func TestMeshPeersAreNeverLockedOut(t *testing.T) {
 	if got := a.metric(t, "coderd_derp_pending_connections_closed_total", map[string]string{"reason": "refused"}); got < 2*bound {
 		t.Fatalf("%v connections refused at the bound, want ≥ %d", got, 2*bound)
 	}
-	if _, err := dialUpgradeFrom(clientIP, a.url, "/derp", key.NewNode()); err == nil {
-		t.Fatal("a new client got past a full bound of connections that may not be evicted yet")
+	if _, err := dialUpgradeFrom(attackerIP, a.url, "/derp", key.NewNode()); err == nil {
+		t.Fatal("a new connection from the flood's address got past a full bound of connections that may not be evicted yet")
 	}
 	works(t, local, remote, "relay connections while the bound is full")
 

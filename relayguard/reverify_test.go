@@ -269,3 +269,30 @@ func TestClientAdmittedFromCacheIsVerifiedWhenThatVerdictExpires(t *testing.T) {
 		return !a.server.IsClientConnectedForTest(k.Public())
 	})
 }
+
+// A client on the WebSocket transport (browsers) is verified again and cut
+// like one on the plain upgrade.
+func TestRevokedWebSocketClientLosesRelay(t *testing.T) {
+	t.Parallel()
+	hook := newWebhook(t, "allow")
+	a := startRelay(t, newMeshKey(), relayguard.Options{VerifyURL: hook.url(), VerifyInterval: time.Second})
+	other := connect(t, a)
+	k := key.NewNode()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ws, err := dialWebSocket(ctx, a.url, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	if !ws.relays(other, 10*time.Second) {
+		t.Fatal("an admitted WebSocket client cannot relay")
+	}
+	hook.refuseKey(k.Public())
+	wait.For(t, eventually, "the revoked WebSocket client to be disconnected", func() bool {
+		return !a.server.IsClientConnectedForTest(k.Public())
+	})
+	if ws.relays(other, 2*time.Second) {
+		t.Fatal("the revoked WebSocket client still relays")
+	}
+}

@@ -1,11 +1,13 @@
 package cli_test
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/http"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/internal/clitest"
 	"github.com/coder-ha/coder/internal/derptest"
+	"github.com/coder-ha/coder/internal/faultproxy"
 	"github.com/coder-ha/coder/internal/wait"
 )
 
@@ -263,4 +266,99 @@ func TestSilentConnectionsCountAsPendingOnARunningServer(t *testing.T) {
 	if code := r.GetJSON("/healthz", "", nil); code != http.StatusOK {
 		t.Fatalf("/healthz beside the silent connections = %d, want 200", code)
 	}
+}
+
+// revokeWithCommand runs `coder server revoke-token token` against pg and
+// returns when it exited 0.
+func revokeWithCommand(t *testing.T, pg, token string) time.Time {
+	t.Helper()
+	rev := clitest.Start(t, "revoke-token", []string{"CODER_PG_CONNECTION_URL=" + pg}, "server", "revoke-token", token)
+	if code := rev.Wait(60 * time.Second); code != 0 {
+		t.Fatalf("revoke-token exit %d: %s", code, rev.Output())
+	}
+	return time.Now()
+}
+
+// refusedBy waits until r answers 401 to token and returns how long after
+// since that was.
+func refusedBy(t *testing.T, r *clitest.Process, token string, since time.Time, d time.Duration) time.Duration {
+	t.Helper()
+	wait.For(t, d, r.Name+" to refuse the revoked token", func() bool {
+		return r.GetJSON("/api/v2/replicas", token, nil) == http.StatusUnauthorized
+	})
+	return time.Since(since)
+}
+
+// A revocation committed while every database connection of a replica is
+// frozen (a stalled proxy or middlebox: connections stay open, nothing
+// moves, the notice is lost) still reaches it: the hung connections are
+// noticed and replaced, and the replica checks the tokens it trusts. With
+// LISTEN and in poll mode.
+func TestRevocationReachesAReplicaWhoseDatabaseConnectionsFroze(t *testing.T) {
+	t.Parallel()
+	for _, mode := range []string{"listen", "poll"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			pg := dbtest.NewURL(t)
+			proxy, viaProxy := faultproxy.InFrontOf(t, pg)
+			r := clitest.StartReplica(t, clitest.ReplicaOptions{Name: "r1", PostgresURL: viaProxy, Env: []string{"CODER_POSTGRES_PUBSUB=" + mode}})
+			r.WaitReady(60 * time.Second)
+			token := clitest.CreateToken(t, pg)
+			if code := r.GetJSON("/api/v2/replicas", token, nil); code != http.StatusOK {
+				t.Fatalf("a new token got %d", code)
+			}
+			proxy.Freeze()
+			took := refusedBy(t, r, token, revokeWithCommand(t, pg, token), 60*time.Second)
+			t.Logf("%s mode, database connections frozen: the revoked token was refused %v after the revocation", mode, took.Round(time.Millisecond))
+		})
+	}
+}
+
+// A replica stopped (SIGSTOP: a long GC pause, a frozen VM) while a token
+// is revoked refuses it as soon as it runs again.
+func TestRevocationWhileAReplicaIsStoppedTakesEffectWhenItResumes(t *testing.T) {
+	t.Parallel()
+	pg := dbtest.NewURL(t)
+	c := clitest.NewCluster(t, pg)
+	a, b := c.Add(), c.Add()
+	c.WaitReady(60 * time.Second)
+	token := clitest.CreateToken(t, pg)
+	for _, r := range []*clitest.Process{a, b} {
+		if code := r.GetJSON("/api/v2/replicas", token, nil); code != http.StatusOK {
+			t.Fatalf("%s: a new token got %d", r.Name, code)
+		}
+	}
+	b.Signal(syscall.SIGSTOP)
+	revoked := revokeWithCommand(t, pg, token)
+	refusedBy(t, a, token, revoked, 30*time.Second)
+	time.Sleep(3 * time.Second) // what the test claims: b stays stopped a while
+	b.Signal(syscall.SIGCONT)
+	resumed := time.Now()
+	took := refusedBy(t, b, token, resumed, 30*time.Second)
+	t.Logf("the stopped replica refused the revoked token %v after it resumed", took.Round(time.Millisecond))
+}
+
+// A token revoked as soon as Postgres is back from a restart is refused
+// (whether the replica's LISTEN connection is back by then, or comes back
+// after the notice and checks the tokens it trusts).
+func TestRevocationRightAfterAPostgresRestart(t *testing.T) {
+	t.Parallel()
+	cluster := dbtest.NewCluster(t)
+	pg := cluster.URL()
+	r := clitest.StartReplica(t, clitest.ReplicaOptions{Name: "r1", PostgresURL: pg})
+	r.WaitReady(60 * time.Second)
+	token := clitest.CreateToken(t, pg)
+	if code := r.GetJSON("/api/v2/replicas", token, nil); code != http.StatusOK {
+		t.Fatalf("a new token got %d", code)
+	}
+	if err := cluster.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := cluster.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	took := refusedBy(t, r, token, revokeWithCommand(t, pg, token), 30*time.Second)
+	t.Logf("revoked right after a Postgres restart: refused %v later", took.Round(time.Millisecond))
 }
