@@ -68,14 +68,14 @@ type Manager struct {
 	// sharedURLWarned: the live peers using this replica's relay URL that
 	// a WARN line was logged about (see sharedURLLocked).
 	sharedURLWarned map[uuid.UUID]bool
-	skew              time.Duration // database clock minus this machine's, at the last beat
-	skewWarned        bool
-	ownError          string
-	pinger            LinkPinger
-	callback          func(PeerChange)
-	current           []Peer // the mesh set as of the last read
-	told              []Peer // what the callback was last told
-	tellDue           bool   // the callback must be called even if the set is unchanged
+	skew            time.Duration // database clock minus this machine's, at the last beat
+	skewWarned      bool
+	ownError        string
+	pinger          LinkPinger
+	callback        func(PeerChange)
+	current         []Peer // the mesh set as of the last read
+	told            []Peer // what the callback was last told
+	tellDue         bool   // the callback must be called even if the set is unchanged
 
 	// pending are replicas announced since the last sync; pendingAll asks
 	// for a full re-read (messages may have been lost, or a burst).
