@@ -131,3 +131,46 @@ func TestConnectionsOpenedAfterARotationUseTheNewURL(t *testing.T) {
 		t.Fatalf("Redact left a password: %q", got)
 	}
 }
+
+// A URL whose password holds an unencoded '/', '?' or '#' puts parts of
+// the password in the host, path or query: it is refused, and Describe
+// never shows those parts. An '@' inside a query value (a password given
+// as ?password=…) is a plain URL and is accepted.
+func TestURLWithAnUnencodedPasswordIsRefusedWithoutShowingIt(t *testing.T) {
+	t.Parallel()
+	refused := []string{
+		"postgres://coder:4417/s3cret@127.0.0.1:5432/coder",
+		"postgresql://coder:12?s3cret@127.0.0.1:5432/coder",
+		"postgres://coder:12#s3cret@127.0.0.1:5432/coder",
+	}
+	for _, raw := range refused {
+		if got := database.Describe(raw); strings.Contains(got, "s3cret") || strings.Contains(got, "12") {
+			t.Errorf("Describe(%q) = %q shows part of the password", raw, got)
+		}
+		p := filepath.Join(t.TempDir(), "url")
+		if err := os.WriteFile(p, []byte(raw+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := database.URLFile(p)
+		if err == nil || !strings.Contains(err.Error(), "percent-encoded") || strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("URLFile(%q): %v, want a refusal saying what to encode, without the password", raw, err)
+		}
+	}
+	accepted := map[string]string{
+		"postgres://127.0.0.1:5432/coder?user=coder&password=p@ss":     "127.0.0.1:5432/coder",
+		"postgres://coder:p%2Fss@127.0.0.1:5432/coder?sslmode=disable": "127.0.0.1:5432/coder",
+		"postgres://coder:p@ss@127.0.0.1:5432/coder":                   "127.0.0.1:5432/coder",
+	}
+	for raw, want := range accepted {
+		if got := database.Describe(raw); got != want {
+			t.Errorf("Describe(%q) = %q, want %q", raw, got, want)
+		}
+		p := filepath.Join(t.TempDir(), "url")
+		if err := os.WriteFile(p, []byte(raw+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := database.URLFile(p); err != nil {
+			t.Errorf("URLFile(%q): %v", raw, err)
+		}
+	}
+}
