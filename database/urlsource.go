@@ -165,7 +165,17 @@ func unencodedUserinfo(rawURL string) bool {
 	if err != nil {
 		return false // unparsable: pgconn refuses it and masks the password itself
 	}
-	return u.User == nil && strings.Contains(rest, "@")
+	head, _, found := strings.Cut(rest, "@")
+	if u.User != nil || !found {
+		return false
+	}
+	if q := strings.Index(head, "?"); q >= 0 && !strings.Contains(head, "#") {
+		// The '@' is in the query: inside a value (?password=p@ss) the
+		// URL is fine; in a key, it is a password's '?' left unencoded.
+		pair := head[strings.LastIndexAny(head, "?&")+1:]
+		return !strings.Contains(pair, "=")
+	}
+	return true
 }
 
 // passwordOf is the password in a URL or keyword/value connection string
