@@ -145,7 +145,7 @@ func (s *URLSource) remember(rawURL string) {
 // its host is refused. It quotes nothing of the URL: what spilled is most
 // likely part of the password.
 var errUnencodedUserinfo = errors.New("its user name or password holds a '/', '?' or '#' that is not percent-encoded " +
-	"(write them as %2F, %3F and %23; an '@' in the path or query as %40)")
+	"(write them as %2F, %3F and %23; an '@' in the database name as %40)")
 
 // unencodedUserinfo reports whether rawURL is a postgres:// URL whose
 // user information did not end where its host begins: an '@' after the
