@@ -14,6 +14,7 @@ import (
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 // A URL file that cannot be used is an error naming the path and the
@@ -119,6 +120,13 @@ func TestConnectionsOpenedAfterARotationUseTheNewURL(t *testing.T) {
 		t.Fatal(err)
 	}
 	exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '" + role + "'")
+	// pg_terminate_backend only signals: a query sent before the backend
+	// has exited gets its FATAL 57P01 (under load, often). The rotation is
+	// done once they are gone.
+	wait.For(t, 10*time.Second, "the role's backends exit", func() bool {
+		var n int
+		return adminConn.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role).Scan(&n) == nil && n == 0
+	})
 	if _, err := db.Ping(ctx); err != nil {
 		t.Fatalf("a pooled query after the rotation: %v", err)
 	}
