@@ -210,6 +210,9 @@ func ConnectSource(ctx context.Context, src *URLSource, opts ConnectOptions) (*D
 // the statement mode (exec unless the URL names one), the health tracer,
 // socket tracking and the connect timeout.
 func (db *DB) poolConfig(rawURL string) (*pgxpool.Config, error) {
+	if unencodedUserinfo(rawURL) {
+		return nil, fmt.Errorf("postgres URL is invalid: %w", errUnencodedUserinfo)
+	}
 	cfg, err := pgxpool.ParseConfig(rawURL)
 	if err != nil {
 		return nil, fmt.Errorf("postgres URL %s is invalid: %s", Describe(rawURL), db.src.Redact(Redact(rawURL, rootCause(err))))
@@ -538,6 +541,9 @@ func rootCause(err error) string {
 // Describe renders a Postgres URL as host:port/database for messages,
 // without the user's password.
 func Describe(rawURL string) string {
+	if unencodedUserinfo(rawURL) {
+		return "(unparsable URL)" // its host and path hold parts of the password
+	}
 	u, err := url.Parse(rawURL)
 	if err != nil || u.Host == "" {
 		if cfg, err := pgconnParse(rawURL); err == nil {

@@ -141,6 +141,43 @@ func (s *URLSource) remember(rawURL string) {
 	}
 }
 
+// errUnencodedUserinfo is why a URL whose user information spills past
+// its host is refused. It quotes nothing of the URL: what spilled is most
+// likely part of the password.
+var errUnencodedUserinfo = errors.New("its user name or password holds a '/', '?' or '#' that is not percent-encoded " +
+	"(write them as %2F, %3F and %23; an '@' in the database name as %40)")
+
+// unencodedUserinfo reports whether rawURL is a postgres:// URL whose
+// user information did not end where its host begins: an '@' after the
+// authority, with none in it. A '/', '?' or '#' left unencoded in a
+// password ends the authority early, so "postgres://user:12/ab@host/db"
+// parses as host "user:12" and database "ab@host/db": the server would
+// dial the wrong host and print the password as a host and a database
+// name in every message. Such a URL is refused instead.
+func unencodedUserinfo(rawURL string) bool {
+	rest, ok := strings.CutPrefix(rawURL, "postgres://")
+	if !ok {
+		if rest, ok = strings.CutPrefix(rawURL, "postgresql://"); !ok {
+			return false
+		}
+	}
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		return false // unparsable: pgconn refuses it and masks the password itself
+	}
+	head, _, found := strings.Cut(rest, "@")
+	if u.User != nil || !found {
+		return false
+	}
+	if q := strings.Index(head, "?"); q >= 0 && !strings.Contains(head, "#") {
+		// The '@' is in the query: inside a value (?password=p@ss) the
+		// URL is fine; in a key, it is a password's '?' left unencoded.
+		pair := head[strings.LastIndexAny(head, "?&")+1:]
+		return !strings.Contains(pair, "=")
+	}
+	return true
+}
+
 // passwordOf is the password in a URL or keyword/value connection string
 // ("" when there is none or it cannot be parsed).
 func passwordOf(rawURL string) string {
@@ -177,6 +214,9 @@ func readURLFile(path string) (string, error) {
 		return "", fmt.Errorf("%s is empty; it should hold one postgres:// URL", path)
 	case strings.ContainsAny(u, "\r\n"):
 		return "", fmt.Errorf("%s holds more than one line; it should hold one postgres:// URL", path)
+	}
+	if unencodedUserinfo(u) {
+		return "", fmt.Errorf("%s does not hold a valid postgres URL: %w", path, errUnencodedUserinfo)
 	}
 	if _, err := pgconn.ParseConfig(u); err != nil {
 		// pgconn's message quotes the string (password masked, but the

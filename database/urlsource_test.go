@@ -14,6 +14,7 @@ import (
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 // A URL file that cannot be used is an error naming the path and the
@@ -119,6 +120,13 @@ func TestConnectionsOpenedAfterARotationUseTheNewURL(t *testing.T) {
 		t.Fatal(err)
 	}
 	exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '" + role + "'")
+	// pg_terminate_backend only signals: a query sent before the backend
+	// has exited gets its FATAL 57P01 (under load, often). The rotation is
+	// done once they are gone.
+	wait.For(t, 10*time.Second, "the role's backends exit", func() bool {
+		var n int
+		return adminConn.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role).Scan(&n) == nil && n == 0
+	})
 	if _, err := db.Ping(ctx); err != nil {
 		t.Fatalf("a pooled query after the rotation: %v", err)
 	}
@@ -129,5 +137,48 @@ func TestConnectionsOpenedAfterARotationUseTheNewURL(t *testing.T) {
 	_ = conn.Close(ctx)
 	if got := db.Redact("first-pw-1234 second-pw-5678"); strings.Contains(got, "pw") {
 		t.Fatalf("Redact left a password: %q", got)
+	}
+}
+
+// A URL whose password holds an unencoded '/', '?' or '#' puts parts of
+// the password in the host, path or query: it is refused, and Describe
+// never shows those parts. An '@' inside a query value (a password given
+// as ?password=…) is a plain URL and is accepted.
+func TestURLWithAnUnencodedPasswordIsRefusedWithoutShowingIt(t *testing.T) {
+	t.Parallel()
+	refused := []string{
+		"postgres://coder:4417/s3cret@127.0.0.1:5432/coder",
+		"postgresql://coder:12?s3cret@127.0.0.1:5432/coder",
+		"postgres://coder:12#s3cret@127.0.0.1:5432/coder",
+	}
+	for _, raw := range refused {
+		if got := database.Describe(raw); strings.Contains(got, "s3cret") || strings.Contains(got, "12") {
+			t.Errorf("Describe(%q) = %q shows part of the password", raw, got)
+		}
+		p := filepath.Join(t.TempDir(), "url")
+		if err := os.WriteFile(p, []byte(raw+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := database.URLFile(p)
+		if err == nil || !strings.Contains(err.Error(), "percent-encoded") || strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("URLFile(%q): %v, want a refusal saying what to encode, without the password", raw, err)
+		}
+	}
+	accepted := map[string]string{
+		"postgres://127.0.0.1:5432/coder?user=coder&password=p@ss":     "127.0.0.1:5432/coder",
+		"postgres://coder:p%2Fss@127.0.0.1:5432/coder?sslmode=disable": "127.0.0.1:5432/coder",
+		"postgres://coder:p@ss@127.0.0.1:5432/coder":                   "127.0.0.1:5432/coder",
+	}
+	for raw, want := range accepted {
+		if got := database.Describe(raw); got != want {
+			t.Errorf("Describe(%q) = %q, want %q", raw, got, want)
+		}
+		p := filepath.Join(t.TempDir(), "url")
+		if err := os.WriteFile(p, []byte(raw+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := database.URLFile(p); err != nil {
+			t.Errorf("URLFile(%q): %v", raw, err)
+		}
 	}
 }

@@ -66,14 +66,17 @@ type Manager struct {
 	// selfNoRelayWarned: the "this replica has no relay URL" WARN line
 	// was logged and its condition still holds.
 	selfNoRelayWarned bool
-	skew              time.Duration // database clock minus this machine's, at the last beat
-	skewWarned        bool
-	ownError          string
-	pinger            LinkPinger
-	callback          func(PeerChange)
-	current           []Peer // the mesh set as of the last read
-	told              []Peer // what the callback was last told
-	tellDue           bool   // the callback must be called even if the set is unchanged
+	// sharedURLWarned: the live peers using this replica's relay URL that
+	// a WARN line was logged about (see sharedURLLocked).
+	sharedURLWarned map[uuid.UUID]bool
+	skew            time.Duration // database clock minus this machine's, at the last beat
+	skewWarned      bool
+	ownError        string
+	pinger          LinkPinger
+	callback        func(PeerChange)
+	current         []Peer // the mesh set as of the last read
+	told            []Peer // what the callback was last told
+	tellDue         bool   // the callback must be called even if the set is unchanged
 
 	// pending are replicas announced since the last sync; pendingAll asks
 	// for a full re-read (messages may have been lost, or a burst).
@@ -829,6 +832,16 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	selfNoRelay := m.selfWithoutRelayLocked()
 	selfNoRelayChanged := (len(selfNoRelay) > 0) != m.selfNoRelayWarned
 	m.selfNoRelayWarned = len(selfNoRelay) > 0
+	var sharing []database.Replica // newly seen to share this replica's relay URL
+	shared := m.sharedURLLocked()
+	warned := make(map[uuid.UUID]bool, len(shared))
+	for _, p := range shared {
+		if !m.sharedURLWarned[p.ID] {
+			sharing = append(sharing, p)
+		}
+		warned[p.ID] = true
+	}
+	m.sharedURLWarned = warned
 	m.mu.Unlock()
 
 	for _, p := range left {
@@ -840,19 +853,19 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 			m.log.Warn("a live replica of this region has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
 				zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.Int32("region_id", p.RegionID))
 		}
-		if p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) {
+		if p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) && !p.StartedAt.After(selfStarted) {
 			// Not meshed with (see withoutURL). A row started before this
-			// process is most likely its own previous run; one started
-			// after it is a second replica given the same relay URL.
-			if p.StartedAt.After(selfStarted) {
-				m.log.Warn("another replica uses this replica's relay URL: not meshing with it; give each replica its own",
-					zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
-			} else {
-				m.log.Info("ignoring an older live row with this replica's relay URL (a previous run killed before it could stop?)",
-					zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
-			}
+			// process is most likely its own previous run; if it beats
+			// again, it is another replica (sharedURLLocked) and warned
+			// about below.
+			m.log.Info("ignoring an older live row with this replica's relay URL (a previous run killed before it could stop?)",
+				zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
 		}
 		m.startProbe(p)
+	}
+	for _, p := range sharing {
+		m.log.Warn("another live replica uses this replica's relay URL: the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url",
+			zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
 	}
 	if selfNoRelayChanged {
 		if len(selfNoRelay) > 0 {
@@ -916,6 +929,8 @@ func (m *Manager) peerReportsLocked() []database.PeerReport {
 		}
 		if p.RelayAddress == "" {
 			r.Error = "peer has no relay URL"
+		} else if m.sharesURLLocked(p) {
+			r.Error = "peer uses this replica's relay URL"
 		}
 		out = append(out, r)
 	}
@@ -950,6 +965,10 @@ func (m *Manager) warningsLocked() []string {
 			}
 		}
 	}
+	for _, p := range m.sharedURLLocked() {
+		peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (id %s) uses this replica's relay URL %s: the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url (without an access URL, a replica listening on all interfaces defaults to http://127.0.0.1:<port>, which reaches only its own machine)",
+			p.Hostname, p.ID, m.opts.RelayAddress))
+	}
 	for id, st := range m.probes {
 		if !st.w.warned {
 			continue
@@ -960,6 +979,32 @@ func (m *Manager) warningsLocked() []string {
 	}
 	sort.Strings(peerWarnings)
 	return append(out, peerWarnings...)
+}
+
+// sharedURLLocked is the live regional peers that use this replica's relay
+// URL and have heartbeated since it started, oldest first: other running
+// replicas given the same URL (two machines listening on all interfaces
+// without an access URL both default to http://127.0.0.1:<port>). A relay
+// never meshes with a peer behind its own URL, so neither side can reach
+// the other's clients. The row a previous run of this process left when
+// it was killed shares the URL too, but never beats again after this
+// replica started: it is not counted.
+func (m *Manager) sharedURLLocked() []database.Replica {
+	var out []database.Replica
+	for _, p := range m.peers {
+		if m.sharesURLLocked(p) {
+			out = append(out, p)
+		}
+	}
+	sortReplicas(out)
+	return out
+}
+
+// sharesURLLocked reports whether p is a live regional peer behind this
+// replica's relay URL that beat after this replica started.
+func (m *Manager) sharesURLLocked(p database.Replica) bool {
+	return m.opts.RelayAddress != "" && p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) &&
+		!m.self.StartedAt.IsZero() && p.UpdatedAt.After(m.self.StartedAt)
 }
 
 // selfWithoutRelayLocked names the live regional peers that have a relay
