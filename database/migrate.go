@@ -57,6 +57,16 @@ type MigrateOptions struct {
 	// between half and one and a half times it, so queued heartbeats go
 	// through and several migrators do not retry in step. Default 1s.
 	RetryWait time.Duration
+	// IdleTimeout bounds how long Postgres keeps a migration's
+	// transaction open while waiting for the migrator's next statement
+	// (SET LOCAL idle_in_transaction_session_timeout). A live migrator
+	// sends its statements back to back; one that went silent mid-way (a
+	// network partition, a middlebox that lost the connection, a paused
+	// VM) would otherwise hold the table locks its statements took, and
+	// every heartbeat behind them, until TCP gives up on it (hours). Past
+	// it Postgres ends the session, which rolls the transaction back; a
+	// migrator that was merely slow retries. Default 2s.
+	IdleTimeout time.Duration
 }
 
 func (o MigrateOptions) withDefaults() (MigrateOptions, error) {
@@ -79,6 +89,9 @@ func (o MigrateOptions) withDefaults() (MigrateOptions, error) {
 	}
 	if o.RetryWait <= 0 {
 		o.RetryWait = time.Second
+	}
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = 2 * time.Second
 	}
 	return o, nil
 }
@@ -461,6 +474,14 @@ func isLockTimeout(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == "55P03"
 }
 
+// isIdleSessionEnded: SQLSTATE 25P03, Postgres ended the session because
+// the migration's transaction sat idle past IdleTimeout (the transaction
+// was rolled back; trying again is safe).
+func isIdleSessionEnded(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "25P03"
+}
+
 // runStep applies one step, retrying while the migration lock is taken or
 // a table lock is not granted within LockTimeout.
 func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
@@ -478,7 +499,7 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 		var applied bool
 		var err error
 		if s.file.NoTransaction {
-			applied, err = db.tryStepOutsideTx(ctx, s)
+			applied, err = db.tryStepOutsideTx(ctx, o, s)
 		} else {
 			applied, err = db.tryStepInTx(ctx, o, s)
 		}
@@ -495,6 +516,10 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 			return fmt.Errorf("migration %s: %w", s.file.Name, ctx.Err())
 		case errors.Is(err, errLockBusy):
 			progress("waiting for another replica's migration to finish")
+			pause = jitter(o.RetryWait / 4)
+		case isIdleSessionEnded(err):
+			log.Warn("Postgres ended the migration's session: it sat idle in its transaction too long (a slow or stalled connection to the database?); trying again",
+				zap.Int("attempt", attempt), zap.Duration("idle_timeout", o.IdleTimeout))
 			pause = jitter(o.RetryWait / 4)
 		case isLockTimeout(err):
 			progress("migration is waiting for a table lock held by another session (a long transaction, a report, a backup?); retrying in short attempts so heartbeats keep flowing",
@@ -521,7 +546,10 @@ func jitter(d time.Duration) time.Duration {
 // lockStep opens the lock holder's transaction: the migration lock
 // (without waiting), goose_db_version if asked for and missing, and
 // whether the step already ran. The caller commits or rolls back tx.
-func (db *DB) lockStep(ctx context.Context, s step, lockTimeout time.Duration) (tx pgx.Tx, done bool, err error) {
+// With bounded, the transaction's waits for table locks are bounded by
+// o.LockTimeout and its idle time between statements by o.IdleTimeout
+// (both transaction-local: they work through PgBouncer).
+func (db *DB) lockStep(ctx context.Context, s step, o MigrateOptions, bounded bool) (tx pgx.Tx, done bool, err error) {
 	tx, err = db.pool.Begin(ctx)
 	if err != nil {
 		return nil, false, err
@@ -530,8 +558,9 @@ func (db *DB) lockStep(ctx context.Context, s step, lockTimeout time.Duration) (
 		rollback(tx)
 		return nil, false, err
 	}
-	if lockTimeout > 0 {
-		if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", lockTimeout.Milliseconds())); err != nil {
+	if bounded {
+		if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true), set_config('idle_in_transaction_session_timeout', $2, true)`,
+			strconv.FormatInt(o.LockTimeout.Milliseconds(), 10), strconv.FormatInt(o.IdleTimeout.Milliseconds(), 10)); err != nil {
 			return fail(err)
 		}
 	}
@@ -562,7 +591,7 @@ func rollback(tx pgx.Tx) {
 
 // tryStepInTx runs a step's statements in the lock holder's transaction.
 func (db *DB) tryStepInTx(ctx context.Context, o MigrateOptions, s step) (applied bool, err error) {
-	tx, done, err := db.lockStep(ctx, s, o.LockTimeout)
+	tx, done, err := db.lockStep(ctx, s, o, true)
 	if err != nil {
 		return false, err
 	}
@@ -593,8 +622,8 @@ var reIndexName = regexp.MustCompile(`(?is)^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CO
 // on its own through the pool; the holder then records the step.
 // Statements run without lock_timeout: the concurrent builds they are
 // limited to never queue ahead of a heartbeat's lock.
-func (db *DB) tryStepOutsideTx(ctx context.Context, s step) (applied bool, err error) {
-	holder, done, err := db.lockStep(ctx, s, 0)
+func (db *DB) tryStepOutsideTx(ctx context.Context, o MigrateOptions, s step) (applied bool, err error) {
+	holder, done, err := db.lockStep(ctx, s, o, false)
 	if err != nil {
 		return false, err
 	}
