@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
@@ -127,4 +129,108 @@ func TestASlowMigratorWhoseSessionWasEndedTriesAgain(t *testing.T) {
 		t.Fatalf("a migrator whose session was ended while it stalled gave up: %v", err)
 	}
 	assertEachAppliedOnce(t, direct, files)
+}
+
+// A migrator killed (kill -9, a node lost) in the middle of a concurrent
+// index build: its lock holder's session ends, releasing the migration
+// lock, but the backend building the index knows nothing of that and goes
+// on building (here: waiting for an old snapshot, as a build on a busy
+// table does). The next migrator, started at once as Kubernetes restarts a
+// pod, must not collide with that build (dropping the index under it fails
+// with "tuple concurrently updated", or throws the work away): it waits
+// for the build to end and keeps the index it built.
+func TestAMigratorWaitsForTheIndexBuildAKilledOneLeftRunning(t *testing.T) {
+	t.Parallel()
+	url := dbtest.NewURL(t)
+	direct := connect(t, url)
+	proxy, proxied := faultproxy.InFrontOf(t, url)
+	killed := connect(t, proxied)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	shipped, err := migrations.Expand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := migrations.Parse("90200_hostname_index.sql", migrations.KindExpand, []byte(`-- +goose NO TRANSACTION
+-- +goose Up
+CREATE INDEX CONCURRENTLY IF NOT EXISTS replicas_hostname_idx ON replicas (hostname);
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := append(shipped, idx)
+
+	// An old snapshot the build must wait for.
+	snap, err := direct.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rollbackTx(snap)
+	if _, err := snap.Exec(ctx, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := snap.Exec(ctx, "SELECT count(*) FROM site_configs"); err != nil {
+		t.Fatal(err)
+	}
+
+	first := make(chan error, 1)
+	go func() {
+		_, err := killed.MigrateWith(ctx, database.MigrateOptions{Expand: files})
+		first <- err
+	}()
+	var building uint32
+	if !wait.Until(30*time.Second, func() bool {
+		err := direct.Pool().QueryRow(ctx, `SELECT COALESCE((SELECT index_relid FROM pg_stat_progress_create_index WHERE relid = 'replicas'::regclass), 0)`).Scan(&building)
+		return err == nil && building != 0
+	}) {
+		t.Fatal("the first migrator never started building the index")
+	}
+	proxy.Cut() // kill -9: every connection of the first migrator closes
+	<-first
+	lockFree := func() bool {
+		var n int
+		err := direct.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).Scan(&n)
+		return err == nil && n == 0
+	}
+	if !wait.Until(30*time.Second, lockFree) {
+		t.Fatal("the killed migrator's lock was never released")
+	}
+
+	core, logs := observer.New(zap.InfoLevel)
+	second := make(chan error, 1)
+	go func() {
+		_, err := direct.MigrateWith(ctx, database.MigrateOptions{Expand: files, Logger: zap.New(core)})
+		second <- err
+	}()
+	// The second migrator found the leftover and decided what to do with
+	// it: drop it (it is invalid while it builds), or wait for the build.
+	if !wait.Until(30*time.Second, func() bool {
+		var drops int
+		err := direct.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'DROP INDEX%'`).Scan(&drops)
+		return (err == nil && drops > 0) || logs.FilterMessageSnippet("index build").Len() > 0
+	}) {
+		t.Fatal("the second migrator never got to the leftover index")
+	}
+	if err := snap.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-second; err != nil {
+		t.Fatalf("the migrator started after one was killed mid-build failed: %v", err)
+	}
+	var valid bool
+	var oid uint32
+	if err := direct.Pool().QueryRow(ctx, `SELECT indexrelid, indisvalid FROM pg_index WHERE indexrelid = to_regclass('replicas_hostname_idx')`).Scan(&oid, &valid); err != nil {
+		t.Fatal(err)
+	}
+	if !valid {
+		t.Error("the index is not valid")
+	}
+	if oid != building {
+		t.Errorf("the index the killed migrator's build finished was dropped and built again (oid %d, then %d)", building, oid)
+	}
+	assertEachAppliedOnce(t, direct, files)
+}
+
+func rollbackTx(tx interface{ Rollback(context.Context) error }) {
+	_ = tx.Rollback(context.Background())
 }
