@@ -638,7 +638,7 @@ func (db *DB) tryStepOutsideTx(ctx context.Context, o MigrateOptions, s step) (a
 	if !done {
 		for i, stmt := range s.file.Statements {
 			if m := reIndexName.FindStringSubmatch(stmt); m != nil {
-				if err := db.dropInvalidIndex(ctx, strings.Trim(m[1], `"`)); err != nil {
+				if err := db.dropInvalidIndex(ctx, o.Logger.With(zap.String("file", s.file.Name)), strings.Trim(m[1], `"`)); err != nil {
 					return false, fmt.Errorf("statement %d: %w", i+1, err)
 				}
 			}
@@ -656,9 +656,43 @@ func (db *DB) tryStepOutsideTx(ctx context.Context, o MigrateOptions, s step) (a
 	return !done, nil
 }
 
+// buildPollInterval is how often a migrator checks whether an index build
+// a killed migrator left running has ended.
+const buildPollInterval = 250 * time.Millisecond
+
 // dropInvalidIndex drops index name if a concurrent build that failed or
 // was interrupted left it invalid (IF NOT EXISTS would keep it forever).
-func (db *DB) dropInvalidIndex(ctx context.Context, name string) error {
+// An index is invalid while it is being built, too: a migrator killed
+// mid-build (its lock holder's session ended, so this one got the lock)
+// leaves its build running in its backend, which knows nothing of the
+// kill. Dropping the index under that build collides with it ("tuple
+// concurrently updated") or throws its work away, so this waits for such
+// a build to end first, then looks again.
+func (db *DB) dropInvalidIndex(ctx context.Context, log *zap.Logger, name string) error {
+	var lastLog time.Time
+	start := time.Now()
+	for {
+		var building bool
+		err := db.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index WHERE index_relid = to_regclass($1))`, name).Scan(&building)
+		if err != nil {
+			return err
+		}
+		if !building {
+			break
+		}
+		if time.Since(lastLog) >= 5*time.Second {
+			lastLog = time.Now()
+			log.Info("waiting for an index build a previous migrator left running (killed mid-build?) to end",
+				zap.String("index", name), zap.Duration("waited", time.Since(start).Round(time.Millisecond)))
+		}
+		t := time.NewTimer(buildPollInterval)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
 	var invalid bool
 	err := db.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) AND NOT indisvalid)`, name).Scan(&invalid)
 	if err != nil || !invalid {
