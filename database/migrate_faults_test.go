@@ -2,6 +2,8 @@ package database_test
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -233,4 +235,85 @@ CREATE INDEX CONCURRENTLY IF NOT EXISTS replicas_hostname_idx ON replicas (hostn
 
 func rollbackTx(tx interface{ Rollback(context.Context) error }) {
 	_ = tx.Rollback(context.Background())
+}
+
+// Two finalizes at once, A and B. Both raise the schema floor (A raises
+// it, B finds it raised); A then sees an old replica that registered in
+// between and is refused, so it puts the floor back; B, which checked
+// before the replica registered, applies the contract step. Whatever the
+// order of A's restore and B's step, the contract step must never end up
+// applied below the floor: releases too old for it would start on the
+// contracted schema, and a replica of such a release that registered in
+// between would keep running.
+func TestARefusedFinalizeNeverLowersTheFloorUnderAContractStep(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	next, contract := nextRelease(t)
+	shipped, err := migrations.Expand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nextOpts := database.MigrateOptions{Release: "v-next", Expand: next, Contract: contract}
+	setup := func(t *testing.T) *database.DB {
+		db := connect(t, dbtest.NewURL(t))
+		if _, err := db.MigrateWith(ctx, nextOpts); err != nil {
+			t.Fatal(err)
+		}
+		return db
+	}
+	tooOld := func(t *testing.T, db *database.DB, when string) {
+		t.Helper()
+		var e *database.TooOldError
+		if err := db.CheckSchemaFloor(ctx, "v-n", migrations.Known(shipped)); !errors.As(err, &e) {
+			t.Errorf("%s: release N may start on the contracted schema (floor check: %v)", when, err)
+		}
+	}
+
+	t.Run("B's step, then A's restore", func(t *testing.T) {
+		t.Parallel()
+		db := setup(t)
+		restoreA, raisedA, err := database.RaiseSchemaFloor(ctx, db, 90002, "v-next")
+		if err != nil || !raisedA {
+			t.Fatalf("A raises the floor: %v, raised %v", err, raisedA)
+		}
+		if _, raisedB, err := database.RaiseSchemaFloor(ctx, db, 90002, "v-next"); err != nil || raisedB {
+			t.Fatalf("B finds it raised: %v, raised %v", err, raisedB)
+		}
+		if err := database.ApplyContractStep(ctx, db, nextOpts, contract[0]); err != nil {
+			t.Fatalf("B applies the contract step: %v", err)
+		}
+		if err := restoreA(); err != nil {
+			t.Fatalf("A puts the floor back: %v", err)
+		}
+		tooOld(t, db, "after A's restore")
+	})
+
+	t.Run("A's restore, then B's step", func(t *testing.T) {
+		t.Parallel()
+		db := setup(t)
+		restoreA, _, err := database.RaiseSchemaFloor(ctx, db, 90002, "v-next")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := database.RaiseSchemaFloor(ctx, db, 90002, "v-next"); err != nil {
+			t.Fatal(err)
+		}
+		if err := restoreA(); err != nil {
+			t.Fatalf("A puts the floor back: %v", err)
+		}
+		err = database.ApplyContractStep(ctx, db, nextOpts, contract[0])
+		var legacy bool
+		if err := db.Pool().QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'next_release_widgets' AND column_name = 'legacy')`).Scan(&legacy); err != nil {
+			t.Fatal(err)
+		}
+		if !legacy {
+			tooOld(t, db, "after B's step")
+		}
+		if err == nil && legacy {
+			t.Error("B reported the step applied, but it did not run")
+		}
+		if err != nil && !strings.Contains(err.Error(), "floor") {
+			t.Errorf("B's step refused without saying why: %v", err)
+		}
+	})
 }
