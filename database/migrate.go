@@ -456,7 +456,20 @@ func (db *DB) applyContract(ctx context.Context, o MigrateOptions, f migrations.
 		applied: func(ctx context.Context, tx pgx.Tx) (bool, error) {
 			var done bool
 			err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM contract_steps WHERE name = $1)`, f.Name).Scan(&done)
-			return done, err
+			if err != nil || done {
+				return done, err
+			}
+			// Under the lock: the floor must still protect the step. A
+			// concurrent finalize that was refused (an old replica
+			// registered) puts back the floor it raised.
+			min, _, err := db.schemaFloor(ctx, tx)
+			if err != nil {
+				return false, err
+			}
+			if min < f.Version {
+				return false, fmt.Errorf("the schema floor (%d) is below what contract step %s requires (%d): a concurrent finalize was refused and put the floor back; run finalize again", min, f.Name, f.Version)
+			}
+			return false, nil
 		},
 		record: func(ctx context.Context, tx pgx.Tx) error {
 			_, err := tx.Exec(ctx, `INSERT INTO contract_steps (name, schema_version, applied_by) VALUES ($1, $2, $3)`, f.Name, f.Version, o.Release)
