@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
@@ -316,4 +317,60 @@ func TestARefusedFinalizeNeverLowersTheFloorUnderAContractStep(t *testing.T) {
 			t.Errorf("B's step refused without saying why: %v", err)
 		}
 	})
+}
+
+// Postgres restarts (a failover, a minor upgrade) while a replica of the
+// next release migrates, here while it waits for a table lock: the
+// migrator rides through it as a running replica does, and finishes once
+// Postgres is back, instead of failing the replica's start.
+func TestAMigrationRidesThroughAPostgresRestart(t *testing.T) {
+	t.Parallel()
+	cluster := dbtest.NewCluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	db := connect(t, cluster.URL())
+	expand, _ := nextRelease(t)
+
+	reader, err := pgx.Connect(ctx, cluster.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close(context.Background())
+	if _, err := reader.Exec(ctx, "BEGIN; LOCK TABLE replicas IN ACCESS SHARE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.InfoLevel)
+	migrated := make(chan error, 1)
+	go func() {
+		_, err := db.MigrateWith(ctx, database.MigrateOptions{Expand: expand, Logger: zap.New(core)})
+		migrated <- err
+	}()
+	wait.For(t, 30*time.Second, "the migration waits for the table lock", func() bool {
+		return logs.FilterMessageSnippet("waiting for a table lock").Len() > 0
+	})
+	if err := cluster.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	// Down long enough for the migrator to try again meanwhile.
+	var result error
+	ended := false
+	wait.For(t, 30*time.Second, "the migrator tries again while Postgres is down (or gives up)", func() bool {
+		select {
+		case result = <-migrated:
+			ended = true
+			return true
+		default:
+		}
+		return logs.FilterMessageSnippet("lost the database").Len() > 1
+	})
+	if err := cluster.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !ended {
+		result = <-migrated
+	}
+	if result != nil {
+		t.Fatalf("the migration failed across a Postgres restart: %v", result)
+	}
+	assertEachAppliedOnce(t, db, expand)
 }
