@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
 	"regexp"
 	"strconv"
 	"strings"
@@ -67,6 +69,12 @@ type MigrateOptions struct {
 	// it Postgres ends the session, which rolls the transaction back; a
 	// migrator that was merely slow retries. Default 2s.
 	IdleTimeout time.Duration
+	// UnavailableTimeout is how long a migration keeps trying while the
+	// database cannot be reached (a restart, a failover): each attempt
+	// that lost its connection is rolled back by Postgres and tried again.
+	// Past it, the error is returned. Default 30s (the start-up rule for
+	// an unreachable database).
+	UnavailableTimeout time.Duration
 }
 
 func (o MigrateOptions) withDefaults() (MigrateOptions, error) {
@@ -92,6 +100,9 @@ func (o MigrateOptions) withDefaults() (MigrateOptions, error) {
 	}
 	if o.IdleTimeout <= 0 {
 		o.IdleTimeout = 2 * time.Second
+	}
+	if o.UnavailableTimeout <= 0 {
+		o.UnavailableTimeout = 30 * time.Second
 	}
 	return o, nil
 }
@@ -495,12 +506,34 @@ func isIdleSessionEnded(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == "25P03"
 }
 
+// isConnectionLost: the attempt failed because the database went away or
+// cannot be reached yet (a restart, a failover): its transaction, if any,
+// is rolled back by Postgres, so trying again is safe.
+func isConnectionLost(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch {
+		case strings.HasPrefix(pgErr.Code, "08"), // connection exception
+			pgErr.Code == "57P01", // admin shutdown
+			pgErr.Code == "57P02", // crash shutdown
+			pgErr.Code == "57P03": // cannot connect now (starting, shutting down)
+			return true
+		}
+		return false
+	}
+	var connectErr *pgconn.ConnectError
+	var netErr net.Error
+	return errors.As(err, &connectErr) || errors.As(err, &netErr) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		strings.Contains(err.Error(), "conn closed")
+}
+
 // runStep applies one step, retrying while the migration lock is taken or
 // a table lock is not granted within LockTimeout.
 func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 	log := o.Logger.With(zap.String("file", s.file.Name))
 	start := time.Now()
-	var lastLog time.Time
+	var lastLog, lastLost time.Time
 	progress := func(msg string, fields ...zap.Field) {
 		if time.Since(lastLog) < 5*time.Second {
 			return
@@ -508,6 +541,7 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 		lastLog = time.Now()
 		log.Info(msg, append(fields, zap.Duration("waited", time.Since(start).Round(time.Millisecond)))...)
 	}
+	var lostSince time.Time // the first of the latest run of lost connections
 	for attempt := 1; ; attempt++ {
 		var applied bool
 		var err error
@@ -517,6 +551,12 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 			applied, err = db.tryStepInTx(ctx, o, s)
 		}
 		var pause time.Duration
+		lost := err != nil && ctx.Err() == nil && isConnectionLost(err)
+		if !lost {
+			lostSince = time.Time{}
+		} else if lostSince.IsZero() {
+			lostSince = time.Now()
+		}
 		switch {
 		case err == nil && applied:
 			log.Info("applied migration", zap.String("kind", string(s.file.Kind)), zap.Int("attempts", attempt),
@@ -530,6 +570,14 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 		case errors.Is(err, errLockBusy):
 			progress("waiting for another replica's migration to finish")
 			pause = jitter(o.RetryWait / 4)
+		case lost && time.Since(lostSince) < o.UnavailableTimeout:
+			if time.Since(lastLost) >= 5*time.Second {
+				lastLost = time.Now()
+				log.Warn("lost the database during a migration (a restart, a failover?); trying again until it is back",
+					zap.Int("attempt", attempt), zap.Duration("unavailable_for", time.Since(lostSince).Round(time.Millisecond)),
+					zap.Duration("gives_up_after", o.UnavailableTimeout), zap.Error(err))
+			}
+			pause = jitter(o.RetryWait / 2)
 		case isIdleSessionEnded(err):
 			log.Warn("Postgres ended the migration's session: it sat idle in its transaction too long (a slow or stalled connection to the database?); trying again",
 				zap.Int("attempt", attempt), zap.Duration("idle_timeout", o.IdleTimeout))
