@@ -65,6 +65,11 @@ type Server struct {
 
 	shutdownOnce sync.Once
 	shutdownErr  error
+
+	// fatal carries the one reason this replica must stop while it runs
+	// (see Fatal); failOnce sends it.
+	fatal    chan error
+	failOnce sync.Once
 }
 
 // New validates cfg, connects to (or starts) Postgres, migrates, and starts
@@ -83,7 +88,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: log, replicaID: uuid.New(), registry: newRegistry()}
+	s := &Server{cfg: cfg, log: log, replicaID: uuid.New(), registry: newRegistry(), fatal: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			s.closeAll()
@@ -337,6 +342,22 @@ func (s *Server) serve(l net.Listener, h http.Handler) {
 			s.log.Error("http server stopped", zap.Error(err))
 		}
 	}()
+}
+
+// Fatal delivers the reason this replica must stop, should one arise
+// while it runs: a finalize raised the schema floor past this release (a
+// replica that was paused or cut off from the database for longer than a
+// finalize counts replicas as live, then came back to a contracted
+// schema). It is the error a start would have refused with. The caller
+// shuts the server down and exits non-zero. At most one error is sent.
+func (s *Server) Fatal() <-chan error { return s.fatal }
+
+// fail reports err on Fatal (once) and logs it.
+func (s *Server) fail(err error) {
+	s.failOnce.Do(func() {
+		s.log.Error("this replica must stop", zap.Error(err))
+		s.fatal <- err
+	})
 }
 
 // HTTPAddress is the address the API listens on (useful with port 0).

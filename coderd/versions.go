@@ -2,6 +2,7 @@ package coderd
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -122,7 +123,11 @@ func (s *Server) watchVersions(r *replication) {
 
 // watchSchema reads the newest schema version again every
 // schemaCheckInterval (one small query): the next release may migrate
-// while this replica runs. Only a change costs a full status read.
+// while this replica runs. Only a change costs a full status read. It
+// also reads the schema floor: a finalize that ran while this replica was
+// paused or cut off (it did not count as live then) may have contracted
+// the schema past what this release knows; the replica then stops (Fatal)
+// rather than serve on a schema it may no longer work with.
 func (s *Server) watchSchema(r *replication) {
 	defer r.watchDone.Done()
 	t := time.NewTicker(schemaCheckInterval)
@@ -134,6 +139,12 @@ func (s *Server) watchSchema(r *replication) {
 		case <-t.C:
 		}
 		ctx, cancel := context.WithTimeout(r.ctx, 10*time.Second)
+		var tooOld *database.TooOldError
+		if err := s.db.CheckSchemaFloor(ctx, s.cfg.Version, s.schema.Load().Known); errors.As(err, &tooOld) {
+			cancel()
+			s.fail(err)
+			return
+		}
 		newest, err := s.db.NewestSchemaVersion(ctx)
 		if err == nil && newest != s.schema.Load().Found {
 			var st database.SchemaStatus

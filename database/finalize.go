@@ -219,10 +219,24 @@ func (db *DB) raiseSchemaFloor(ctx context.Context, schema int64, release string
 	if err != nil {
 		return nil, false, fmt.Errorf("raise the schema floor: %w", err)
 	}
+	// restore runs under the migration lock, as contract steps do: a
+	// concurrent finalize (which found the floor raised already) may have
+	// applied a step meanwhile, and the floor must never go below an
+	// applied step (applyContract checks the other order).
 	restore = func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(migrationLockID)); err != nil {
+				return err
+			}
+			var applied bool
+			if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM contract_steps WHERE schema_version > $1)`, prevMin).Scan(&applied); err != nil {
+				return err
+			}
+			if applied {
+				return nil // another finalize ran a step the raised floor protects
+			}
 			if prevMin == 0 {
 				_, err := tx.Exec(ctx, `DELETE FROM site_configs WHERE key IN ($1, $2)`, keyMinSchemaVersion, keyMinRelease)
 				return err

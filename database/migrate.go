@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
 	"regexp"
 	"strconv"
 	"strings"
@@ -57,6 +59,22 @@ type MigrateOptions struct {
 	// between half and one and a half times it, so queued heartbeats go
 	// through and several migrators do not retry in step. Default 1s.
 	RetryWait time.Duration
+	// IdleTimeout bounds how long Postgres keeps a migration's
+	// transaction open while waiting for the migrator's next statement
+	// (SET LOCAL idle_in_transaction_session_timeout). A live migrator
+	// sends its statements back to back; one that went silent mid-way (a
+	// network partition, a middlebox that lost the connection, a paused
+	// VM) would otherwise hold the table locks its statements took, and
+	// every heartbeat behind them, until TCP gives up on it (hours). Past
+	// it Postgres ends the session, which rolls the transaction back; a
+	// migrator that was merely slow retries. Default 2s.
+	IdleTimeout time.Duration
+	// UnavailableTimeout is how long a migration keeps trying while the
+	// database cannot be reached (a restart, a failover): each attempt
+	// that lost its connection is rolled back by Postgres and tried again.
+	// Past it, the error is returned. Default 30s (the start-up rule for
+	// an unreachable database).
+	UnavailableTimeout time.Duration
 }
 
 func (o MigrateOptions) withDefaults() (MigrateOptions, error) {
@@ -79,6 +97,12 @@ func (o MigrateOptions) withDefaults() (MigrateOptions, error) {
 	}
 	if o.RetryWait <= 0 {
 		o.RetryWait = time.Second
+	}
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = 2 * time.Second
+	}
+	if o.UnavailableTimeout <= 0 {
+		o.UnavailableTimeout = 30 * time.Second
 	}
 	return o, nil
 }
@@ -443,7 +467,20 @@ func (db *DB) applyContract(ctx context.Context, o MigrateOptions, f migrations.
 		applied: func(ctx context.Context, tx pgx.Tx) (bool, error) {
 			var done bool
 			err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM contract_steps WHERE name = $1)`, f.Name).Scan(&done)
-			return done, err
+			if err != nil || done {
+				return done, err
+			}
+			// Under the lock: the floor must still protect the step. A
+			// concurrent finalize that was refused (an old replica
+			// registered) puts back the floor it raised.
+			min, _, err := db.schemaFloor(ctx, tx)
+			if err != nil {
+				return false, err
+			}
+			if min < f.Version {
+				return false, fmt.Errorf("the schema floor (%d) is below what contract step %s requires (%d): a concurrent finalize was refused and put the floor back; run finalize again", min, f.Name, f.Version)
+			}
+			return false, nil
 		},
 		record: func(ctx context.Context, tx pgx.Tx) error {
 			_, err := tx.Exec(ctx, `INSERT INTO contract_steps (name, schema_version, applied_by) VALUES ($1, $2, $3)`, f.Name, f.Version, o.Release)
@@ -461,12 +498,42 @@ func isLockTimeout(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == "55P03"
 }
 
+// isIdleSessionEnded: SQLSTATE 25P03, Postgres ended the session because
+// the migration's transaction sat idle past IdleTimeout (the transaction
+// was rolled back; trying again is safe).
+func isIdleSessionEnded(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "25P03"
+}
+
+// isConnectionLost: the attempt failed because the database went away or
+// cannot be reached yet (a restart, a failover): its transaction, if any,
+// is rolled back by Postgres, so trying again is safe.
+func isConnectionLost(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch {
+		case strings.HasPrefix(pgErr.Code, "08"), // connection exception
+			pgErr.Code == "57P01", // admin shutdown
+			pgErr.Code == "57P02", // crash shutdown
+			pgErr.Code == "57P03": // cannot connect now (starting, shutting down)
+			return true
+		}
+		return false
+	}
+	var connectErr *pgconn.ConnectError
+	var netErr net.Error
+	return errors.As(err, &connectErr) || errors.As(err, &netErr) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		strings.Contains(err.Error(), "conn closed")
+}
+
 // runStep applies one step, retrying while the migration lock is taken or
 // a table lock is not granted within LockTimeout.
 func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 	log := o.Logger.With(zap.String("file", s.file.Name))
 	start := time.Now()
-	var lastLog time.Time
+	var lastLog, lastLost time.Time
 	progress := func(msg string, fields ...zap.Field) {
 		if time.Since(lastLog) < 5*time.Second {
 			return
@@ -474,15 +541,22 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 		lastLog = time.Now()
 		log.Info(msg, append(fields, zap.Duration("waited", time.Since(start).Round(time.Millisecond)))...)
 	}
+	var lostSince time.Time // the first of the latest run of lost connections
 	for attempt := 1; ; attempt++ {
 		var applied bool
 		var err error
 		if s.file.NoTransaction {
-			applied, err = db.tryStepOutsideTx(ctx, s)
+			applied, err = db.tryStepOutsideTx(ctx, o, s)
 		} else {
 			applied, err = db.tryStepInTx(ctx, o, s)
 		}
 		var pause time.Duration
+		lost := err != nil && ctx.Err() == nil && isConnectionLost(err)
+		if !lost {
+			lostSince = time.Time{}
+		} else if lostSince.IsZero() {
+			lostSince = time.Now()
+		}
 		switch {
 		case err == nil && applied:
 			log.Info("applied migration", zap.String("kind", string(s.file.Kind)), zap.Int("attempts", attempt),
@@ -495,6 +569,18 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 			return fmt.Errorf("migration %s: %w", s.file.Name, ctx.Err())
 		case errors.Is(err, errLockBusy):
 			progress("waiting for another replica's migration to finish")
+			pause = jitter(o.RetryWait / 4)
+		case lost && time.Since(lostSince) < o.UnavailableTimeout:
+			if time.Since(lastLost) >= 5*time.Second {
+				lastLost = time.Now()
+				log.Warn("lost the database during a migration (a restart, a failover?); trying again until it is back",
+					zap.Int("attempt", attempt), zap.Duration("unavailable_for", time.Since(lostSince).Round(time.Millisecond)),
+					zap.Duration("gives_up_after", o.UnavailableTimeout), zap.Error(err))
+			}
+			pause = jitter(o.RetryWait / 2)
+		case isIdleSessionEnded(err):
+			log.Warn("Postgres ended the migration's session: it sat idle in its transaction too long (a slow or stalled connection to the database?); trying again",
+				zap.Int("attempt", attempt), zap.Duration("idle_timeout", o.IdleTimeout))
 			pause = jitter(o.RetryWait / 4)
 		case isLockTimeout(err):
 			progress("migration is waiting for a table lock held by another session (a long transaction, a report, a backup?); retrying in short attempts so heartbeats keep flowing",
@@ -521,7 +607,10 @@ func jitter(d time.Duration) time.Duration {
 // lockStep opens the lock holder's transaction: the migration lock
 // (without waiting), goose_db_version if asked for and missing, and
 // whether the step already ran. The caller commits or rolls back tx.
-func (db *DB) lockStep(ctx context.Context, s step, lockTimeout time.Duration) (tx pgx.Tx, done bool, err error) {
+// With bounded, the transaction's waits for table locks are bounded by
+// o.LockTimeout and its idle time between statements by o.IdleTimeout
+// (both transaction-local: they work through PgBouncer).
+func (db *DB) lockStep(ctx context.Context, s step, o MigrateOptions, bounded bool) (tx pgx.Tx, done bool, err error) {
 	tx, err = db.pool.Begin(ctx)
 	if err != nil {
 		return nil, false, err
@@ -530,8 +619,9 @@ func (db *DB) lockStep(ctx context.Context, s step, lockTimeout time.Duration) (
 		rollback(tx)
 		return nil, false, err
 	}
-	if lockTimeout > 0 {
-		if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", lockTimeout.Milliseconds())); err != nil {
+	if bounded {
+		if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true), set_config('idle_in_transaction_session_timeout', $2, true)`,
+			strconv.FormatInt(o.LockTimeout.Milliseconds(), 10), strconv.FormatInt(o.IdleTimeout.Milliseconds(), 10)); err != nil {
 			return fail(err)
 		}
 	}
@@ -562,7 +652,7 @@ func rollback(tx pgx.Tx) {
 
 // tryStepInTx runs a step's statements in the lock holder's transaction.
 func (db *DB) tryStepInTx(ctx context.Context, o MigrateOptions, s step) (applied bool, err error) {
-	tx, done, err := db.lockStep(ctx, s, o.LockTimeout)
+	tx, done, err := db.lockStep(ctx, s, o, true)
 	if err != nil {
 		return false, err
 	}
@@ -593,8 +683,8 @@ var reIndexName = regexp.MustCompile(`(?is)^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CO
 // on its own through the pool; the holder then records the step.
 // Statements run without lock_timeout: the concurrent builds they are
 // limited to never queue ahead of a heartbeat's lock.
-func (db *DB) tryStepOutsideTx(ctx context.Context, s step) (applied bool, err error) {
-	holder, done, err := db.lockStep(ctx, s, 0)
+func (db *DB) tryStepOutsideTx(ctx context.Context, o MigrateOptions, s step) (applied bool, err error) {
+	holder, done, err := db.lockStep(ctx, s, o, false)
 	if err != nil {
 		return false, err
 	}
@@ -609,7 +699,7 @@ func (db *DB) tryStepOutsideTx(ctx context.Context, s step) (applied bool, err e
 	if !done {
 		for i, stmt := range s.file.Statements {
 			if m := reIndexName.FindStringSubmatch(stmt); m != nil {
-				if err := db.dropInvalidIndex(ctx, strings.Trim(m[1], `"`)); err != nil {
+				if err := db.dropInvalidIndex(ctx, o.Logger.With(zap.String("file", s.file.Name)), strings.Trim(m[1], `"`)); err != nil {
 					return false, fmt.Errorf("statement %d: %w", i+1, err)
 				}
 			}
@@ -627,9 +717,43 @@ func (db *DB) tryStepOutsideTx(ctx context.Context, s step) (applied bool, err e
 	return !done, nil
 }
 
+// buildPollInterval is how often a migrator checks whether an index build
+// a killed migrator left running has ended.
+const buildPollInterval = 250 * time.Millisecond
+
 // dropInvalidIndex drops index name if a concurrent build that failed or
 // was interrupted left it invalid (IF NOT EXISTS would keep it forever).
-func (db *DB) dropInvalidIndex(ctx context.Context, name string) error {
+// An index is invalid while it is being built, too: a migrator killed
+// mid-build (its lock holder's session ended, so this one got the lock)
+// leaves its build running in its backend, which knows nothing of the
+// kill. Dropping the index under that build collides with it ("tuple
+// concurrently updated") or throws its work away, so this waits for such
+// a build to end first, then looks again.
+func (db *DB) dropInvalidIndex(ctx context.Context, log *zap.Logger, name string) error {
+	var lastLog time.Time
+	start := time.Now()
+	for {
+		var building bool
+		err := db.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index WHERE index_relid = to_regclass($1))`, name).Scan(&building)
+		if err != nil {
+			return err
+		}
+		if !building {
+			break
+		}
+		if time.Since(lastLog) >= 5*time.Second {
+			lastLog = time.Now()
+			log.Info("waiting for an index build a previous migrator left running (killed mid-build?) to end",
+				zap.String("index", name), zap.Duration("waited", time.Since(start).Round(time.Millisecond)))
+		}
+		t := time.NewTimer(buildPollInterval)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
 	var invalid bool
 	err := db.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) AND NOT indisvalid)`, name).Scan(&invalid)
 	if err != nil || !invalid {

@@ -143,8 +143,13 @@ func runServer(cmd *cobra.Command, cfg coderd.Config, verbose, logJSON bool) err
 	// Start-up is done: from here a signal drains instead of aborting.
 	cancel()
 
-	sig := <-sigs
-	log.Info("received signal, shutting down: send it again to skip the grace period", zapSignal(sig))
+	var fatal error
+	select {
+	case sig := <-sigs:
+		log.Info("received signal, shutting down: send it again to skip the grace period", zapSignal(sig))
+	case fatal = <-srv.Fatal():
+		log.Info("shutting down: this replica cannot keep running (the error above); send a signal to skip the grace period")
+	}
 	shutdownCtx, skipGrace := context.WithCancel(context.Background())
 	defer skipGrace()
 	go func() {
@@ -156,6 +161,9 @@ func runServer(cmd *cobra.Command, cfg coderd.Config, verbose, logJSON bool) err
 	}()
 	if err := srv.Shutdown(shutdownCtx); err != nil {
 		return &exitError{code: 1, msg: fmt.Sprintf("shutdown: %v", err)}
+	}
+	if fatal != nil {
+		return &exitError{code: 1, msg: fatal.Error()}
 	}
 	return nil
 }
