@@ -5,12 +5,42 @@ import (
 	"net/http"
 	"sort"
 	"strings"
+	"sync/atomic"
 
 	"tailscale.com/derp/derpserver"
 
 	"github.com/coder-ha/coder/coderd/healthpage"
 	"github.com/coder-ha/coder/derpmesh"
 )
+
+// switchHandler serves whichever handler was set last: the listeners are
+// bound (and /healthz answers) before the API's parts exist.
+type switchHandler struct{ h atomic.Pointer[http.Handler] }
+
+func (s *switchHandler) set(h http.Handler) { s.h.Store(&h) }
+
+func (s *switchHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	(*s.h.Load()).ServeHTTP(w, r)
+}
+
+// startingRoutes answer while the replica starts (it may be migrating the
+// database, waiting for a lock): alive, not ready, nothing else yet.
+func startingRoutes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte("OK"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = w.Write([]byte("starting"))
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusServiceUnavailable, "The replica is still starting.", "")
+	})
+	return mux
+}
 
 // routes builds the HTTP handler: health endpoints, the API and the relay.
 // Only the relay guard wraps /derp (it passes the server's own
@@ -71,7 +101,7 @@ func (s *Server) handleBuildInfo(w http.ResponseWriter, r *http.Request) {
 // stored (read on request, at most once a second: not on every beat); it
 // answers through a Postgres outage, with the matrix last read.
 func (s *Server) handleReplicas(w http.ResponseWriter, r *http.Request) {
-	if s.repl == nil || s.repl.replicas == nil {
+	if !s.joined.Load() {
 		writeError(w, http.StatusServiceUnavailable, "The replica is still starting.", "")
 		return
 	}
@@ -86,7 +116,7 @@ func (s *Server) handleReplicas(w http.ResponseWriter, r *http.Request) {
 // handleHealth reports the database, the replicas and the mesh as this
 // replica sees them. Each warning names what it is about.
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
-	if s.repl == nil || s.repl.replicas == nil {
+	if !s.joined.Load() {
 		writeError(w, http.StatusServiceUnavailable, "The replica is still starting.", "")
 		return
 	}
@@ -103,6 +133,12 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	if s.repl.pubsub != nil && !s.repl.pubsub.Connected() {
 		report.Database.Healthy = false
 		report.Database.Warnings = append(report.Database.Warnings, "the LISTEN connection is down: peers are seen only at heartbeats until it reconnects")
+	}
+	if st := s.schema.Load(); st != nil && st.Newer() {
+		report.Database.Warnings = append(report.Database.Warnings, st.SkewWarning(s.cfg.Version))
+	}
+	if w := mixedVersionsWarning(rs.All()); w != "" {
+		report.Replicas.Warnings = append(report.Replicas.Warnings, w)
 	}
 	for _, warning := range rs.Warnings() {
 		if strings.HasPrefix(warning, "the database") {

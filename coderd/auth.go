@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	"tailscale.com/util/lru"
 
 	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/database/pubsub"
 )
 
 // apiKeyChecker is what token checks need from the database.
@@ -22,6 +24,8 @@ type apiKeyChecker interface {
 	// database.ErrInvalidToken for one that does not authenticate, and any
 	// other error when the database could not answer.
 	ValidateAPIKey(ctx context.Context, token string) error
+	// ExistingAPIKeyIDs returns which of ids still name a key.
+	ExistingAPIKeyIDs(ctx context.Context, ids []string) ([]string, error)
 }
 
 // tokenValidatorOptions tunes a tokenValidator; zero fields get the
@@ -29,7 +33,8 @@ type apiKeyChecker interface {
 type tokenValidatorOptions struct {
 	// ValidTTL: an accepted token is trusted this long without asking the
 	// database, so operators keep API access through a short Postgres
-	// outage. Default 5m.
+	// outage. A revocation ends the trust at once (see followRevocations);
+	// the TTL is the last resort should one go unnoticed. Default 5m.
 	ValidTTL time.Duration
 	// InvalidTTL: a refused token is refused this long without asking the
 	// database, so a flood of bad tokens costs one query per distinct
@@ -44,13 +49,20 @@ type tokenValidatorOptions struct {
 	// LookupWait is how long a check waits for a lookup slot before
 	// answering 503. Default 5s.
 	LookupWait time.Duration
+	// RecheckInterval is how often, without LISTEN (poll mode), the
+	// accepted tokens are checked against the database in one query, so a
+	// revocation takes effect within it there too. Default 1s, the poll
+	// mode's own pace: one indexed query a second while any token is
+	// cached, none otherwise.
+	RecheckInterval time.Duration
 	// Logger gets database failures (never the token). Default no-op.
 	Logger *zap.Logger
 }
 
 // tokenValidator checks API tokens against the database with a cache of
 // accepted and of refused tokens (keyed by the token's SHA-256, never the
-// token itself), one lookup at a time per token, and a bound on concurrent
+// token itself; accepted ones also by their key id, so a revocation can
+// name them), one lookup at a time per token, and a bound on concurrent
 // lookups.
 type tokenValidator struct {
 	db   apiKeyChecker
@@ -60,9 +72,24 @@ type tokenValidator struct {
 	flight singleflight.Group
 
 	mu      sync.Mutex
-	valid   lru.Cache[[32]byte, time.Time] // guarded by mu: hash → trusted until
+	valid   lru.Cache[string, trusted]     // guarded by mu: key id → accepted token
 	invalid lru.Cache[[32]byte, time.Time] // guarded by mu: hash → refused until
-	lastLog time.Time                      // guarded by mu: last database failure logged
+	// forgets counts revocations applied (guarded by mu): a lookup that
+	// began before one does not cache its answer, which may predate it.
+	forgets uint64
+	lastLog time.Time // guarded by mu: last database failure logged
+
+	// The revocation feed, from followRevocations until Close.
+	stopFollow  context.CancelFunc
+	unsubscribe func()
+	followDone  sync.WaitGroup
+	closeOnce   sync.Once
+}
+
+// trusted is an accepted token: its hash, and until when it is trusted.
+type trusted struct {
+	sum   [32]byte
+	until time.Time
 }
 
 // errTokenCheckUnavailable is a check that could not reach a verdict: the
@@ -85,10 +112,13 @@ func newTokenValidator(db apiKeyChecker, opts tokenValidatorOptions) *tokenValid
 	if opts.LookupWait <= 0 {
 		opts.LookupWait = 5 * time.Second
 	}
+	if opts.RecheckInterval <= 0 {
+		opts.RecheckInterval = time.Second
+	}
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
-	v := &tokenValidator{db: db, opts: opts, sem: make(chan struct{}, opts.MaxConcurrentLookups)}
+	v := &tokenValidator{db: db, opts: opts, sem: make(chan struct{}, opts.MaxConcurrentLookups), stopFollow: func() {}}
 	v.valid.MaxEntries = opts.CacheSize
 	v.invalid.MaxEntries = opts.CacheSize
 	return v
@@ -98,9 +128,10 @@ func newTokenValidator(db apiKeyChecker, opts tokenValidatorOptions) *tokenValid
 // invalid one, and errTokenCheckUnavailable when no verdict could be had.
 func (v *tokenValidator) check(ctx context.Context, token string) error {
 	sum := sha256.Sum256([]byte(token))
+	id, _ := database.APIKeyID(token)
 	now := time.Now()
 	v.mu.Lock()
-	if until, ok := v.valid.GetOk(sum); ok && now.Before(until) {
+	if t, ok := v.valid.GetOk(id); ok && t.sum == sum && now.Before(t.until) {
 		v.mu.Unlock()
 		return nil
 	}
@@ -111,7 +142,7 @@ func (v *tokenValidator) check(ctx context.Context, token string) error {
 	v.mu.Unlock()
 
 	_, err, _ := v.flight.Do(string(sum[:]), func() (any, error) {
-		return nil, v.lookup(sum, token)
+		return nil, v.lookup(sum, id, token)
 	})
 	return err
 }
@@ -119,7 +150,7 @@ func (v *tokenValidator) check(ctx context.Context, token string) error {
 // lookup asks the database (under the concurrency bound) and caches the
 // verdict. It runs detached from any one request so that a caller giving
 // up does not fail the others waiting on the same token.
-func (v *tokenValidator) lookup(sum [32]byte, token string) error {
+func (v *tokenValidator) lookup(sum [32]byte, id, token string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), v.opts.LookupWait+5*time.Second)
 	defer cancel()
 	wait := time.NewTimer(v.opts.LookupWait)
@@ -130,13 +161,18 @@ func (v *tokenValidator) lookup(sum [32]byte, token string) error {
 		v.logFailure(errors.New("every token lookup slot stayed busy"))
 		return errTokenCheckUnavailable
 	}
+	v.mu.Lock()
+	forgets := v.forgets
+	v.mu.Unlock()
 	err := v.db.ValidateAPIKey(ctx, token)
 	<-v.sem
 	now := time.Now()
 	switch {
 	case err == nil:
 		v.mu.Lock()
-		v.valid.Set(sum, now.Add(v.opts.ValidTTL))
+		if v.forgets == forgets {
+			v.valid.Set(id, trusted{sum: sum, until: now.Add(v.opts.ValidTTL)})
+		}
 		v.invalid.Delete(sum)
 		v.mu.Unlock()
 		return nil
@@ -149,6 +185,137 @@ func (v *tokenValidator) lookup(sum [32]byte, token string) error {
 		v.logFailure(err)
 		return errTokenCheckUnavailable
 	}
+}
+
+// followRevocations makes a revoked token stop working at once. With ps
+// (LISTEN), each revocation notice (database.APIKeyRevokedChannel) drops
+// that key's token, and a gap in the notices (ps re-established its
+// connection: notices sent meanwhile are lost) makes the validator check
+// every token it trusts against the database in one query, again every
+// RecheckInterval until that check gets an answer. Without ps (poll mode)
+// it does that every RecheckInterval. While checks fail (the database is
+// down) tokens stay trusted until their TTL, as in any outage. Close stops
+// it.
+func (v *tokenValidator) followRevocations(ps *pubsub.Pubsub) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	v.stopFollow = cancel
+	if ps != nil {
+		gaps := make(chan struct{}, 1)
+		unsub, err := ps.Subscribe(database.APIKeyRevokedChannel, func(_ context.Context, payload []byte, err error) {
+			switch {
+			case errors.Is(err, pubsub.ErrDroppedMessages):
+				select {
+				case gaps <- struct{}{}:
+				default: // a check is due already
+				}
+			case err == nil:
+				v.forget(string(payload))
+			}
+		})
+		if err != nil {
+			cancel()
+			return fmt.Errorf("follow token revocations: %w", err)
+		}
+		v.unsubscribe = unsub
+		v.followDone.Add(1)
+		go v.recheckAfterGaps(ctx, gaps)
+		return nil
+	}
+	v.followDone.Add(1)
+	go func() {
+		defer v.followDone.Done()
+		t := time.NewTicker(v.opts.RecheckInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				v.recheck(ctx)
+			}
+		}
+	}()
+	return nil
+}
+
+// Close stops following revocations and waits. It is safe to call more
+// than once, and without followRevocations.
+func (v *tokenValidator) Close() {
+	v.closeOnce.Do(func() {
+		v.stopFollow()
+		if v.unsubscribe != nil {
+			v.unsubscribe()
+		}
+		v.followDone.Wait()
+	})
+}
+
+// recheckAfterGaps checks the trusted tokens after each gap in the
+// revocation notices, and again every RecheckInterval until a check gets
+// an answer (the database may still be failing right after the LISTEN
+// connection came back). It runs apart from the notices, so a slow check
+// never delays one. It returns when ctx ends.
+func (v *tokenValidator) recheckAfterGaps(ctx context.Context, gaps <-chan struct{}) {
+	defer v.followDone.Done()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-gaps:
+		}
+		for !v.recheck(ctx) {
+			t := time.NewTimer(v.opts.RecheckInterval)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+	}
+}
+
+// forget stops trusting the token of key id.
+func (v *tokenValidator) forget(id string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.valid.Delete(id)
+	v.forgets++
+}
+
+// recheck asks the database which of the trusted tokens' keys still exist
+// and forgets the others. Nothing to check: no query. It reports whether
+// the database answered (or there was nothing to ask).
+func (v *tokenValidator) recheck(ctx context.Context) bool {
+	v.mu.Lock()
+	ids := make([]string, 0, v.valid.Len())
+	v.valid.ForEach(func(id string, _ trusted) { ids = append(ids, id) })
+	v.mu.Unlock()
+	if len(ids) == 0 {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(ctx, v.opts.LookupWait+5*time.Second)
+	defer cancel()
+	existing, err := v.db.ExistingAPIKeyIDs(ctx, ids)
+	if err != nil {
+		if ctx.Err() == nil {
+			v.logFailure(err)
+		}
+		return false
+	}
+	still := make(map[string]bool, len(existing))
+	for _, id := range existing {
+		still[id] = true
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, id := range ids {
+		if !still[id] {
+			v.valid.Delete(id)
+			v.forgets++
+		}
+	}
+	return true
 }
 
 // logFailure logs why token checks fail, at most every 10 seconds: the

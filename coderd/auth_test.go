@@ -4,12 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
@@ -27,6 +32,11 @@ type countingDB struct {
 func (c *countingDB) ValidateAPIKey(ctx context.Context, token string) error {
 	c.queries.Add(1)
 	return c.db.ValidateAPIKey(ctx, token)
+}
+
+func (c *countingDB) ExistingAPIKeyIDs(ctx context.Context, ids []string) ([]string, error) {
+	c.queries.Add(1)
+	return c.db.ExistingAPIKeyIDs(ctx, ids)
 }
 
 func authServer(t *testing.T, v *tokenValidator) *httptest.Server {
@@ -120,6 +130,11 @@ func (b *blockedDB) ValidateAPIKey(ctx context.Context, token string) error {
 	}
 }
 
+func (b *blockedDB) ExistingAPIKeyIDs(ctx context.Context, ids []string) ([]string, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
 // Distinct fake tokens bypass the negative cache, so lookups are bounded:
 // the pool keeps connections for heartbeats, and callers past the bound
 // get "unavailable" (a 503 without database details).
@@ -155,5 +170,47 @@ func TestTokenLookupsAreBoundedSoFloodsCannotTakeThePool(t *testing.T) {
 	}
 	if unavailable != 18 {
 		t.Fatalf("%d checks answered unavailable, want 18", unavailable)
+	}
+}
+
+// Garbage in the token header (an id of bytes that are not UTF-8, which
+// Postgres refuses to compare as text; unicode; a huge secret) is an
+// invalid token like any other: 401, no database detail, no warning that
+// the database is unavailable (it is not), and refused from the cache
+// when repeated.
+func TestGarbageTokensAreInvalidNotUnavailable(t *testing.T) {
+	t.Parallel()
+	db := &countingDB{db: dbtest.NewDB(t)}
+	core, logs := observer.New(zap.InfoLevel)
+	srv := authServer(t, newTokenValidator(db, tokenValidatorOptions{Logger: zap.New(core)}))
+	for _, tok := range []string{
+		"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6-secret", // a 10-byte id, not UTF-8
+		"\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9-secret", // a 10-byte id, UTF-8 (é×5)
+		"abcde\xffghij-secret",
+		"abcdefghij-\xff\xfe",
+		"日本語日本-secret",
+		"abcdefghij-" + strings.Repeat("s", 64<<10),
+		"abcdefghij",
+		"-",
+	} {
+		for i := 0; i < 2; i++ {
+			req, _ := http.NewRequest(http.MethodGet, srv.URL, nil)
+			req.Header["Coder-Session-Token"] = []string{tok}
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != http.StatusUnauthorized {
+				t.Errorf("token %q: %d %s, want 401", tok[:min(len(tok), 24)], res.StatusCode, body)
+			}
+			if strings.Contains(strings.ToLower(string(body)), "sqlstate") || strings.Contains(string(body), "UTF8") {
+				t.Errorf("token %q: the answer leaks a database error: %s", tok[:min(len(tok), 24)], body)
+			}
+		}
+	}
+	if n := logs.FilterMessage("cannot check api tokens: the database is unavailable").Len(); n != 0 {
+		t.Errorf("garbage tokens logged %d warnings that the database is unavailable", n)
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/coder-ha/coder/database"
 )
 
 // Config is everything `coder server` is told by flags and environment.
@@ -23,9 +25,14 @@ type Config struct {
 	// to be a load balancer: the implicit default names this replica
 	// itself, so a relay URL may equal it (one machine, several replicas).
 	AccessURL string
-	// PostgresURL is the shared database. Empty: run the built-in Postgres
-	// in CacheDir.
+	// PostgresURL is the shared database. Empty (and no PostgresURLFile):
+	// run the built-in Postgres in CacheDir.
 	PostgresURL string
+	// PostgresURLFile is a file holding PostgresURL, read again whenever a
+	// connection is opened (pool, LISTEN, migrations), so a rotated
+	// Kubernetes Secret takes effect without a restart. Setting both is
+	// an error.
+	PostgresURLFile string
 	// CacheDir keeps the built-in Postgres. Default $XDG_CACHE_HOME/coder.
 	CacheDir string
 	// PostgresPubsub is how replicas hear of each other: "listen"
@@ -38,6 +45,11 @@ type Config struct {
 	// DERPServerEnable runs the embedded relay at /derp and meshes it.
 	DERPServerEnable bool
 	// DERPServerRelayURL is how peer replicas reach this replica directly.
+	// Default: the listen URL (http:// + HTTPAddress, as the implicit
+	// access URL) when no AccessURL is given either, so replicas started
+	// side by side on one machine mesh both ways; empty otherwise (behind
+	// a load balancer the listen address says nothing about how peers
+	// reach this replica). No default with port 0 or the DERP server off.
 	DERPServerRelayURL string
 	// DERPServerRegionID: replicas mesh only within a region. Default 999.
 	DERPServerRegionID int
@@ -53,6 +65,11 @@ type Config struct {
 	// DERPServerVerifyClientURLFailOpen admits new clients while the
 	// webhook cannot be reached. Default false (fail closed).
 	DERPServerVerifyClientURLFailOpen bool
+	// DERPServerVerifyClientInterval: with a webhook, connected clients are
+	// verified again at this interval (spread over it) and disconnected
+	// when it now refuses them. 0: never (as the flag's 0; the flag's
+	// default is relayguard.DefaultVerifyInterval, 1m).
+	DERPServerVerifyClientInterval time.Duration
 	// DERPServerMaxConnections caps DERP client connections per replica
 	// (mesh connections never count). 0: relayguard.DefaultMaxConnections;
 	// negative: no cap.
@@ -163,13 +180,30 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 	if _, _, err := net.SplitHostPort(ListenAddress(c.HTTPAddress)); err != nil {
 		return c, &ConfigError{"http-address", fmt.Sprintf("%q is not host:port", c.HTTPAddress)}
 	}
+	if c.PostgresURL != "" && c.PostgresURLFile != "" {
+		return c, &ConfigError{"postgres-url-file", "cannot be used together with --postgres-url (CODER_PG_CONNECTION_URL): set one of them"}
+	}
 	accessExplicit := c.AccessURL != ""
-	if !accessExplicit {
-		host, port, _ := net.SplitHostPort(ListenAddress(c.HTTPAddress))
+	listenURL := ""
+	if host, port, _ := net.SplitHostPort(ListenAddress(c.HTTPAddress)); port != "0" {
 		if host == "" || host == "0.0.0.0" || host == "::" {
 			host = "127.0.0.1"
 		}
-		c.AccessURL = "http://" + net.JoinHostPort(host, port)
+		listenURL = "http://" + net.JoinHostPort(host, port)
+	}
+	if !accessExplicit {
+		c.AccessURL = listenURL
+		if c.AccessURL == "" { // port 0: known only once listening
+			c.AccessURL = "http://" + ListenAddress(c.HTTPAddress)
+		}
+		if c.DERPServerEnable && c.DERPServerRelayURL == "" && listenURL != "" {
+			// Without a load balancer in front the listen URL is how
+			// peers reach this replica: the same default as the access
+			// URL, so that a replica started beside `make run` meshes
+			// with it both ways.
+			// ("server started" logs it.)
+			c.DERPServerRelayURL = listenURL
+		}
 	}
 	access, err := url.Parse(c.AccessURL)
 	if err != nil || !access.IsAbs() || (access.Scheme != "http" && access.Scheme != "https") || access.Host == "" {
@@ -211,6 +245,9 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 			return c, &ConfigError{"derp-server-verify-client-url", "must be an absolute http or https URL such as https://headscale.example.com/verify"}
 		}
 	}
+	if c.DERPServerVerifyClientInterval < 0 {
+		return c, &ConfigError{"derp-server-verify-client-interval", "must not be negative (0: never verify connected clients again)"}
+	}
 	if c.HTTPReadTimeout <= 0 {
 		c.HTTPReadTimeout = httpReadTimeout
 	}
@@ -250,6 +287,26 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 		}
 	}
 	return c, nil
+}
+
+// PostgresSource is where the Postgres URL comes from: the --postgres-url
+// given, or --postgres-url-file (read once now, so a missing or unreadable
+// file is reported at start, naming the path, never the contents). It is
+// nil when neither is set (the built-in Postgres). Both set is an error.
+func (c Config) PostgresSource() (*database.URLSource, error) {
+	switch {
+	case c.PostgresURL != "" && c.PostgresURLFile != "":
+		return nil, &ConfigError{"postgres-url-file", "cannot be used together with --postgres-url (CODER_PG_CONNECTION_URL): set one of them"}
+	case c.PostgresURLFile != "":
+		src, err := database.URLFile(c.PostgresURLFile)
+		if err != nil {
+			return nil, &ConfigError{"postgres-url-file", err.Error()}
+		}
+		return src, nil
+	case c.PostgresURL != "":
+		return database.StaticURL(c.PostgresURL), nil
+	}
+	return nil, nil
 }
 
 // sameURL compares scheme, host (with default ports) and path.

@@ -38,3 +38,35 @@ func TestRelayURLEqualToAccessURLIsRefusedOnlyWhenAccessURLIsExplicit(t *testing
 		})
 	}
 }
+
+// Without --access-url and --derp-server-relay-url the relay URL is the
+// listen URL (like the access URL), so replicas side by side on one
+// machine mesh both ways; behind a load balancer (an explicit access URL),
+// with the DERP server off, or with port 0 there is no default.
+func TestRelayURLDefaultsToTheListenURLOnlyWithoutAnAccessURL(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{"nothing given", Config{HTTPAddress: "127.0.0.1:3001", DERPServerEnable: true}, "http://127.0.0.1:3001"},
+		{"default address", Config{DERPServerEnable: true}, "http://127.0.0.1:3000"},
+		{"all interfaces", Config{HTTPAddress: "*:3000", DERPServerEnable: true}, "http://127.0.0.1:3000"},
+		{"explicit relay URL", Config{HTTPAddress: "127.0.0.1:3001", DERPServerEnable: true, DERPServerRelayURL: "http://10.0.0.1:3001"}, "http://10.0.0.1:3001"},
+		{"access URL given", Config{HTTPAddress: "127.0.0.1:3001", DERPServerEnable: true, AccessURL: "https://coder.example.com"}, ""},
+		{"DERP server off", Config{HTTPAddress: "127.0.0.1:3001"}, ""},
+		{"port 0", Config{HTTPAddress: "127.0.0.1:0", DERPServerEnable: true}, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := tc.cfg.withDefaults(zap.NewNop())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.DERPServerRelayURL != tc.want {
+				t.Fatalf("relay URL %q, want %q", c.DERPServerRelayURL, tc.want)
+			}
+		})
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/coder-ha/coder/database"
 )
 
 // newRegistry is the process's own registry (never the global one: tests
@@ -54,4 +56,38 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.max, prometheus.GaugeValue, float64(s.MaxConns()))
 	ch <- prometheus.MustNewConstMetric(c.acquire, prometheus.CounterValue, float64(s.AcquireCount()))
 	ch <- prometheus.MustNewConstMetric(c.acquireWait, prometheus.CounterValue, s.AcquireDuration().Seconds())
+}
+
+// newBuildInfoCollector is coderd_build_info{version}: always 1, labelled
+// with this replica's version (join it with other series by instance).
+func newBuildInfoCollector(version string) prometheus.Collector {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name:        "coderd_build_info",
+		Help:        "Always 1; the version label is this replica's version.",
+		ConstLabels: prometheus.Labels{"version": version},
+	})
+	g.Set(1)
+	return g
+}
+
+// versionsCollector is coderd_replica_versions{version}: the live
+// replicas (self included) per version, as this replica sees them, read
+// at scrape time so that a version disappears with its last replica.
+type versionsCollector struct {
+	live func() []database.Replica
+	desc *prometheus.Desc
+}
+
+func newVersionsCollector(live func() []database.Replica) *versionsCollector {
+	return &versionsCollector{live: live, desc: prometheus.NewDesc("coderd_replica_versions",
+		"Live replicas per version, self included, as this replica sees them; more than one series means a rolling upgrade is under way.",
+		[]string{"version"}, nil)}
+}
+
+func (c *versionsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *versionsCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, g := range versionsOf(c.live()) {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(len(g.Replicas)), g.Version)
+	}
 }

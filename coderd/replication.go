@@ -36,8 +36,13 @@ type replication struct {
 	// derpVars reads the relay's own counters (incoming mesh watchers).
 	derpVars *metrics.Set
 
+	// stopWatch and ctx end the watch goroutines (mesh errors, versions,
+	// schema), which watchDone counts.
 	stopWatch chan struct{}
+	ctx       context.Context
+	cancel    context.CancelFunc
 	watchDone sync.WaitGroup
+	closeOnce sync.Once
 }
 
 // meshPinger measures peer latency over the mesh once it is set (until
@@ -145,6 +150,7 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		return err
 	}
 	r := &replication{stopWatch: make(chan struct{})}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
 	s.repl = r
 	r.pubsub, err = s.openPubsub(ctx)
 	if err != nil {
@@ -345,29 +351,43 @@ func (s *Server) stopReplication() {
 	}
 }
 
-// closeReplication stops everything startReplication started.
+// closeReplication stops everything startReplication started (and the
+// watch goroutines New started). It is safe to call more than once.
 func (s *Server) closeReplication() {
 	r := s.repl
 	if r == nil {
 		return
 	}
-	if r.mesh != nil {
+	r.closeOnce.Do(func() {
 		close(r.stopWatch)
+		r.cancel()
 		r.watchDone.Wait()
-		_ = r.mesh.Close()
-	}
-	if r.replicas != nil {
-		_ = r.replicas.Close()
-	}
-	if r.pubsub != nil {
-		_ = r.pubsub.Close()
-	}
+		if r.mesh != nil {
+			_ = r.mesh.Close()
+		}
+		if r.replicas != nil {
+			_ = r.replicas.Close()
+		}
+		if r.pubsub != nil {
+			_ = r.pubsub.Close()
+		}
+	})
 }
 
+// notReadyLogInterval is how often a replica that is not ready yet says
+// what it waits for.
+const notReadyLogInterval = 5 * time.Second
+
 // watchReady latches readiness once the replica is registered and meshed
-// with every live regional peer it knows of. Once ready, it stays ready
-// until it drains: a peer dying or a Postgres outage must not take every
-// replica out of the load balancer at once.
+// both ways with every live regional peer it knows of: its own mesh link
+// to each peer is up (so it forwards its clients' packets to the peers'
+// clients), and each peer holds a mesh link to it (so the peers forward
+// their clients' packets to this replica's clients from the first client
+// a load balancer sends here). A peer that
+// learns of the join late (a lost notification) is waited for until its
+// next heartbeat's read finds it. Once ready, it stays ready until it
+// drains: a peer dying or a Postgres outage must not take every replica
+// out of the load balancer at once (isolated is the one exception).
 func (s *Server) watchReady() {
 	t := time.NewTicker(10 * time.Millisecond)
 	defer t.Stop()
@@ -377,31 +397,68 @@ func (s *Server) watchReady() {
 		if s.draining.Load() {
 			return
 		}
-		if s.meshReady() {
+		w := s.readiness()
+		if w.ready() {
 			s.ready.Store(true)
 			s.log.Info("replica is ready", zap.Duration("took", time.Since(start).Round(time.Millisecond)))
 			return
 		}
-		if time.Since(lastLog) > 10*time.Second {
+		if time.Since(lastLog) >= notReadyLogInterval {
 			lastLog = time.Now()
-			var waiting []string
-			for _, st := range s.repl.mesh.Status() {
-				if st.State != derpmesh.StateConnected {
-					waiting = append(waiting, st.URL)
-				}
-			}
-			s.log.Info("not ready yet: waiting to mesh with peers", zap.Strings("peers", waiting))
+			s.log.Info("not ready yet: waiting for the mesh with peers, both ways",
+				zap.Bool("registered", w.registered), zap.Bool("peers_known", w.synced),
+				zap.Strings("meshing_with", w.outgoing), zap.Strings("waiting_for_links_from", w.incoming),
+				zap.Duration("waited", time.Since(start).Round(time.Second)))
 		}
 	}
 }
 
-func (s *Server) meshReady() bool {
+// readinessState is what readiness still waits for.
+type readinessState struct {
+	registered bool     // joined the cluster (replica sync running)
+	synced     bool     // the mesh was given the peer set at least once
+	outgoing   []string // peers this replica's mesh link to is not up yet
+	incoming   []string // peers whose mesh link to this replica is not up yet
+}
+
+func (w readinessState) ready() bool {
+	return w.registered && w.synced && len(w.outgoing) == 0 && len(w.incoming) == 0
+}
+
+// readiness checks both directions of the mesh. A peer's mesh client
+// connects with the peer relay's own key (derpmesh dials with the
+// server's private key, in every release), which this replica's link to
+// the peer learned: the peer holds a link here when a client with that key
+// is connected to this relay.
+func (s *Server) readiness() readinessState {
 	r := s.repl
+	var w readinessState
 	if r == nil || r.replicas == nil {
-		return false
+		return w
 	}
+	w.registered = true
 	if r.mesh == nil {
-		return true
+		w.synced = true
+		return w
 	}
-	return r.meshSynced.Load() && r.mesh.Ready()
+	w.synced = r.meshSynced.Load()
+	hostByURL := map[string]string{}
+	for _, p := range r.replicas.Regional() {
+		hostByURL[strings.TrimSuffix(p.RelayAddress, "/")] = p.Hostname
+	}
+	name := func(url string) string {
+		if h := hostByURL[url]; h != "" {
+			return fmt.Sprintf("%s (%s)", h, url)
+		}
+		return url
+	}
+	for _, st := range r.mesh.Status() {
+		switch {
+		case st.State != derpmesh.StateConnected || st.ServerKey.IsZero():
+			w.outgoing = append(w.outgoing, name(st.URL))
+		case !s.derp.IsClientConnectedForTest(st.ServerKey):
+			w.incoming = append(w.incoming, name(st.URL))
+		}
+	}
+	return w
 }

@@ -50,16 +50,36 @@ type Server struct {
 	httpAddr  string
 	serveWG   sync.WaitGroup
 
-	ready    atomic.Bool // latched once registered and meshed
+	// handler is what the listeners serve: the starting routes (/healthz
+	// 200, /readyz 503) until New has everything the API needs.
+	handler switchHandler
+	// schema is the database schema as of start-up and the last periodic
+	// check (watchSchema).
+	schema atomic.Pointer[database.SchemaStatus]
+
+	// joined is set once startReplication has built s.repl: the handlers,
+	// served before that, read s.repl only after it.
+	joined   atomic.Bool
+	ready    atomic.Bool // latched once registered and meshed both ways
 	draining atomic.Bool
 
 	shutdownOnce sync.Once
 	shutdownErr  error
+
+	// fatal carries the one reason this replica must stop while it runs
+	// (see Fatal); failOnce sends it.
+	fatal    chan error
+	failOnce sync.Once
 }
 
 // New validates cfg, connects to (or starts) Postgres, migrates, and starts
 // serving. A start-up rule violation is returned as a *ConfigError before
-// anything is written. On error everything started so far is stopped.
+// anything is written; a release too old for the database (a finalized
+// contract step) as a *database.TooOldError, before anything is written
+// too. The listeners are bound before the migrations run: /healthz answers
+// 200 (a startup or liveness probe must not restart a replica that waits
+// for a table lock) and /readyz 503 until the replica is ready. On error
+// everything started so far is stopped.
 func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error) {
 	if log == nil {
 		log = zap.NewNop()
@@ -68,12 +88,13 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: log, replicaID: uuid.New(), registry: newRegistry()}
+	s := &Server{cfg: cfg, log: log, replicaID: uuid.New(), registry: newRegistry(), fatal: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			s.closeAll()
 		}
 	}()
+	s.registry.MustRegister(newBuildInfoCollector(cfg.Version), newVersionsCollector(s.liveReplicas))
 
 	s.derpMap, err = buildDERPMap(cfg)
 	if err != nil {
@@ -85,28 +106,15 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	if err := s.checkStartupRules(ctx); err != nil {
 		return nil, err
 	}
-	if err := s.db.Migrate(ctx, log); err != nil {
-		return nil, err
-	}
-	if s.deploymentID, err = s.db.DeploymentID(ctx); err != nil {
-		return nil, err
-	}
-	s.registry.MustRegister(newPoolCollector(s.db.Pool()))
-	s.tokens = newTokenValidator(s.db, tokenValidatorOptions{Logger: log.Named("auth")})
-
-	var meshKey string
 	if cfg.DERPServerEnable {
-		meshKey, err = s.db.DERPMeshKey(ctx)
-		if err != nil {
-			return nil, err
-		}
+		// The relay and its guard exist before the listeners are bound, so
+		// the guard bounds unfinished connections from the first accept;
+		// the mesh key is set once the schema is migrated.
 		s.derp = derpserver.New(key.NewNode(), derpLogf(log))
-		if err := s.derp.SetMeshKey(meshKey); err != nil {
-			return nil, fmt.Errorf("set derp mesh key: %w", err)
-		}
 		s.guard, err = relayguard.New(s.derp, relayguard.Options{
 			VerifyURL:       cfg.DERPServerVerifyClientURL,
 			FailOpen:        cfg.DERPServerVerifyClientURLFailOpen,
+			VerifyInterval:  cfg.DERPServerVerifyClientInterval,
 			MaxConnections:  cfg.DERPServerMaxConnections,
 			AcceptRate:      rate.Limit(cfg.DERPServerAcceptRate),
 			AcceptRatePerIP: rate.Limit(cfg.DERPServerAcceptRatePerIP),
@@ -126,9 +134,44 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	if err := s.listen(); err != nil {
 		return nil, err
 	}
+	if err := s.migrate(ctx); err != nil {
+		return nil, err
+	}
+	if s.deploymentID, err = s.db.DeploymentID(ctx); err != nil {
+		return nil, err
+	}
+	s.registry.MustRegister(newPoolCollector(s.db.Pool()))
+	s.tokens = newTokenValidator(s.db, tokenValidatorOptions{Logger: log.Named("auth")})
+
+	var meshKey string
+	if cfg.DERPServerEnable {
+		// Served only once the routes switch below (after the mesh key is
+		// set): the relay is not routed while the replica starts.
+		meshKey, err = s.db.DERPMeshKey(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.derp.SetMeshKey(meshKey); err != nil {
+			return nil, fmt.Errorf("set derp mesh key: %w", err)
+		}
+	}
+	s.handler.set(s.routes())
 	if err := s.startReplication(ctx, meshKey); err != nil {
 		return nil, err
 	}
+	if err := s.tokens.followRevocations(s.repl.pubsub); err != nil {
+		return nil, err
+	}
+	s.joined.Store(true)
+	// Registered: a finalize that read the live replicas before this row
+	// existed has raised the schema floor by now (see
+	// database.CheckSchemaFloor).
+	if err := s.db.CheckSchemaFloor(ctx, cfg.Version, s.schema.Load().Known); err != nil {
+		return nil, err
+	}
+	s.repl.watchDone.Add(2)
+	go s.watchSchema(s.repl)
+	go s.watchVersions(s.repl)
 	go s.watchReady()
 	log.Info("server started",
 		zap.String("access_url", cfg.AccessURL),
@@ -139,11 +182,43 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	return s, nil
 }
 
-// openDatabase connects to the configured Postgres, or starts the built-in
-// one when no URL was given.
+// migrate brings the schema up to what this release knows (see
+// database.MigrateWith: no lock when nothing is pending, short lock
+// attempts otherwise) and warns when the schema is newer than it knows.
+func (s *Server) migrate(ctx context.Context) error {
+	st, err := s.db.MigrateWith(ctx, database.MigrateOptions{Logger: s.log.Named("migrate"), Release: s.cfg.Version})
+	if err != nil {
+		return err
+	}
+	s.setSchema(st)
+	return nil
+}
+
+// setSchema keeps st for the health report and logs a change of skew:
+// WARN when the schema is newer than this release knows, INFO when it is
+// not any more.
+func (s *Server) setSchema(st database.SchemaStatus) {
+	prev := s.schema.Swap(&st)
+	was := prev != nil && prev.Newer()
+	switch {
+	case st.Newer() && (!was || prev.Found != st.Found):
+		s.log.Warn("database schema is newer than this release knows: running on it (one release of skew); upgrade this replica",
+			zap.Int64("schema_found", st.Found), zap.String("schema_found_release", st.FoundRelease),
+			zap.Int64("schema_known", st.Known), zap.String("release", s.cfg.Version))
+	case !st.Newer() && was:
+		s.log.Info("database schema is one this release knows again", zap.Int64("schema", st.Found))
+	}
+}
+
+// openDatabase connects to the configured Postgres (--postgres-url, or
+// --postgres-url-file, read again for every connection opened), or starts
+// the built-in one when neither was given.
 func (s *Server) openDatabase(ctx context.Context) error {
-	url := s.cfg.PostgresURL
-	if url == "" {
+	src, err := s.cfg.PostgresSource()
+	if err != nil {
+		return err
+	}
+	if src == nil {
 		dir := filepath.Join(s.cfg.CacheDir, "postgres")
 		s.log.Info("no --postgres-url given: starting the built-in postgres", zap.String("dir", dir))
 		start := time.Now()
@@ -152,10 +227,13 @@ func (s *Server) openDatabase(ctx context.Context) error {
 			return fmt.Errorf("built-in postgres: %w", err)
 		}
 		s.builtin = c
-		url = c.URL()
+		src = database.StaticURL(c.URL())
 		s.log.Info("built-in postgres is ready", zap.Int("port", c.Port()), zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+	} else if src.Path() != "" {
+		s.log.Info("reading the postgres URL from a file whenever a connection is opened", zap.String("file", src.Path()),
+			zap.String("database", src.Describe()))
 	}
-	db, err := database.Connect(ctx, url, database.ConnectOptions{Logger: s.log})
+	db, err := database.ConnectSource(ctx, src, database.ConnectOptions{Logger: s.log})
 	if err != nil {
 		return err
 	}
@@ -163,8 +241,10 @@ func (s *Server) openDatabase(ctx context.Context) error {
 	return nil
 }
 
-// listen binds the HTTP (and TLS, and metrics) listeners and serves. The
-// API answers /readyz with 503 until the replica is registered and meshed.
+// listen binds the HTTP (and TLS, and metrics) listeners and serves, first
+// the starting routes (/healthz 200, /readyz 503, everything else 503),
+// then, once New sets them, the full routes. /readyz answers 503 until the
+// replica is registered and meshed both ways.
 func (s *Server) listen() error {
 	if s.cfg.DERPServerSTUNAddress != "" {
 		// Before the API serves, so the DERP map it serves names the port.
@@ -175,13 +255,17 @@ func (s *Server) listen() error {
 		s.stun = st
 		setSTUNPort(s.derpMap, s.cfg.DERPServerRegionID, st.Port())
 	}
-	handler := s.routes()
+	s.handler.set(startingRoutes())
+	handler := &s.handler
 	addr := ListenAddress(s.cfg.HTTPAddress)
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return &ConfigError{"http-address", fmt.Sprintf("listen on %s: %v", s.cfg.HTTPAddress, err)}
 	}
 	s.httpAddr = l.Addr().String()
+	if s.guard != nil {
+		l = s.guard.Listener(l) // bounds unfinished connections
+	}
 	s.serve(l, handler)
 
 	if s.cfg.TLSEnable {
@@ -192,6 +276,9 @@ func (s *Server) listen() error {
 		tl, err := net.Listen("tcp", ListenAddress(s.cfg.TLSAddress))
 		if err != nil {
 			return &ConfigError{"tls-address", fmt.Sprintf("listen on %s: %v", s.cfg.TLSAddress, err)}
+		}
+		if s.guard != nil {
+			tl = s.guard.Listener(tl) // below TLS: a stalled TLS handshake is unfinished too
 		}
 		s.serve(tls.NewListener(tl, &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12}), handler)
 	}
@@ -255,6 +342,22 @@ func (s *Server) serve(l net.Listener, h http.Handler) {
 			s.log.Error("http server stopped", zap.Error(err))
 		}
 	}()
+}
+
+// Fatal delivers the reason this replica must stop, should one arise
+// while it runs: a finalize raised the schema floor past this release (a
+// replica that was paused or cut off from the database for longer than a
+// finalize counts replicas as live, then came back to a contracted
+// schema). It is the error a start would have refused with. The caller
+// shuts the server down and exits non-zero. At most one error is sent.
+func (s *Server) Fatal() <-chan error { return s.fatal }
+
+// fail reports err on Fatal (once) and logs it.
+func (s *Server) fail(err error) {
+	s.failOnce.Do(func() {
+		s.log.Error("this replica must stop", zap.Error(err))
+		s.fatal <- err
+	})
 }
 
 // HTTPAddress is the address the API listens on (useful with port 0).
@@ -338,6 +441,9 @@ func (s *Server) closeListeners() {
 // the database.
 func (s *Server) closeRest() error {
 	var errs []error
+	if s.tokens != nil {
+		s.tokens.Close()
+	}
 	s.closeReplication()
 	if s.db != nil {
 		s.db.Close()

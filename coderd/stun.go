@@ -30,6 +30,17 @@ type stunServer struct {
 	closeOnce sync.Once
 }
 
+// The values of coderd_stun_requests_total's result label. Every one is
+// exported at 0 from the start, so dashboards and rate() have a series
+// before the first packet of each kind.
+const (
+	stunSuccess    = "success"     // a binding request answered
+	stunNotSTUN    = "not_stun"    // a packet that is not a binding request, ignored
+	stunWriteError = "write_error" // the answer could not be sent
+)
+
+var stunResults = []string{stunSuccess, stunNotSTUN, stunWriteError}
+
 // listenSTUN binds addr (host:port; port 0 picks one) and serves until
 // Close. The counter coderd_stun_requests_total{result} is registered in
 // reg.
@@ -51,7 +62,7 @@ func listenSTUN(addr string, log *zap.Logger, reg prometheus.Registerer) (*stunS
 		}, []string{"result"}),
 		done: make(chan struct{}),
 	}
-	for _, r := range []string{"success", "not_stun", "write_error"} {
+	for _, r := range stunResults {
 		s.requests.WithLabelValues(r)
 	}
 	if err := reg.Register(s.requests); err != nil {
@@ -82,20 +93,20 @@ func (s *stunServer) serve() {
 		}
 		pkt := buf[:n]
 		if !stun.Is(pkt) {
-			s.requests.WithLabelValues("not_stun").Inc()
+			s.requests.WithLabelValues(stunNotSTUN).Inc()
 			continue
 		}
 		txid, err := stun.ParseBindingRequest(pkt)
 		if err != nil {
-			s.requests.WithLabelValues("not_stun").Inc()
+			s.requests.WithLabelValues(stunNotSTUN).Inc()
 			continue
 		}
 		mapped := netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
 		if _, err := s.conn.WriteToUDPAddrPort(stun.Response(txid, mapped), from); err != nil {
-			s.requests.WithLabelValues("write_error").Inc()
+			s.requests.WithLabelValues(stunWriteError).Inc()
 			continue
 		}
-		s.requests.WithLabelValues("success").Inc()
+		s.requests.WithLabelValues(stunSuccess).Inc()
 	}
 }
 

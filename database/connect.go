@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -55,6 +56,18 @@ func (o ConnectOptions) withDefaults() ConnectOptions {
 // DB is the server's handle on Postgres: a pgx pool plus the queries run
 // through it. It is safe for concurrent use.
 //
+// Every connection it opens (pooled, or dedicated through OpenConn) takes
+// the URL from its URLSource at that moment, so a password rotated through
+// --postgres-url-file applies to every connection opened afterwards.
+//
+// Statements are sent with pgx's "exec" mode unless the URL names a
+// default_query_exec_mode: one round trip per statement on the unnamed
+// prepared statement, nothing kept on the server between transactions,
+// so a plain URL works through PgBouncer in transaction pooling (pgx's own
+// default prepares named statements per connection, which a pooler hands
+// to other clients: "prepared statement stmtcache_… already exists").
+// docs/performance.md has what it costs.
+//
 // The pool heals itself after the server restarts or fails over, so that
 // dead connections do not each cost a failed query:
 //   - before a pooled connection is handed out, a non-blocking check of its
@@ -63,13 +76,20 @@ func (o ConnectOptions) withDefaults() ConnectOptions {
 //   - when a query finds its connection broken, or the server read-only
 //     (SQLSTATE 25006: a standby, or an old primary behind an endpoint that
 //     moved), every pooled connection is recycled;
-//   - when a query times out with its connection, the idle connections
-//     are pinged (PingTimeout) before use rather than recycled, since the
-//     server may only be slow.
+//   - when a query times out with its connection (or the LISTEN
+//     connection stops answering, see CheckIdle), the idle connections are
+//     checked at once, in the background and in parallel (a ping of
+//     PingTimeout each), and those that do not answer are closed: after a
+//     network path froze (a middlebox that lost the connections' state, a
+//     stalled proxy) the next queries get working connections instead of
+//     each waiting out a silent one. Connections that answer are kept (the
+//     server may only be slow), and any idle since then is pinged before
+//     use until the check is done.
 type DB struct {
 	pool *pgxpool.Pool
-	url  string
+	src  *URLSource
 	log  *zap.Logger
+	opts ConnectOptions
 	// brokenAt is when (unix nanoseconds) a broken connection or a
 	// read-only server was last seen; connections idle since before then
 	// are pinged before use.
@@ -79,6 +99,20 @@ type DB struct {
 	recycles       atomic.Int64
 	// conns lets Close cut sockets a hung server never lets go of.
 	conns connTracker
+	// checking is set while CheckIdle's pings run (one check at a time);
+	// checkWG waits for them in Close.
+	checking atomic.Bool
+	checkWG  sync.WaitGroup
+
+	// cfgMu guards the connection config last built from the source.
+	cfgMu   sync.Mutex
+	cfgURL  string
+	cfgConn *pgx.ConnConfig
+	// refused and unreadable latch the WARN lines about credentials the
+	// server refused and a URL file that cannot be read, so each is
+	// logged once per episode (and its end once).
+	refused    atomic.Bool
+	unreadable atomic.Bool
 }
 
 // Connect opens a pool to rawURL and checks that the server answers. A
@@ -86,14 +120,27 @@ type DB struct {
 // password, database or URL fails at once. The returned error names the
 // host and the cause and never contains the password.
 func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, error) {
+	return ConnectSource(ctx, StaticURL(rawURL), opts)
+}
+
+// ConnectSource is Connect with the URL taken from src whenever a
+// connection is opened (see URLSource): the first URL must work; a later
+// one that does not (a refused password, an unreadable file) fails the
+// connections opened with it, each logged once, until it works again,
+// while the connections already open keep serving.
+func ConnectSource(ctx context.Context, src *URLSource, opts ConnectOptions) (*DB, error) {
 	opts = opts.withDefaults()
-	where := Describe(rawURL)
-	cfg, err := pgxpool.ParseConfig(rawURL)
+	rawURL, err := src.Read()
 	if err != nil {
-		return nil, fmt.Errorf("postgres URL %s is invalid: %s", where, Redact(rawURL, rootCause(err)))
+		return nil, err
+	}
+	where := Describe(rawURL)
+	db := &DB{src: src, log: opts.Logger, opts: opts}
+	cfg, err := db.poolConfig(rawURL)
+	if err != nil {
+		return nil, err
 	}
 	cfg.MaxConns = opts.MaxConns
-	db := &DB{url: rawURL, log: opts.Logger}
 	// pgxpool pings a connection idle for more than a second before handing
 	// it out: with a 5s heartbeat that is an extra round trip per beat.
 	// Only long-idle connections are pinged, and every idle one after a
@@ -110,17 +157,23 @@ func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, erro
 		}
 		return true, nil
 	}
-	cfg.ConnConfig.Tracer = healthTracer{db: db, next: cfg.ConnConfig.Tracer}
-	cfg.ConnConfig.DialFunc = db.conns.wrap(cfg.ConnConfig.DialFunc)
-	if cfg.ConnConfig.ConnectTimeout == 0 || cfg.ConnConfig.ConnectTimeout > 10*time.Second {
-		cfg.ConnConfig.ConnectTimeout = 10 * time.Second
+	if src.Path() != "" {
+		// Each new pooled connection reads the file again.
+		cfg.BeforeConnect = func(_ context.Context, cc *pgx.ConnConfig) error {
+			fresh, err := db.ConnConfig()
+			if err != nil {
+				return err
+			}
+			*cc = *fresh
+			return nil
+		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()
 
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("connect to postgres at %s: %s", where, Redact(rawURL, rootCause(err)))
+		return nil, fmt.Errorf("connect to postgres at %s: %s", where, src.Redact(rootCause(err)))
 	}
 	start := time.Now()
 	lastLog := start
@@ -137,14 +190,14 @@ func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, erro
 		if !retryable(err) || ctx.Err() != nil {
 			pool.Close()
 			if ctx.Err() != nil {
-				return nil, fmt.Errorf("connect to postgres at %s: gave up after %s: %s", where, opts.Timeout, Redact(rawURL, rootCause(lastErr)))
+				return nil, fmt.Errorf("connect to postgres at %s: gave up after %s: %s", where, opts.Timeout, src.Redact(rootCause(lastErr)))
 			}
-			return nil, fmt.Errorf("connect to postgres at %s: %s", where, Redact(rawURL, rootCause(err)))
+			return nil, fmt.Errorf("connect to postgres at %s: %s", where, src.Redact(rootCause(err)))
 		}
 		if time.Since(lastLog) >= 5*time.Second {
 			lastLog = time.Now()
 			opts.Logger.Info("waiting for postgres", zap.String("address", where),
-				zap.Duration("waited", time.Since(start).Round(time.Second)), zap.String("reason", Redact(rawURL, rootCause(err))))
+				zap.Duration("waited", time.Since(start).Round(time.Second)), zap.String("reason", src.Redact(rootCause(err))))
 		}
 		select {
 		case <-ctx.Done():
@@ -153,9 +206,95 @@ func Connect(ctx context.Context, rawURL string, opts ConnectOptions) (*DB, erro
 	}
 }
 
+// poolConfig parses rawURL and applies the server's connection policy:
+// the statement mode (exec unless the URL names one), the health tracer,
+// socket tracking and the connect timeout.
+func (db *DB) poolConfig(rawURL string) (*pgxpool.Config, error) {
+	if unencodedUserinfo(rawURL) {
+		return nil, fmt.Errorf("postgres URL is invalid: %w", errUnencodedUserinfo)
+	}
+	cfg, err := pgxpool.ParseConfig(rawURL)
+	if err != nil {
+		return nil, fmt.Errorf("postgres URL %s is invalid: %s", Describe(rawURL), db.src.Redact(Redact(rawURL, rootCause(err))))
+	}
+	cc := cfg.ConnConfig
+	if !explicitExecMode(rawURL) {
+		cc.DefaultQueryExecMode = pgx.QueryExecModeExec
+	}
+	cc.Tracer = healthTracer{db: db, next: cc.Tracer}
+	cc.DialFunc = db.conns.wrap(cc.DialFunc)
+	if cc.ConnectTimeout == 0 || cc.ConnectTimeout > 10*time.Second {
+		cc.ConnectTimeout = 10 * time.Second
+	}
+	return cfg, nil
+}
+
+// explicitExecMode reports whether the connection string names pgx's
+// default_query_exec_mode (the operator chose; the server respects it).
+func explicitExecMode(rawURL string) bool {
+	c, err := pgconn.ParseConfig(rawURL)
+	if err != nil {
+		return false
+	}
+	_, ok := c.RuntimeParams["default_query_exec_mode"]
+	return ok
+}
+
+// ConnConfig is the configuration a new connection is opened with now:
+// the source's URL as it reads at this moment (a file is read again), with
+// the server's policy applied. The caller may modify the copy it gets.
+// An unreadable file or an invalid URL is an error naming the path, never
+// its contents; it is logged once until the file reads again.
+func (db *DB) ConnConfig() (*pgx.ConnConfig, error) {
+	rawURL, err := db.src.Read()
+	if err != nil {
+		if !db.unreadable.Swap(true) {
+			db.log.Warn("cannot read the postgres URL: new connections fail until it reads again (open connections keep working)",
+				zap.String("url_from", db.src.Origin()), zap.String("reason", err.Error()))
+		}
+		return nil, err
+	}
+	if db.unreadable.Swap(false) {
+		db.log.Info("the postgres URL reads again", zap.String("url_from", db.src.Origin()))
+	}
+	db.cfgMu.Lock()
+	defer db.cfgMu.Unlock()
+	if db.cfgConn == nil || rawURL != db.cfgURL {
+		cfg, err := db.poolConfig(rawURL)
+		if err != nil {
+			return nil, err
+		}
+		if db.cfgConn != nil {
+			db.log.Info("the postgres URL changed: new connections use it", zap.String("url_from", db.src.Origin()),
+				zap.String("database", Describe(rawURL)))
+		}
+		db.cfgURL, db.cfgConn = rawURL, cfg.ConnConfig
+	}
+	return db.cfgConn.Copy(), nil
+}
+
+// OpenConn opens a dedicated connection, outside the pool, with the URL
+// as the source reads now (the LISTEN connection uses it). The caller
+// closes it. Errors never contain the password.
+func (db *DB) OpenConn(ctx context.Context) (*pgx.Conn, error) {
+	cfg, err := db.ConnConfig()
+	if err != nil {
+		return nil, err
+	}
+	// Not a pooled connection: the pool's query health rules do not apply,
+	// only the credential warnings.
+	cfg.Tracer = connectTracer{db: db}
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to postgres at %s: %s", db.src.Describe(), db.src.Redact(rootCause(err)))
+	}
+	return conn, nil
+}
+
 // healthTracer watches every query's outcome for the errors that mean the
 // pool's connections are no good: a connection that broke, or a server
-// that turned read-only.
+// that turned read-only. It also watches connection attempts for refused
+// credentials (connectTracer).
 type healthTracer struct {
 	db   *DB
 	next pgx.QueryTracer // a tracer the URL's config already had, or nil
@@ -179,14 +318,117 @@ func (h healthTracer) TraceQueryEnd(ctx context.Context, conn *pgx.Conn, data pg
 	switch {
 	case errors.As(data.Err, &pgErr) && pgErr.Code == "25006":
 		h.db.recycle("the database is read-only (a standby, or a primary that was demoted)")
-	case conn.IsClosed() && (pgconn.Timeout(data.Err) || errors.Is(data.Err, context.Canceled)):
-		// Gave up waiting: the server may only be slow, and recycling
-		// would add connection setup to its load. Check idle connections
-		// before use instead.
+	case conn.IsClosed() && pgconn.Timeout(data.Err):
+		// Gave up waiting: the connection hung, or the server is only
+		// slow, and recycling would add connection setup to its load.
+		// Check the idle connections instead.
+		h.db.CheckIdle()
+	case conn.IsClosed() && errors.Is(data.Err, context.Canceled):
 		h.db.noteBroken()
 	case conn.IsClosed():
-		h.db.recycle("a connection broke: " + Redact(h.db.url, rootCause(data.Err)))
+		h.db.recycle("a connection broke: " + h.db.src.Redact(rootCause(data.Err)))
 	}
+}
+
+func (h healthTracer) TraceConnectStart(ctx context.Context, data pgx.TraceConnectStartData) context.Context {
+	if t, ok := h.next.(pgx.ConnectTracer); ok {
+		return t.TraceConnectStart(ctx, data)
+	}
+	return ctx
+}
+
+func (h healthTracer) TraceConnectEnd(ctx context.Context, data pgx.TraceConnectEndData) {
+	if t, ok := h.next.(pgx.ConnectTracer); ok {
+		t.TraceConnectEnd(ctx, data)
+	}
+	h.db.noteConnect(data.Err)
+}
+
+// connectTracer is the tracer of dedicated connections (OpenConn): it only
+// watches connection attempts for refused credentials.
+type connectTracer struct{ db *DB }
+
+func (connectTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+func (connectTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+func (t connectTracer) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectStartData) context.Context {
+	return ctx
+}
+func (t connectTracer) TraceConnectEnd(_ context.Context, data pgx.TraceConnectEndData) {
+	t.db.noteConnect(data.Err)
+}
+
+// noteConnect logs, once per episode, that the server refused the
+// credentials of a new connection (a rotated password not yet in the URL
+// file, or a file already holding one the server does not know yet), and
+// when it accepts them again. The line names where the URL comes from,
+// never the password.
+func (db *DB) noteConnect(err error) {
+	var pgErr *pgconn.PgError
+	switch {
+	case err == nil:
+		if db.refused.Swap(false) {
+			db.log.Info("postgres accepts this replica's credentials again", zap.String("database", db.src.Describe()),
+				zap.String("url_from", db.src.Origin()))
+		}
+	case errors.As(err, &pgErr) && (pgErr.Code == "28P01" || pgErr.Code == "28000"):
+		if !db.refused.Swap(true) {
+			db.log.Warn("postgres refused the password of a new connection: retrying; open connections keep working",
+				zap.String("database", db.src.Describe()), zap.String("url_from", db.src.Origin()),
+				zap.String("reason", db.src.Redact(rootCause(err))))
+		}
+	}
+}
+
+// CheckIdle checks every idle pooled connection now: it takes them out
+// of the pool at once (so no caller gets one meanwhile), pings them in
+// parallel in the background (PingTimeout each), closes those that do not
+// answer and gives back the others. Until it is done, any connection idle
+// since before the call is pinged before use. It returns at once; while a
+// check runs, another call only does the latter. The owner of a
+// connection that hung (the LISTEN connection) calls it: the same path
+// likely froze the pooled ones too.
+func (db *DB) CheckIdle() {
+	db.noteBroken()
+	if db.pool == nil || !db.checking.CompareAndSwap(false, true) {
+		return
+	}
+	conns := db.pool.AcquireAllIdle(context.Background())
+	if len(conns) == 0 {
+		db.checking.Store(false)
+		return
+	}
+	db.checkWG.Add(1)
+	go func() {
+		defer db.checkWG.Done()
+		defer db.checking.Store(false)
+		var wg sync.WaitGroup
+		var closed atomic.Int32
+		for _, c := range conns {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), db.opts.PingTimeout)
+				err := c.Ping(ctx)
+				cancel()
+				if err == nil {
+					c.Release()
+					return
+				}
+				// Out of the pool and its socket closed at once: pgx's
+				// own close would wait up to 15 s for a goodbye a frozen
+				// path never delivers, holding a pool slot meanwhile.
+				closed.Add(1)
+				_ = c.Hijack().PgConn().Conn().Close()
+			}()
+		}
+		wg.Wait()
+		if n := closed.Load(); n > 0 {
+			db.log.Warn("closed idle database connections that did not answer a ping", zap.String("address", db.src.Describe()),
+				zap.Int32("closed", n), zap.Int("checked", len(conns)), zap.Duration("ping_timeout", db.opts.PingTimeout))
+		}
+	}()
 }
 
 // noteBroken records that a broken connection was seen, so idle
@@ -205,7 +447,7 @@ func (db *DB) recycle(reason string) {
 	now := time.Now().UnixNano()
 	last := db.lastRecycleLog.Load()
 	if now-last > int64(10*time.Second) && db.lastRecycleLog.CompareAndSwap(last, now) {
-		db.log.Warn("recycling database connections", zap.String("address", Describe(db.url)), zap.String("reason", reason))
+		db.log.Warn("recycling database connections", zap.String("address", db.src.Describe()), zap.String("reason", reason))
 	}
 }
 
@@ -217,9 +459,25 @@ func (db *DB) Recycles() int64 { return db.recycles.Load() }
 // access.
 func (db *DB) Pool() *pgxpool.Pool { return db.pool }
 
-// URL is the connection URL the pool was opened with. It contains the
-// password: never log it; use Describe.
-func (db *DB) URL() string { return db.url }
+// URL is the connection URL as the source reads now (the last URL read, if
+// the file cannot be read at the moment). It contains the password: never
+// log it; use Describe or Redact.
+func (db *DB) URL() string {
+	if u, err := db.src.Read(); err == nil {
+		return u
+	}
+	return db.src.Last()
+}
+
+// Source is where the connection URL comes from.
+func (db *DB) Source() *URLSource { return db.src }
+
+// Describe names the database (host:port/database) for messages.
+func (db *DB) Describe() string { return db.src.Describe() }
+
+// Redact removes every password of the connection URL (current and
+// rotated out) from msg.
+func (db *DB) Redact(msg string) string { return db.src.Redact(msg) }
 
 // Close closes the pool, within about 2 s even when the server hangs (it
 // then closes the sockets without a goodbye). It is safe to call more than
@@ -229,6 +487,7 @@ func (db *DB) Close() {
 	go func() {
 		defer close(done)
 		db.pool.Close()
+		db.checkWG.Wait()
 	}()
 	t := time.NewTimer(closeWait)
 	defer t.Stop()
@@ -282,6 +541,9 @@ func rootCause(err error) string {
 // Describe renders a Postgres URL as host:port/database for messages,
 // without the user's password.
 func Describe(rawURL string) string {
+	if unencodedUserinfo(rawURL) {
+		return "(unparsable URL)" // its host and path hold parts of the password
+	}
 	u, err := url.Parse(rawURL)
 	if err != nil || u.Host == "" {
 		if cfg, err := pgconnParse(rawURL); err == nil {

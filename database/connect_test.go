@@ -14,6 +14,8 @@ import (
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/internal/faultproxy"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 // fillPool makes the pool hold n idle connections.
@@ -154,5 +156,52 @@ func TestReadOnlyConnectionsAreRecycledNotRetriedForever(t *testing.T) {
 	}
 	if db.Recycles() == 0 {
 		t.Fatal("the pool never recycled its read-only connections")
+	}
+}
+
+// A network path that froze (a middlebox that lost the connections' state:
+// open, silent) under a pool of idle connections: the first query that
+// times out has every idle connection checked at once, so the next query
+// runs on a new connection instead of waiting out a ping of each frozen
+// one in turn.
+func TestQueryAfterATimeoutDoesNotWaitOutFrozenIdleConnections(t *testing.T) {
+	t.Parallel()
+	proxy, proxied := faultproxy.InFrontOf(t, dbtest.NewURL(t))
+	ctx := context.Background()
+	db, err := database.Connect(ctx, proxied, database.ConnectOptions{MaxConns: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	fillPool(t, db, 4)
+	proxy.Freeze()
+
+	timeout, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	_, err = db.Ping(timeout)
+	cancel()
+	if err == nil {
+		t.Fatal("a query on a frozen connection succeeded")
+	}
+	// Well under one ping timeout (2 s): the frozen idle connections were
+	// taken out of the pool before this query asked for one.
+	next, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	start := time.Now()
+	if _, err := db.Ping(next); err != nil {
+		t.Fatalf("the query after the timeout waited on a frozen connection: %v after %s", err, time.Since(start).Round(time.Millisecond))
+	}
+	t.Logf("the query after the timeout took %s", time.Since(start).Round(time.Millisecond))
+	// The frozen connections are closed (and their pool slots free) once
+	// their pings time out; the pool serves from new ones.
+	wait.For(t, 10*time.Second, "the frozen idle connections closed", func() bool {
+		return db.Pool().Stat().AcquiredConns() <= 1 // the one that timed out: pgx closes it itself
+	})
+	for i := 0; i < 5; i++ {
+		q, cancel := context.WithTimeout(ctx, time.Second)
+		_, err := db.Ping(q)
+		cancel()
+		if err != nil {
+			t.Fatalf("query %d after the check: %v", i, err)
+		}
 	}
 }

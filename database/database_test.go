@@ -8,10 +8,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
@@ -22,23 +21,9 @@ func TestConcurrentMigratorsApplyEachMigrationOnce(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	// An empty (unmigrated) database: create one by hand from the template's
-	// server.
-	migrated := dbtest.NewURL(t)
-	admin, err := pgx.Connect(ctx, migrated)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close(ctx)
-	if _, err := admin.Exec(ctx, "CREATE DATABASE empty_migrate_test"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_, _ = admin.Exec(context.Background(), "DROP DATABASE IF EXISTS empty_migrate_test WITH (FORCE)")
-	})
-	parsed, _ := url.Parse(migrated)
-	parsed.Path = "/empty_migrate_test"
-	emptyURL := parsed.String()
+	// A fresh, empty database of its own (a fixed name made -count=2 and
+	// parallel runs collide).
+	emptyURL := dbtest.NewEmptyURL(t)
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 10)
@@ -140,7 +125,8 @@ func TestAPIKeyValidatesOnlyTheIssuedToken(t *testing.T) {
 	if stored != 0 {
 		t.Fatal("the token's secret is stored in clear")
 	}
-	for _, bad := range []string{"", "garbage", tok + "x", tok[:11] + "wrongsecretwrongsecret", "abcdefghij-" + tok[11:]} {
+	for _, bad := range []string{"", "garbage", tok + "x", tok[:11] + "wrongsecretwrongsecret", "abcdefghij-" + tok[11:],
+		"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6-" + tok[11:], "é" + tok[2:]} {
 		if err := db.ValidateAPIKey(ctx, bad); err != database.ErrInvalidToken {
 			t.Errorf("token %q: got %v, want ErrInvalidToken", bad, err)
 		}
@@ -207,4 +193,47 @@ func TestReplicaRowSurvivesDeletion(t *testing.T) {
 	}
 	// What a beat after the stop does is in replicas_test.go: a late beat
 	// never revives, the next beat of a live replica does.
+}
+
+// A replica whose get-or-init of a site config value (the deployment id,
+// the mesh key) runs while another replica's insert of it is in flight
+// gets the value that replica stored, not an error: two replicas started
+// at once on a fresh database both come up.
+func TestSiteConfigInitRacingAnotherReplicasInsert(t *testing.T) {
+	t.Parallel()
+	db := dbtest.NewDB(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// The other replica's statement: inserted, not committed yet.
+	tx, err := db.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(ctx) }()
+	const theirs = "11111111-2222-3333-4444-555555555555"
+	if _, err := tx.Exec(ctx, `INSERT INTO site_configs (key, value) VALUES ('deployment_id', $1)`, theirs); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		id  string
+		err error
+	}
+	got := make(chan result, 1)
+	go func() {
+		id, err := db.DeploymentID(ctx)
+		got <- result{id, err}
+	}()
+	// Ours waits on their row lock; then they commit.
+	wait.For(t, 10*time.Second, "our statement to wait on the other insert", func() bool {
+		var waiting int
+		_ = db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&waiting)
+		return waiting > 0
+	})
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r := <-got
+	if r.err != nil || r.id != theirs {
+		t.Fatalf("deployment id = %q, %v; want the other replica's %q", r.id, r.err, theirs)
+	}
 }

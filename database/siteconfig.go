@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 )
 
 // Site config keys.
@@ -24,8 +26,12 @@ func (db *DB) getOrInitSiteConfig(ctx context.Context, key string, gen func() (s
 	}
 	var value string
 	// One statement: insert if absent, then read whatever is there. The CTE
-	// sees the pre-insert snapshot, hence the COALESCE over both.
-	err = db.pool.QueryRow(ctx, `
+	// sees the pre-insert snapshot, hence the UNION over both. When another
+	// replica's insert of key was in flight as the statement started, the
+	// insert waits for it and does nothing, and the read's snapshot predates
+	// that row: no row at all. A new statement (a new snapshot) sees it.
+	for attempt := 0; ; attempt++ {
+		err = db.pool.QueryRow(ctx, `
 WITH ins AS (
 	INSERT INTO site_configs (key, value) VALUES ($1, $2)
 	ON CONFLICT (key) DO NOTHING
@@ -35,10 +41,14 @@ SELECT value FROM ins
 UNION ALL
 SELECT value FROM site_configs WHERE key = $1
 LIMIT 1`, key, candidate).Scan(&value)
-	if err != nil {
-		return "", fmt.Errorf("get or init site config %s: %w", key, err)
+		if errors.Is(err, pgx.ErrNoRows) && attempt < 3 {
+			continue
+		}
+		if err != nil {
+			return "", fmt.Errorf("get or init site config %s: %w", key, err)
+		}
+		return value, nil
 	}
-	return value, nil
 }
 
 // DeploymentID returns the deployment's id, generating it on first use.

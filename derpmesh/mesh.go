@@ -43,6 +43,11 @@ type PeerStatus struct {
 	Error string `json:"error"`
 	// Since is when State last changed (for a new peer: when it was added).
 	Since time.Time `json:"since"`
+	// ServerKey is the peer relay's public key while connected (zero
+	// otherwise). The peer's own mesh client connects to this replica with
+	// that key, so the owner can tell whether the peer holds a link to it
+	// too (derpserver.Server.IsClientConnectedForTest).
+	ServerKey key.NodePublic `json:"-"`
 }
 
 // Mesh keeps a DERP server meshed with a set of peer relays. Create it with

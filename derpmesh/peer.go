@@ -58,6 +58,7 @@ type peer struct {
 	sessionCtx    context.Context  // the confirmed connection's session
 	dead          chan error       // cap 1; the keepalive found client dead
 	pinging       bool             // a keepalive ping of client is under way
+	serverKey     key.NodePublic   // the peer relay's key while client is set
 	state         string
 	err           string
 	since         time.Time
@@ -108,7 +109,7 @@ func derpURL(relay string) (string, error) {
 func (p *peer) status() PeerStatus {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return PeerStatus{URL: p.url, State: p.state, Error: p.err, Since: p.since}
+	return PeerStatus{URL: p.url, State: p.state, Error: p.err, Since: p.since, ServerKey: p.serverKey}
 }
 
 func (p *peer) setState(state, errMsg string) {
@@ -155,10 +156,15 @@ func (p *peer) confirmedClient() *derphttp.Client {
 }
 
 // setClient records the session's confirmed connection (nil: none), for
-// PingPeer and the keepalive, which reports a dead one on dead.
+// PingPeer, the keepalive (which reports a dead one on dead) and
+// two-sided readiness (the peer relay's server key).
 func (p *peer) setClient(ctx context.Context, c *derphttp.Client, dead chan error) {
+	var k key.NodePublic
+	if c != nil {
+		k = c.ServerPublicKey()
+	}
 	p.mu.Lock()
-	p.client, p.sessionCtx, p.dead, p.pinging = c, ctx, dead, false
+	p.client, p.sessionCtx, p.dead, p.pinging, p.serverKey = c, ctx, dead, false, k
 	p.mu.Unlock()
 }
 

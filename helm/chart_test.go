@@ -239,7 +239,7 @@ func TestThreeReplicasGetPodIPRelayURLsProbesRollingUpdateAndPDB(t *testing.T) {
 	if i, ok := env["CODER_HTTP_ADDRESS"]; !ok || c.Env[i].Value != "0.0.0.0:8080" {
 		t.Fatal("CODER_HTTP_ADDRESS is not 0.0.0.0:8080")
 	}
-	if i, ok := env["CODER_PG_CONNECTION_URL"]; !ok || c.Env[i].ValueFrom == nil || c.Env[i].ValueFrom.SecretKeyRef == nil {
+	if i, ok := env["CODER_PG_CONNECTION_URL_FILE"]; !ok || postgresURLVolume(t, d, c.Env[i].Value) == nil {
 		t.Fatal("the Postgres URL does not come from a Secret")
 	}
 	if c.ReadinessProbe == nil || c.ReadinessProbe.HTTPGet.Path != "/readyz" {
@@ -409,15 +409,100 @@ func TestCoderChartStyleAccessURLAndPrometheusFromEnv(t *testing.T) {
 	}
 }
 
-// With the chart's own Postgres sources the variable is set once too.
+// With the chart's own Postgres sources the URL is given once too: the
+// file (by default) or the variable, never both.
 func TestPostgresURLFromValuesIsSetOnce(t *testing.T) {
 	for _, name := range []string{"single", "existing-secret"} {
-		files, err := render(t, filepath.Join("testdata", "values", name+".yaml"))
+		for _, sets := range [][]string{nil, {"coder.postgres.mountAsFile=false"}} {
+			files, err := render(t, filepath.Join("testdata", "values", name+".yaml"), sets...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, count := envOf(t, decode(t, manifests(files))); count["CODER_PG_CONNECTION_URL"]+count["CODER_PG_CONNECTION_URL_FILE"] != 1 {
+				t.Fatalf("%s %v: CODER_PG_CONNECTION_URL appears %d times, CODER_PG_CONNECTION_URL_FILE %d times", name, sets,
+					count["CODER_PG_CONNECTION_URL"], count["CODER_PG_CONNECTION_URL_FILE"])
+			}
+		}
+	}
+}
+
+// postgresURLVolume returns the Secret volume that holds the file path
+// (mounted read-only as a whole directory: the kubelet never updates a
+// subPath mount), or nil.
+func postgresURLVolume(t *testing.T, d appsv1.Deployment, path string) *corev1.SecretVolumeSource {
+	t.Helper()
+	c := d.Spec.Template.Spec.Containers[0]
+	for _, m := range c.VolumeMounts {
+		if !strings.HasPrefix(path, m.MountPath+"/") {
+			continue
+		}
+		if m.SubPath != "" || !m.ReadOnly {
+			t.Fatalf("the Postgres URL volume is mounted with subPath %q, readOnly %v: it must be the whole volume, read-only", m.SubPath, m.ReadOnly)
+		}
+		for _, v := range d.Spec.Template.Spec.Volumes {
+			if v.Name == m.Name && v.Secret != nil {
+				for _, it := range v.Secret.Items {
+					if m.MountPath+"/"+it.Path == path {
+						return v.Secret
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// By default the Postgres Secret (the chart's or an existing one) is a
+// volume and the server reads the URL from the file, so a rotated password
+// reaches running pods; coder.postgres.mountAsFile=false goes back to the
+// variable from a secretKeyRef (no volume). coder.env may not point the
+// server at a file of its own.
+func TestPostgresSecretIsMountedAsAFileForRotation(t *testing.T) {
+	for _, tc := range []struct {
+		values, secret, key string
+	}{
+		{"single", "coder-postgres", "url"},
+		{"existing-secret", "coder-db", "connection-url"},
+	} {
+		files, err := render(t, filepath.Join("testdata", "values", tc.values+".yaml"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, count := envOf(t, decode(t, manifests(files))); count["CODER_PG_CONNECTION_URL"] != 1 {
-			t.Fatalf("%s: CODER_PG_CONNECTION_URL appears %d times", name, count["CODER_PG_CONNECTION_URL"])
+		o := decode(t, manifests(files))
+		env, count := envOf(t, o)
+		if count["CODER_PG_CONNECTION_URL"] != 0 || count["CODER_PG_CONNECTION_URL_FILE"] != 1 {
+			t.Fatalf("%s: want only CODER_PG_CONNECTION_URL_FILE, got %+v", tc.values, env)
+		}
+		var path string
+		for _, e := range env {
+			if e.Name == "CODER_PG_CONNECTION_URL_FILE" {
+				path = e.Value
+			}
+		}
+		v := postgresURLVolume(t, o.deployments[0], path)
+		if v == nil || v.SecretName != tc.secret || len(v.Items) != 1 || v.Items[0].Key != tc.key {
+			t.Fatalf("%s: %s is not the key %q of Secret %q mounted as a volume: %+v", tc.values, path, tc.key, tc.secret, v)
+		}
+		if v.DefaultMode == nil || *v.DefaultMode&0o007 != 0 {
+			t.Fatalf("%s: the URL file is readable by others: mode %v", tc.values, v.DefaultMode)
+		}
+
+		files, err = render(t, filepath.Join("testdata", "values", tc.values+".yaml"), "coder.postgres.mountAsFile=false")
+		if err != nil {
+			t.Fatal(err)
+		}
+		o = decode(t, manifests(files))
+		_, count = envOf(t, o)
+		if count["CODER_PG_CONNECTION_URL"] != 1 || count["CODER_PG_CONNECTION_URL_FILE"] != 0 || len(o.deployments[0].Spec.Template.Spec.Volumes) != 2 {
+			t.Fatalf("%s with mountAsFile=false: want the variable and no Secret volume", tc.values)
+		}
+	}
+	for _, sets := range [][]string{
+		{"coder.env[0].name=CODER_PG_CONNECTION_URL_FILE", "coder.env[0].value=/x"},
+		{"coder.postgres.mountAsFile=yes"},
+	} {
+		if _, err := render(t, filepath.Join("testdata", "values", "single.yaml"), sets...); err == nil {
+			t.Fatalf("%v rendered; want an error", sets)
 		}
 	}
 }

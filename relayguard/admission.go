@@ -24,62 +24,45 @@ type admitKey struct {
 	src  netip.Addr
 }
 
-// verdict is one cached webhook answer.
-type verdict struct {
-	allow      bool
-	freshUntil time.Time // trusted without asking again until then
-	staleUntil time.Time // an admission still usable while the webhook fails
-}
-
 // admit decides whether the client in req may connect: with no webhook,
 // yes; with a fresh cached verdict, that; else it asks the webhook (one
 // call per client at a time) and falls back on a recent admission, then
 // on FailOpen, when the webhook cannot answer.
 func (g *Guard) admit(req tailcfg.DERPAdmitClientRequest) bool {
+	allow, _ := g.decide(req)
+	return allow
+}
+
+// decide is admit; for an admission taken from the cache, it also returns
+// until when that cached verdict is fresh (zero otherwise): the client's
+// first re-verification is due by then.
+func (g *Guard) decide(req tailcfg.DERPAdmitClientRequest) (allow bool, cachedUntil time.Time) {
 	if g.opts.VerifyURL == "" {
-		return true
+		return true, time.Time{}
 	}
 	k := admitKey{node: req.NodePublic, src: req.Source}
-	g.mu.Lock()
-	v, ok := g.cache.GetOk(k)
-	g.mu.Unlock()
-	if ok && g.opts.Now().Before(v.freshUntil) {
-		g.count(v.allow, "cache")
-		return v.allow
+	if allow, until, ok := g.cache.fresh(k, g.clock.Now()); ok {
+		g.m.cacheHit.Inc()
+		g.count(allow, "cache")
+		return allow, until
 	}
+	g.m.cacheMiss.Inc()
 	res, _, _ := g.flight.Do(k.node.String()+"|"+k.src.String(), func() (any, error) {
 		return g.askWebhook(k), nil
 	})
-	return res.(bool)
+	return res.(bool), time.Time{}
 }
 
 // askWebhook calls the webhook for k and turns its answer, or its failure,
 // into a decision.
 func (g *Guard) askWebhook(k admitKey) bool {
-	start := g.opts.Now()
-	allow, err := g.callWebhook(k)
-	g.m.webhookSeconds.Observe(time.Since(start).Seconds())
-	now := g.opts.Now()
+	allow, err := g.askCtx(context.Background(), k)
 	if err == nil {
-		g.setHealthy(true, nil)
-		v := verdict{allow: allow, freshUntil: now.Add(g.opts.DenyTTL)}
-		if allow {
-			v.freshUntil = now.Add(g.opts.AllowTTL)
-			v.staleUntil = now.Add(g.opts.StaleTTL)
-		}
-		g.mu.Lock()
-		g.cache.Set(k, v)
-		g.mu.Unlock()
 		g.count(allow, "webhook")
 		return allow
 	}
-	g.m.webhookErrors.Inc()
-	g.setHealthy(false, err)
-	g.mu.Lock()
-	v, ok := g.cache.PeekOk(k)
-	g.mu.Unlock()
 	switch {
-	case ok && v.allow && now.Before(v.staleUntil):
+	case g.cache.stale(k, g.clock.Now()):
 		g.count(true, "stale_cache")
 		return true
 	case g.opts.FailOpen:
@@ -91,12 +74,37 @@ func (g *Guard) askWebhook(k admitKey) bool {
 	}
 }
 
-func (g *Guard) callWebhook(k admitKey) (bool, error) {
+// askCtx calls the webhook about k, records the answer in the cache and
+// the webhook's health, and returns it; err is the webhook's failure
+// (nothing cached then). Ending ctx abandons the call.
+func (g *Guard) askCtx(ctx context.Context, k admitKey) (allow bool, err error) {
+	start := time.Now()
+	allow, err = g.callWebhook(ctx, k)
+	if ctx.Err() != nil {
+		return false, ctx.Err()
+	}
+	g.m.webhookSeconds.Observe(time.Since(start).Seconds())
+	if err != nil {
+		g.m.webhookErrors.Inc()
+		g.setHealthy(false, err)
+		return false, err
+	}
+	g.setHealthy(true, nil)
+	now := g.clock.Now()
+	if allow {
+		g.cache.setAllow(k, admitted{freshUntil: now.Add(g.opts.AllowTTL), staleUntil: now.Add(g.opts.StaleTTL)})
+	} else {
+		g.cache.setDeny(k, now.Add(g.opts.DenyTTL))
+	}
+	return allow, nil
+}
+
+func (g *Guard) callWebhook(ctx context.Context, k admitKey) (bool, error) {
 	body, err := json.Marshal(tailcfg.DERPAdmitClientRequest{NodePublic: k.node, Source: k.src})
 	if err != nil {
 		return false, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), g.opts.WebhookTimeout)
+	ctx, cancel := context.WithTimeout(ctx, g.opts.WebhookTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, g.opts.VerifyURL, bytes.NewReader(body))
 	if err != nil {
@@ -151,6 +159,6 @@ func (g *Guard) setHealthy(ok bool, err error) {
 		g.log.Info("derp admission webhook is answering again", zap.String("url", redact(g.opts.VerifyURL)))
 		return
 	}
-	g.log.Warn("derp admission webhook is failing: new clients are admitted only from recent verdicts",
+	g.log.Warn("derp admission webhook is failing: connected clients keep their connections; new clients are admitted only from recent verdicts",
 		zap.String("url", redact(g.opts.VerifyURL)), zap.Bool("fail_open", g.opts.FailOpen), zap.Error(err))
 }

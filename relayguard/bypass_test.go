@@ -60,11 +60,16 @@ func dialWebSocket(ctx context.Context, base string, priv key.NodePrivate, opts 
 // dialUpgrade sends a hand-written upgrade request for target (a path with
 // an optional query) and speaks DERP on the upgraded connection.
 func dialUpgrade(base, target string, priv key.NodePrivate, opts ...derp.ClientOpt) (*rawClient, error) {
+	return dialUpgradeFrom("", base, target, priv, opts...)
+}
+
+// dialUpgradeFrom is dialUpgrade from the local address from ("": any).
+func dialUpgradeFrom(from, base, target string, priv key.NodePrivate, opts ...derp.ClientOpt) (*rawClient, error) {
 	u, err := url.Parse(base)
 	if err != nil {
 		return nil, err
 	}
-	nc, err := net.DialTimeout("tcp", u.Host, 5*time.Second)
+	nc, err := dialFrom(from, u.Host)
 	if err != nil {
 		return nil, err
 	}
@@ -82,6 +87,17 @@ func dialUpgrade(base, target string, priv key.NodePrivate, opts ...derp.ClientO
 	}
 	_ = nc.SetDeadline(time.Time{})
 	return handshakeBuffered(nc, br, priv, opts...)
+}
+
+// dialFrom dials addr over TCP from the local IP from ("": any). Linux
+// routes all of 127.0.0.0/8 to loopback, so tests can tell apart clients,
+// peers and attackers on one machine by their source address.
+func dialFrom(from, addr string) (net.Conn, error) {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	return d.Dial("tcp", addr)
 }
 
 func handshake(nc net.Conn, priv key.NodePrivate, opts ...derp.ClientOpt) (*rawClient, error) {

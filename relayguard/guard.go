@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/coder/quartz"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 	"golang.org/x/time/rate"
@@ -24,9 +25,10 @@ import (
 // into the server; mount Handler around the relay's HTTP handler; Close
 // stops it.
 type Guard struct {
-	opts Options
-	log  *zap.Logger
-	m    *metrics
+	opts  Options
+	log   *zap.Logger
+	m     *metrics
+	clock quartz.Clock
 
 	// The private verify endpoint the DERP library calls.
 	ln         net.Listener
@@ -36,10 +38,20 @@ type Guard struct {
 	closeOnce  sync.Once
 
 	// Admission verdicts.
+	cache     *verdictCache
 	mu        sync.Mutex
-	cache     lru.Cache[admitKey, verdict] // guarded by mu
-	unhealthy bool                         // guarded by mu: the last webhook call failed
+	unhealthy bool // guarded by mu: the last webhook call failed
 	flight    singleflight.Group
+
+	// Admitted clients, verified again on a schedule; the ticker that does
+	// it runs until stopTicker.
+	sched      *schedule
+	stopTicker context.CancelFunc
+	ticker     quartz.Waiter // nil without re-verification
+
+	// Connections accepted through Listener that are not relay connections
+	// yet.
+	pend *pendingSet
 
 	// Relay connections whose admission call is in flight, by the loopback
 	// client address it uses.
@@ -59,19 +71,32 @@ type Guard struct {
 // New makes a Guard for s and installs it: s will ask the Guard about every
 // client that does not present the mesh key. It listens on a random
 // loopback port for those questions; it answers only calls the DERP
-// library makes about a connection that came in through Handler. Call Close
-// when s is closed.
+// library makes about a connection that came in through Handler. With a
+// webhook and a VerifyInterval, it starts verifying admitted clients again
+// on that schedule. Call Close when s is closed.
 func New(s *derpserver.Server, opts Options) (*Guard, error) {
 	opts = opts.withDefaults()
 	g := &Guard{
 		opts:       opts,
 		log:        opts.Logger,
+		clock:      opts.Clock,
+		cache:      newVerdictCache(opts.CacheSize),
 		serveDone:  make(chan struct{}),
 		pending:    map[string]*conn{},
 		lastLogged: map[string]time.Time{},
 		suppressed: map[string]int{},
 	}
-	g.cache.MaxEntries = opts.CacheSize
+	interval := opts.VerifyInterval
+	if opts.VerifyURL == "" || interval < 0 {
+		interval = 0
+	}
+	if interval > 0 && g.opts.AllowTTL > interval {
+		// No admission is trusted longer than a connected client goes
+		// without being verified again.
+		g.opts.AllowTTL = interval
+	}
+	g.sched = newSchedule(interval)
+	g.pend = newPendingSet(g, opts.MaxPendingConnections, opts.PendingGrace)
 	g.ipLimiters.MaxEntries = opts.CacheSize
 	if opts.AcceptRate > 0 {
 		g.limiter = rate.NewLimiter(opts.AcceptRate, burst(opts.AcceptRate))
@@ -81,6 +106,11 @@ func New(s *derpserver.Server, opts Options) (*Guard, error) {
 		g.m.maxConnections.Set(float64(opts.MaxConnections))
 	} else {
 		g.m.maxConnections.Set(-1)
+	}
+	if opts.MaxPendingConnections > 0 {
+		g.m.maxPending.Set(float64(opts.MaxPendingConnections))
+	} else {
+		g.m.maxPending.Set(-1)
 	}
 	if opts.Registerer != nil {
 		if err := g.m.register(opts.Registerer); err != nil {
@@ -115,6 +145,11 @@ func New(s *derpserver.Server, opts Options) (*Guard, error) {
 	// Fail-open is decided here, with the cache in mind; the library's own
 	// switch would only cover our loopback endpoint being down.
 	s.SetVerifyClientURLFailOpen(false)
+	ctx, cancel := context.WithCancel(context.Background())
+	g.stopTicker = cancel
+	if interval > 0 {
+		g.ticker = g.clock.TickerFunc(ctx, tickPeriod(interval), func() error { return g.reverifyDue(ctx) }, "relayguard", "reverify")
+	}
 	return g, nil
 }
 
@@ -126,11 +161,16 @@ func burst(r rate.Limit) int {
 	return b
 }
 
-// Close stops the verify endpoint and waits for it. The DERP server then
-// refuses new clients (its verify URL no longer answers), which is right
-// for a server that is shutting down. It is safe to call more than once.
+// Close stops re-verification and the verify endpoint and waits for them.
+// The DERP server then refuses new clients (its verify URL no longer
+// answers), which is right for a server that is shutting down. It is safe
+// to call more than once.
 func (g *Guard) Close() error {
 	g.closeOnce.Do(func() {
+		g.stopTicker()
+		if g.ticker != nil {
+			_ = g.ticker.Wait()
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := g.srv.Shutdown(ctx); err != nil {
@@ -156,20 +196,47 @@ func (g *Guard) serveVerify(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var allow bool
-	switch c := g.claim(r.RemoteAddr); {
+	c := g.claim(r.RemoteAddr)
+	if c != nil && c.tracked != nil {
+		c.tracked.markVerified() // a client (not a mesh peer), past its handshake
+	}
+	switch {
 	case c == nil:
 		// Not the DERP library asking about one of our connections.
 		allow = false
 	case c.refused != "":
 		allow = false // counted under its reason already
 	default:
-		allow = g.admit(req)
+		k := admitKey{node: req.NodePublic, src: req.Source}
+		var cachedUntil time.Time
+		allow, cachedUntil = g.decide(req)
+		allow = allow && g.schedule(c, k, cachedUntil)
 		if !allow {
 			g.m.refused.WithLabelValues(ReasonAdmission).Inc()
 		}
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(tailcfg.DERPAdmitClientResponse{Allow: allow})
+}
+
+// schedule puts an admitted client's connection on the re-verification
+// schedule, due by dueBy at the latest when that is set (the admission
+// came from a cached verdict, fresh until then). It returns false when the
+// client must be refused after all: a re-verification refused k meanwhile
+// (its other connections were just cut), or the connection is already
+// gone.
+func (g *Guard) schedule(c *conn, k admitKey, dueBy time.Time) bool {
+	if g.opts.VerifyURL == "" {
+		return true
+	}
+	if !g.sched.add(c, k, g.clock.Now(), dueBy) {
+		return false
+	}
+	if g.cache.denied(k, g.clock.Now()) {
+		g.sched.remove(c)
+		return false
+	}
+	return true
 }
 
 var errWebhookStatus = errors.New("unexpected status")

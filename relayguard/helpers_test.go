@@ -38,11 +38,12 @@ type webhook struct {
 	mu    sync.Mutex
 	mode  string // "allow", "deny", "down" (connection closed), "hang"
 	allow map[key.NodePublic]bool
+	deny  map[key.NodePublic]bool
 	seen  []key.NodePublic
 }
 
 func newWebhook(t *testing.T, mode string) *webhook {
-	w := &webhook{mode: mode, release: make(chan struct{}), allow: map[key.NodePublic]bool{}}
+	w := &webhook{mode: mode, release: make(chan struct{}), allow: map[key.NodePublic]bool{}, deny: map[key.NodePublic]bool{}}
 	w.srv = httptest.NewServer(http.HandlerFunc(w.serve))
 	t.Cleanup(func() {
 		close(w.release)
@@ -63,6 +64,16 @@ func (w *webhook) setMode(m string) {
 func (w *webhook) admitKey(k key.NodePublic) {
 	w.mu.Lock()
 	w.allow[k] = true
+	delete(w.deny, k)
+	w.mu.Unlock()
+}
+
+// refuseKey refuses k even in "allow" mode (a node removed from the
+// tailnet).
+func (w *webhook) refuseKey(k key.NodePublic) {
+	w.mu.Lock()
+	w.deny[k] = true
+	delete(w.allow, k)
 	w.mu.Unlock()
 }
 
@@ -92,9 +103,16 @@ func (w *webhook) serve(rw http.ResponseWriter, r *http.Request) {
 	}
 	w.mu.Lock()
 	w.seen = append(w.seen, req.NodePublic)
-	allow := mode == "allow" || w.allow[req.NodePublic]
+	allow := (mode == "allow" || w.allow[req.NodePublic]) && !w.deny[req.NodePublic]
 	w.mu.Unlock()
 	_ = json.NewEncoder(rw).Encode(tailcfg.DERPAdmitClientResponse{Allow: allow})
+}
+
+// calls is how many answers the webhook has given.
+func (w *webhook) calls() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.seen)
 }
 
 // saw reports how often the webhook was asked about k.
@@ -151,7 +169,10 @@ func startRelay(t *testing.T, meshKey string, opts relayguard.Options) *relay {
 	mux := http.NewServeMux()
 	mux.Handle("/derp", g.Handler(derpmesh.Handler(s)))
 	mux.HandleFunc("/derp/latency-check", func(http.ResponseWriter, *http.Request) {})
-	ts := httptest.NewServer(mux)
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("OK")) })
+	ts := httptest.NewUnstartedServer(mux)
+	ts.Listener = g.Listener(ts.Listener)
+	ts.Start()
 	r := &relay{server: s, guard: g, http: ts, reg: reg, url: ts.URL}
 	t.Cleanup(func() {
 		if r.meshed != nil {

@@ -1,6 +1,8 @@
 package relayguard
 
 import (
+	"bufio"
+	"crypto/tls"
 	"net"
 	"net/http"
 	"net/http/httptrace"
@@ -23,6 +25,10 @@ import (
 // call by the loopback connection it arrives on). A refused connection is
 // closed by the library right after its handshake; the client sees a
 // closed connection and redials later.
+//
+// Handler also keeps the connection the relay hijacks, so that a client
+// the webhook refuses at re-verification can be disconnected, and so that
+// Listener knows the connection's handshake outcome.
 func (g *Guard) Handler(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Upgrade") == "" {
@@ -32,13 +38,53 @@ func (g *Guard) Handler(next http.Handler) http.Handler {
 		c := &conn{g: g, ip: remoteIP(r.RemoteAddr)}
 		defer c.release()
 		ctx := httptrace.WithClientTrace(r.Context(), &httptrace.ClientTrace{GotConn: c.onVerify})
-		next.ServeHTTP(w, r.WithContext(ctx))
+		next.ServeHTTP(&hijackWriter{ResponseWriter: w, c: c}, r.WithContext(ctx))
 	})
 }
 
-// conn is one relay connection as the Guard sees it. onVerify and release
-// run on the connection's handler goroutine; refused is read by the verify
-// endpoint after g.pendMu hands c over.
+// hijackWriter passes the server's ResponseWriter through and records the
+// connection when the relay (plain upgrade or WebSocket) hijacks it.
+type hijackWriter struct {
+	http.ResponseWriter
+	c *conn
+}
+
+// Hijack hijacks the underlying connection and keeps it on the conn.
+func (w *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	h, ok := w.ResponseWriter.(http.Hijacker)
+	if !ok {
+		return nil, nil, http.ErrNotSupported
+	}
+	nc, brw, err := h.Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	raw := nc
+	if tc, ok := nc.(*tls.Conn); ok {
+		raw = tc.NetConn() // closing below TLS never waits on a close_notify
+	}
+	w.c.raw = raw
+	if t, ok := raw.(*trackedConn); ok {
+		w.c.tracked = t
+		t.linked.Store(true)
+	}
+	return nc, brw, nil
+}
+
+// Flush passes through.
+func (w *hijackWriter) Flush() {
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// Unwrap lets http.ResponseController reach the server's ResponseWriter.
+func (w *hijackWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// conn is one relay connection as the Guard sees it. Hijack, onVerify and
+// release run on the connection's handler goroutine; raw, tracked and
+// refused are read by the verify endpoint after g.pendMu hands c over, and
+// raw by the re-verification schedule after g.sched hands c over.
 type conn struct {
 	g       *Guard
 	ip      string
@@ -46,6 +92,22 @@ type conn struct {
 	refused string   // the refusal reason, "" when admitted by the limits
 	counted bool     // holds a slot under the cap
 	ports   []string // loopback client addresses registered in g.pending
+
+	raw     net.Conn     // the hijacked connection (below TLS)
+	tracked *trackedConn // raw, when it came through Listener
+
+	// Guarded by g.sched.mu.
+	key       admitKey // what the webhook admitted
+	scheduled bool     // on the re-verification schedule
+	gone      bool     // the handler returned
+}
+
+// disconnect closes the client's connection; the relay then unregisters it
+// and its handler returns.
+func (c *conn) disconnect() {
+	if c.raw != nil {
+		_ = c.raw.Close()
+	}
 }
 
 // onVerify runs when the DERP library's admission call for this connection
@@ -84,6 +146,7 @@ func (g *Guard) claim(addr string) *conn {
 }
 
 func (c *conn) release() {
+	c.g.sched.remove(c)
 	if c.counted {
 		c.g.conns.Add(-1)
 		c.counted = false
@@ -110,7 +173,7 @@ func (g *Guard) acquire(ip string) string {
 	} else {
 		g.conns.Add(1)
 	}
-	now := g.opts.Now()
+	now := g.clock.Now()
 	if g.limiter != nil && !g.limiter.AllowN(now, 1) {
 		g.conns.Add(-1)
 		return ReasonRate
@@ -131,10 +194,16 @@ func (g *Guard) acquire(ip string) string {
 	return ""
 }
 
-// noteRefused logs a refusal for the cap or the rate at most once a
-// minute per reason, with how many were refused since the last line.
+// reasonPending keys the log line of the pending bound (it is not a
+// refusal reason of coderd_derp_clients_refused_total: the connection was
+// never a client).
+const reasonPending = "pending"
+
+// noteRefused logs a refusal for the cap, the rate or the pending bound at
+// most once a minute per reason, with how many were refused since the
+// last line.
 func (g *Guard) noteRefused(reason string) {
-	now := g.opts.Now()
+	now := g.clock.Now()
 	g.logMu.Lock()
 	g.suppressed[reason]++
 	last, seen := g.lastLogged[reason]
@@ -153,6 +222,9 @@ func (g *Guard) noteRefused(reason string) {
 	case ReasonRate:
 		g.log.Warn("derp accept rate exceeded: refusing new clients",
 			zap.Float64("accepts_per_second", float64(g.opts.AcceptRate)), zap.Int("refused", n))
+	case reasonPending:
+		g.log.Warn("too many unfinished connections: closing the oldest and refusing new ones (relay and mesh connections are unaffected)",
+			zap.Int("max_pending_connections", g.opts.MaxPendingConnections), zap.Duration("grace", g.opts.PendingGrace), zap.Int("closed", n))
 	}
 }
 

@@ -154,6 +154,15 @@ func TestAdmissionIsCached(t *testing.T) {
 	if n := hook.saw(priv.Public()); n != 1 {
 		t.Errorf("the webhook was asked %d times about a client that connected 3 times within the TTL, want 1", n)
 	}
+	// 3 reconnections and 3 other clients: the reconnections after the
+	// first are hits.
+	if hit, miss := a.metric(t, "coderd_derp_admission_cache_lookups_total", map[string]string{"result": "hit"}),
+		a.metric(t, "coderd_derp_admission_cache_lookups_total", map[string]string{"result": "miss"}); hit != 2 || miss != 4 {
+		t.Errorf("cache lookups: %v hits, %v misses, want 2 and 4", hit, miss)
+	}
+	if got := a.metric(t, "coderd_derp_admission_cache_entries", map[string]string{"verdict": "allow"}); got != 4 {
+		t.Errorf("cached admissions = %v, want 4", got)
+	}
 }
 
 func TestConnectionCapRefusesNewClientsButNotExistingOrMesh(t *testing.T) {
@@ -216,7 +225,7 @@ func TestWebhookHealthIsLoggedOncePerChange(t *testing.T) {
 	for i := 0; i < 4; i++ {
 		assertRefused(t, a, key.NewNode(), other, "a new client while the webhook is down")
 	}
-	if n := logs.FilterMessage("derp admission webhook is failing: new clients are admitted only from recent verdicts").Len(); n != 1 {
+	if n := logs.FilterMessage("derp admission webhook is failing: connected clients keep their connections; new clients are admitted only from recent verdicts").Len(); n != 1 {
 		t.Fatalf("the failing webhook was logged %d times for 5 refused clients, want once", n)
 	}
 	hook.setMode("allow")

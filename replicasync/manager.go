@@ -12,6 +12,7 @@ import (
 
 	"github.com/coder/quartz"
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/database"
@@ -66,14 +67,20 @@ type Manager struct {
 	db           latencyWindow
 	grace        outageGrace
 	cutOffWarned bool
-	skew         time.Duration // database clock minus this machine's, at the last beat
-	skewWarned   bool
-	ownError     string
-	pinger       LinkPinger
-	callback     func(PeerChange)
-	current      []Peer // the mesh set as of the last read
-	told         []Peer // what the callback was last told
-	tellDue      bool   // the callback must be called even if the set is unchanged
+	// selfNoRelayWarned: the "this replica has no relay URL" WARN line
+	// was logged and its condition still holds.
+	selfNoRelayWarned bool
+	// sharedURLWarned: the live peers using this replica's relay URL that
+	// a WARN line was logged about (see sharedURLLocked).
+	sharedURLWarned map[uuid.UUID]bool
+	skew            time.Duration // database clock minus this machine's, at the last beat
+	skewWarned      bool
+	ownError        string
+	pinger          LinkPinger
+	callback        func(PeerChange)
+	current         []Peer // the mesh set as of the last read
+	told            []Peer // what the callback was last told
+	tellDue         bool   // the callback must be called even if the set is unchanged
 
 	// pending are replicas announced since the last sync; pendingAll asks
 	// for a full re-read (messages may have been lost, or a burst).
@@ -134,9 +141,7 @@ func New(ctx context.Context, store Store, ps Pubsub, opts Options) (*Manager, e
 		}
 		m.cancelSub = cancelSub
 	}
-	// Registration, at a mass start when the database is busiest, gets
-	// more patience than a beat.
-	if err := m.beat(ctx, 30*time.Second); err != nil {
+	if err := m.register(ctx); err != nil {
 		m.cancelSub()
 		m.cancel()
 		return nil, fmt.Errorf("register replica: %w", err)
@@ -472,6 +477,50 @@ func ParseNotification(payload []byte) (uuid.UUID, bool) {
 	return id, true
 }
 
+// registerPatience bounds registration: at a mass start the database is
+// at its busiest, and a connection that breaks (a pooler or a server
+// restarting) is worth another try rather than a failed start.
+const registerPatience = 30 * time.Second
+
+// register writes this replica's first row, trying again (every
+// RetryInterval, jittered) after an error that may pass, for
+// registerPatience in all; an error the server gives for the statement
+// itself (permissions, a missing table) fails at once.
+func (m *Manager) register(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, registerPatience)
+	defer cancel()
+	for {
+		err := m.beat(ctx, registerPatience)
+		if err == nil || !transient(err) || ctx.Err() != nil {
+			return err
+		}
+		m.log.Info("registration failed; trying again", zap.Error(err))
+		t := m.clock.NewTimer(jitter(m.opts.RetryInterval), "register")
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+	}
+}
+
+// transient reports whether a store error may pass on its own: a broken
+// or refused connection, or one of the server's "not now" answers
+// (starting up, read-only during a failover, too many connections, a
+// lock or serialization conflict).
+func transient(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return true
+	}
+	switch pgErr.Code {
+	case "57P03", "25006", "53300", "55P03", "40001", "40P01":
+		return true
+	}
+	return false
+}
+
 // listenTimeout bounds how long New waits to hear its own announcement.
 const listenTimeout = 5 * time.Second
 
@@ -778,29 +827,65 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	// before the link exists: at a mass start, N-1 connections and
 	// requests per replica for a sample the link gives a moment later.
 	linked := m.pinger != nil
-	m.mu.Unlock()
-
+	// Peer-labelled series follow membership, under mu so that a probe
+	// ending as its peer leaves cannot bring a series back: the probe
+	// error counter of a regional peer exists (at 0) from when the peer is
+	// first seen, and both go when it leaves.
 	for _, p := range left {
 		m.metrics.peerLatency.DeleteLabelValues(p.ID.String(), p.Hostname)
 		m.metrics.probeErrors.DeleteLabelValues(p.ID.String(), p.Hostname)
+	}
+	for _, p := range joined {
+		if p.RegionID == m.opts.RegionID {
+			m.metrics.probeErrors.WithLabelValues(p.ID.String(), p.Hostname)
+		}
+	}
+	selfNoRelay := m.selfWithoutRelayLocked()
+	selfNoRelayChanged := (len(selfNoRelay) > 0) != m.selfNoRelayWarned
+	m.selfNoRelayWarned = len(selfNoRelay) > 0
+	var sharing []database.Replica // newly seen to share this replica's relay URL
+	shared := m.sharedURLLocked()
+	warned := make(map[uuid.UUID]bool, len(shared))
+	for _, p := range shared {
+		if !m.sharedURLWarned[p.ID] {
+			sharing = append(sharing, p)
+		}
+		warned[p.ID] = true
+	}
+	m.sharedURLWarned = warned
+	m.mu.Unlock()
+
+	for _, p := range left {
 		m.log.Info("replica left", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress), zap.Bool("stopped", p.StoppedAt != nil))
 	}
 	for _, p := range joined {
 		m.log.Info("replica joined", zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
-		if p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) {
+		if p.RegionID == m.opts.RegionID && p.RelayAddress == "" && m.opts.RelayAddress != "" {
+			m.log.Warn("a live replica of this region has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
+				zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.Int32("region_id", p.RegionID))
+		}
+		if p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) && !p.StartedAt.After(selfStarted) {
 			// Not meshed with (see withoutURL). A row started before this
-			// process is most likely its own previous run; one started
-			// after it is a second replica given the same relay URL.
-			if p.StartedAt.After(selfStarted) {
-				m.log.Warn("another replica uses this replica's relay URL: not meshing with it; give each replica its own",
-					zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
-			} else {
-				m.log.Info("ignoring an older live row with this replica's relay URL (a previous run killed before it could stop?)",
-					zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
-			}
+			// process is most likely its own previous run; if it beats
+			// again, it is another replica (sharedURLLocked) and warned
+			// about below.
+			m.log.Info("ignoring an older live row with this replica's relay URL (a previous run killed before it could stop?)",
+				zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
 		}
 		if !linked {
 			m.startProbe(p)
+		}
+	}
+	for _, p := range sharing {
+		m.log.Warn("another live replica uses this replica's relay URL: the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url",
+			zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
+	}
+	if selfNoRelayChanged {
+		if len(selfNoRelay) > 0 {
+			m.log.Warn("this replica has no relay URL while live replicas of its region have one: they cannot mesh with it, so clients on them cannot reach clients here; set --derp-server-relay-url",
+				zap.String("hostname", m.opts.Hostname), zap.Stringer("replica_id", m.opts.ID), zap.Strings("peers", selfNoRelay))
+		} else {
+			m.log.Info("no live replica of this region has a relay URL any more: nothing to mesh with", zap.String("hostname", m.opts.Hostname))
 		}
 	}
 	if changed {
@@ -857,6 +942,8 @@ func (m *Manager) peerReportsLocked() []database.PeerReport {
 		}
 		if p.RelayAddress == "" {
 			r.Error = "peer has no relay URL"
+		} else if m.sharesURLLocked(p) {
+			r.Error = "peer uses this replica's relay URL"
 		}
 		out = append(out, r)
 	}
@@ -879,6 +966,22 @@ func (m *Manager) warningsLocked() []string {
 			now.Sub(m.grace.failingSince).Round(time.Second), m.opts.StaleAfter))
 	}
 	var peerWarnings []string
+	if peers := m.selfWithoutRelayLocked(); len(peers) > 0 {
+		out = append(out, fmt.Sprintf("this replica (%q, id %s) has no relay URL: the %d other replica(s) of region %d cannot mesh with it, so clients on them cannot reach clients on it; set --derp-server-relay-url",
+			m.opts.Hostname, m.opts.ID, len(peers), m.opts.RegionID))
+	}
+	if m.opts.RelayAddress != "" {
+		for id, p := range m.peers {
+			if p.RegionID == m.opts.RegionID && p.RelayAddress == "" {
+				peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (id %s) has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
+					p.Hostname, id))
+			}
+		}
+	}
+	for _, p := range m.sharedURLLocked() {
+		peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (id %s) uses this replica's relay URL %s: the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url (without an access URL, a replica listening on all interfaces defaults to http://127.0.0.1:<port>, which reaches only its own machine)",
+			p.Hostname, p.ID, m.opts.RelayAddress))
+	}
 	for id, st := range m.probes {
 		if !st.w.warned {
 			continue
@@ -889,6 +992,50 @@ func (m *Manager) warningsLocked() []string {
 	}
 	sort.Strings(peerWarnings)
 	return append(out, peerWarnings...)
+}
+
+// sharedURLLocked is the live regional peers that use this replica's relay
+// URL and have heartbeated since it started, oldest first: other running
+// replicas given the same URL (two machines listening on all interfaces
+// without an access URL both default to http://127.0.0.1:<port>). A relay
+// never meshes with a peer behind its own URL, so neither side can reach
+// the other's clients. The row a previous run of this process left when
+// it was killed shares the URL too, but never beats again after this
+// replica started: it is not counted.
+func (m *Manager) sharedURLLocked() []database.Replica {
+	var out []database.Replica
+	for _, p := range m.peers {
+		if m.sharesURLLocked(p) {
+			out = append(out, p)
+		}
+	}
+	sortReplicas(out)
+	return out
+}
+
+// sharesURLLocked reports whether p is a live regional peer behind this
+// replica's relay URL that beat after this replica started.
+func (m *Manager) sharesURLLocked(p database.Replica) bool {
+	return m.opts.RelayAddress != "" && p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) &&
+		!m.self.StartedAt.IsZero() && p.UpdatedAt.After(m.self.StartedAt)
+}
+
+// selfWithoutRelayLocked names the live regional peers that have a relay
+// URL when this replica has none (they mesh one way only: toward them).
+// Empty when this replica has a relay URL, or no peer has one (a region
+// whose replicas all run without the DERP server).
+func (m *Manager) selfWithoutRelayLocked() []string {
+	if m.opts.RelayAddress != "" {
+		return nil
+	}
+	var out []string
+	for id, p := range m.peers {
+		if p.RegionID == m.opts.RegionID && p.RelayAddress != "" {
+			out = append(out, fmt.Sprintf("%s (%s)", p.Hostname, id))
+		}
+	}
+	sort.Strings(out)
+	return out
 }
 
 func sortReplicas(rs []database.Replica) {

@@ -230,8 +230,8 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 	samples := len(st.w.samples)
 	crossed := err == nil && samples >= min(minSamples, m.opts.Samples) && (latency > m.opts.LatencyThreshold) != st.w.warned
 	current := st.w.latency()
-	m.mu.Unlock()
-
+	// Under mu: apply deletes a leaving peer's series under it, and a
+	// probe that ends just after must not bring them back.
 	id, host := p.ID.String(), p.Hostname
 	if err != nil {
 		m.metrics.peerLatency.DeleteLabelValues(id, host)
@@ -239,6 +239,8 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 	} else {
 		m.metrics.peerLatency.WithLabelValues(id, host).Set(current.Seconds())
 	}
+	m.mu.Unlock()
+
 	fields := []zap.Field{zap.String("peer_hostname", p.Hostname), zap.String("relay_url", p.RelayAddress), zap.Stringer("peer_id", p.ID)}
 	switch {
 	case c.warnedNow && !c.warnedBefore:

@@ -412,3 +412,31 @@ func TestCloseIsIdempotentAndLeavesATombstone(t *testing.T) {
 		t.Fatal("closed replica's row has no stopped_at")
 	}
 }
+
+// A connection that breaks while the replica registers (a pooler or the
+// server restarting at a mass start) is tried again, not a failed start.
+func TestRegistrationOutlastsABrokenConnection(t *testing.T) {
+	t.Parallel()
+	proxy, url := faultproxy.InFrontOf(t, dbtest.NewURL(t))
+	db, err := database.Connect(context.Background(), url, database.ConnectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(db.Close)
+	proxy.Cut() // every pooled connection breaks; new ones are reset
+	healed := make(chan struct{})
+	go func() {
+		defer close(healed)
+		time.Sleep(1500 * time.Millisecond) // the outage's length, not a wait for a condition
+		proxy.Heal()
+	}()
+	m, err := replicasync.New(context.Background(), db, nil, replicasync.Options{Hostname: "r", HeartbeatInterval: time.Minute})
+	<-healed
+	if err != nil {
+		t.Fatalf("registration during a 1.5 s connection outage failed: %v", err)
+	}
+	t.Cleanup(func() { _ = m.Close() })
+	if m.Self().ID == uuid.Nil {
+		t.Fatal("registered, but the replica has no row")
+	}
+}

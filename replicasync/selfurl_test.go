@@ -1,6 +1,7 @@
 package replicasync_test
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -44,7 +45,14 @@ func TestRestartedReplicaNeverMeshesWithItsPreviousRunsRow(t *testing.T) {
 	if n := c.logs.FilterMessage("ignoring an older live row with this replica's relay URL (a previous run killed before it could stop?)").Len(); n == 0 {
 		t.Fatal("the restarted replica did not say why it ignores its previous run's row")
 	}
-	if n := c.logs.FilterMessage("another replica uses this replica's relay URL: not meshing with it; give each replica its own").Len(); n != 0 {
+	c.step(memBeat) // b's and the restarted replica's next beats and reads
+	wait.For(t, 10*time.Second, "the restarted replica reads again", func() bool { return sees(restarted, b.Self().ID) })
+	if n := c.logs.FilterMessage("another live replica uses this replica's relay URL: the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url").Len(); n != 0 {
 		t.Fatal("a restart behind the same URL was reported as a misconfigured duplicate")
+	}
+	for _, w := range restarted.Warnings() {
+		if strings.Contains(w, "uses this replica's relay URL") {
+			t.Fatalf("a restart behind the same URL is a health warning: %s", w)
+		}
 	}
 }

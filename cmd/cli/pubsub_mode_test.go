@@ -56,7 +56,9 @@ func TestAutoModeFallsBackToPollBehindPgBouncer(t *testing.T) {
 	env := []string{"CODER_PG_CONNECTION_URL=" + bouncer}
 	a := clitest.StartServer(t, "a", env)
 	a.WaitReady(60 * time.Second)
-	b := clitest.StartServer(t, "b", env, "--derp-server-relay-url", "http://127.0.0.1:1")
+	// No relay URL flag: each relay URL defaults to the replica's own
+	// listen URL, so the two mesh both ways and both become ready.
+	b := clitest.StartServer(t, "b", env)
 	b.WaitReady(60 * time.Second)
 	for _, p := range []*clitest.Process{a, b} {
 		var line string

@@ -61,6 +61,13 @@ func (v *verifyServer) admit(k key.NodePublic) {
 	v.mu.Unlock()
 }
 
+// revoke stops admitting k (a node removed from the tailnet).
+func (v *verifyServer) revoke(k key.NodePublic) {
+	v.mu.Lock()
+	delete(v.allow, k)
+	v.mu.Unlock()
+}
+
 func (v *verifyServer) setDown(d bool) {
 	v.mu.Lock()
 	v.down = d

@@ -55,7 +55,18 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
-			return applyEnv(cmd)
+			if err := applyEnv(cmd); err != nil {
+				return err
+			}
+			// Once, at start, in the format the command logs in.
+			jsonLogs := false
+			if f := cmd.Flags().Lookup("log-json"); f != nil {
+				jsonLogs = f.Value.String() == "true"
+			}
+			if w := checkEnv(cmd, os.Environ()); len(w) > 0 {
+				warnEnv(newLogger(cmd.ErrOrStderr(), false, jsonLogs), cmd, w)
+			}
+			return nil
 		},
 	}
 	root.SetOut(stdout)

@@ -45,6 +45,8 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "access-url", "CODER_ACCESS_URL")
 	pf.StringVar(&cfg.PostgresURL, "postgres-url", "", "The shared Postgres every replica meets in; empty starts the built-in Postgres")
 	bindEnv(pf, "postgres-url", "CODER_PG_CONNECTION_URL")
+	pf.StringVar(&cfg.PostgresURLFile, "postgres-url-file", "", "A file holding the Postgres URL, read again whenever a connection is opened (a rotated Secret applies without a restart); not with --postgres-url")
+	bindEnv(pf, "postgres-url-file", "CODER_PG_CONNECTION_URL_FILE")
 	f.StringVar(&cfg.PostgresPubsub, "postgres-pubsub", "auto", "How replicas hear of each other: listen (LISTEN/NOTIFY), poll (read the replicas table every second; for PgBouncer transaction pooling) or auto")
 	bindEnv(f, "postgres-pubsub", "CODER_POSTGRES_PUBSUB")
 	pf.StringVar(&cfg.CacheDir, "cache-dir", coderd.DefaultCacheDir(), "Where the built-in Postgres keeps its data")
@@ -63,6 +65,8 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "derp-server-verify-client-url", "CODER_DERP_SERVER_VERIFY_CLIENT_URL")
 	f.BoolVar(&cfg.DERPServerVerifyClientURLFailOpen, "derp-server-verify-client-url-fail-open", false, "Admit new clients while the admission webhook cannot be reached (a relay that fails open is an open relay)")
 	bindEnv(f, "derp-server-verify-client-url-fail-open", "CODER_DERP_SERVER_VERIFY_CLIENT_URL_FAIL_OPEN")
+	f.DurationVar(&cfg.DERPServerVerifyClientInterval, "derp-server-verify-client-interval", relayguard.DefaultVerifyInterval, "Verify connected DERP clients with the webhook again at this interval (spread over it) and disconnect those it now refuses; 0: never")
+	bindEnv(f, "derp-server-verify-client-interval", "CODER_DERP_SERVER_VERIFY_CLIENT_INTERVAL")
 	f.IntVar(&cfg.DERPServerMaxConnections, "derp-server-max-connections", relayguard.DefaultMaxConnections, "DERP client connections one replica holds at once (mesh connections never count); -1: no cap")
 	bindEnv(f, "derp-server-max-connections", "CODER_DERP_SERVER_MAX_CONNECTIONS")
 	f.Float64Var(&cfg.DERPServerAcceptRate, "derp-server-accept-rate", relayguard.DefaultAcceptRate, "New DERP client connections accepted per second per replica (burst: twice that); -1: no limit")
@@ -104,7 +108,7 @@ built-in Postgres is started in --cache-dir.`,
 	pf.BoolVar(&logJSON, "log-json", false, "Log JSON lines instead of human-readable console lines")
 	bindEnv(pf, "log-json", "CODER_LOGGING_JSON")
 
-	cmd.AddCommand(newCreateTokenCmd(&cfg, &verbose, &logJSON), newBuiltinURLCmd(&cfg))
+	cmd.AddCommand(newCreateTokenCmd(&cfg, &verbose, &logJSON), newRevokeTokenCmd(&cfg), newBuiltinURLCmd(&cfg), newMigrateCmd(&cfg, &verbose, &logJSON))
 	return cmd
 }
 
@@ -139,8 +143,13 @@ func runServer(cmd *cobra.Command, cfg coderd.Config, verbose, logJSON bool) err
 	// Start-up is done: from here a signal drains instead of aborting.
 	cancel()
 
-	sig := <-sigs
-	log.Info("received signal, shutting down: send it again to skip the grace period", zapSignal(sig))
+	var fatal error
+	select {
+	case sig := <-sigs:
+		log.Info("received signal, shutting down: send it again to skip the grace period", zapSignal(sig))
+	case fatal = <-srv.Fatal():
+		log.Info("shutting down: this replica cannot keep running (the error above); send a signal to skip the grace period")
+	}
 	shutdownCtx, skipGrace := context.WithCancel(context.Background())
 	defer skipGrace()
 	go func() {
@@ -153,16 +162,27 @@ func runServer(cmd *cobra.Command, cfg coderd.Config, verbose, logJSON bool) err
 	if err := srv.Shutdown(shutdownCtx); err != nil {
 		return &exitError{code: 1, msg: fmt.Sprintf("shutdown: %v", err)}
 	}
+	if fatal != nil {
+		return &exitError{code: 1, msg: fatal.Error()}
+	}
 	return nil
 }
 
-// openDatabaseForCommand connects to --postgres-url, or to the built-in
-// Postgres: the running server's if there is one, else a temporary start.
+// openDatabaseForCommand connects to --postgres-url (or --postgres-url-file),
+// or to the built-in Postgres: the running server's if there is one, else
+// a temporary start.
 func openDatabaseForCommand(ctx context.Context, cfg *coderd.Config) (*database.DB, func(), error) {
+	src, err := cfg.PostgresSource()
+	if err != nil {
+		var cfgErr *coderd.ConfigError
+		if errors.As(err, &cfgErr) {
+			return nil, nil, &exitError{code: 2, msg: cfgErr.Error()}
+		}
+		return nil, nil, err
+	}
 	dir := filepath.Join(cfg.CacheDir, "postgres")
-	url := cfg.PostgresURL
 	stop := func() {}
-	if url == "" {
+	if src == nil {
 		if u, err := postgres.ReadURL(dir, "", ""); err == nil {
 			quick, cancel := context.WithTimeout(ctx, 2*time.Second)
 			db, err := database.Connect(quick, u, database.ConnectOptions{Timeout: 2 * time.Second})
@@ -175,10 +195,10 @@ func openDatabaseForCommand(ctx context.Context, cfg *coderd.Config) (*database.
 		if err != nil {
 			return nil, nil, fmt.Errorf("built-in postgres: %w", err)
 		}
-		url = c.URL()
+		src = database.StaticURL(c.URL())
 		stop = func() { _ = c.Close() }
 	}
-	db, err := database.Connect(ctx, url, database.ConnectOptions{})
+	db, err := database.ConnectSource(ctx, src, database.ConnectOptions{})
 	if err != nil {
 		stop()
 		return nil, nil, err
@@ -196,6 +216,10 @@ func newCreateTokenCmd(cfg *coderd.Config, verbose, logJSON *bool) *cobra.Comman
 			ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Minute)
 			defer cancel()
 			db, closeDB, err := openDatabaseForCommand(ctx, cfg)
+			var exit *exitError
+			if errors.As(err, &exit) {
+				return exit
+			}
 			if err != nil {
 				return &exitError{code: 1, msg: err.Error()}
 			}

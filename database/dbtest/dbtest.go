@@ -13,7 +13,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/url"
 	"os"
 	"strings"
@@ -238,18 +237,16 @@ func withDatabase(rawURL, db string) string {
 }
 
 func migrationsHash() (string, error) {
+	files, err := migrations.Expand()
+	if err != nil {
+		return "", err
+	}
 	h := sha256.New()
-	err := fs.WalkDir(migrations.FS, ".", func(path string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
+	for _, f := range files {
+		h.Write([]byte(f.Name))
+		for _, s := range f.Statements {
+			h.Write([]byte(s))
 		}
-		b, err := fs.ReadFile(migrations.FS, path)
-		if err != nil {
-			return err
-		}
-		h.Write([]byte(path))
-		h.Write(b)
-		return nil
-	})
-	return hex.EncodeToString(h.Sum(nil)), err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }

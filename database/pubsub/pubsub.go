@@ -203,9 +203,11 @@ func New(ctx context.Context, db *database.DB, opts Options) (*Pubsub, error) {
 }
 
 func (p *Pubsub) connect(ctx context.Context) (*pgx.Conn, error) {
-	conn, err := pgx.Connect(ctx, p.db.URL())
+	// OpenConn reads the URL source again: a password rotated through
+	// --postgres-url-file applies to the next LISTEN connection.
+	conn, err := p.db.OpenConn(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("pubsub: connect to %s: %s", database.Describe(p.db.URL()), database.Redact(p.db.URL(), err.Error()))
+		return nil, fmt.Errorf("pubsub: %w", err)
 	}
 	p.backendPID.Store(conn.PgConn().PID())
 	p.connected.Store(true)
@@ -512,6 +514,11 @@ func (p *Pubsub) ping(conn *pgx.Conn) error {
 		if p.ctx.Err() != nil {
 			return p.ctx.Err()
 		}
+		// Whatever froze this connection (a middlebox that lost its
+		// state, a stalled proxy) likely froze the pool's idle ones too:
+		// have them checked now, so the re-read that follows the
+		// reconnect (and any query after it) does not wait one out.
+		p.db.CheckIdle()
 		return fmt.Errorf("idle connection did not answer a ping within %s: %w", p.opts.PingTimeout, err)
 	}
 	return nil
@@ -522,8 +529,8 @@ func (p *Pubsub) ping(conn *pgx.Conn) error {
 // lost), or the Pubsub closes (nil).
 func (p *Pubsub) reconnect(cause error) *pgx.Conn {
 	lost := time.Now()
-	p.log.Warn("pubsub connection lost; reconnecting", zap.String("database", database.Describe(p.db.URL())),
-		zap.String("error", database.Redact(p.db.URL(), cause.Error())))
+	p.log.Warn("pubsub connection lost; reconnecting", zap.String("database", p.db.Describe()),
+		zap.String("error", p.db.Redact(cause.Error())))
 	backoff := p.opts.ReconnectMin
 	for {
 		jitter := time.Duration(rand.Int64N(int64(backoff)/2 + 1))

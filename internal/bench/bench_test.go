@@ -83,7 +83,8 @@ func summarize(r Row, better string, target float64) Row {
 var runs = envInt("BENCH_RUNS", 3)
 
 // section reports whether BENCH_SECTIONS (comma-separated: join, detect,
-// relay, sigstop, fleet, footprint; empty: all) includes name.
+// relay, sigstop, fleet, footprint, statements, revocation, upgrade; empty:
+// all) includes name.
 func section(name string) bool {
 	v := os.Getenv("BENCH_SECTIONS")
 	if v == "" {
@@ -170,6 +171,21 @@ func TestBench(t *testing.T) {
 	}
 	if section("footprint") {
 		add(footprint(t))
+	}
+	if section("statements") {
+		for _, r := range statementModes(t) {
+			add(r)
+		}
+	}
+	if section("revocation") {
+		for _, r := range revocationRows(t) {
+			add(r)
+		}
+	}
+	if section("upgrade") {
+		for _, r := range upgrade(t) {
+			add(r)
+		}
 	}
 
 	res.Machine += "; load average at the end " + loadavg()

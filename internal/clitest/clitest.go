@@ -188,8 +188,14 @@ type Process struct {
 // failed.
 func Start(t testing.TB, name string, env []string, args ...string) *Process {
 	t.Helper()
+	return StartBinary(t, Binary(t), name, env, args...)
+}
+
+// StartBinary is Start with another coder binary (BuildRelease).
+func StartBinary(t testing.TB, bin, name string, env []string, args ...string) *Process {
+	t.Helper()
 	p := &Process{t: t, out: &SyncBuffer{}, done: make(chan struct{}), Name: name}
-	p.cmd = exec.Command(Binary(t), args...)
+	p.cmd = exec.Command(bin, args...)
 	p.cmd.Env = append(cleanEnv(), env...)
 	p.cmd.Stdout = p.out
 	p.cmd.Stderr = p.out

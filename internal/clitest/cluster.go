@@ -17,6 +17,9 @@ import (
 type ReplicaOptions struct {
 	Name        string
 	PostgresURL string
+	// PostgresURLFile, when set, is given instead of PostgresURL
+	// (CODER_PG_CONNECTION_URL_FILE).
+	PostgresURLFile string
 	// Port to listen on; 0 picks a free one.
 	Port int
 	// RelayURL overrides http://127.0.0.1:Port (e.g. a fault proxy in
@@ -24,6 +27,8 @@ type ReplicaOptions struct {
 	RelayURL string
 	// Env is appended (later entries win).
 	Env []string
+	// Binary is the coder binary to run (BuildRelease); empty: Binary(t).
+	Binary string
 }
 
 // StartReplica starts `coder server` from opts. The latency threshold is
@@ -39,14 +44,22 @@ func StartReplica(t testing.TB, opts ReplicaOptions) *Process {
 	if relay == "" {
 		relay = "http://" + addr
 	}
+	pg := "CODER_PG_CONNECTION_URL=" + opts.PostgresURL
+	if opts.PostgresURLFile != "" {
+		pg = "CODER_PG_CONNECTION_URL_FILE=" + opts.PostgresURLFile
+	}
 	env := append([]string{
 		"CODER_ADDRESS=" + addr,
 		"CODER_DERP_SERVER_RELAY_URL=" + relay,
 		"CODER_ACCESS_URL=https://coder.big.corp",
-		"CODER_PG_CONNECTION_URL=" + opts.PostgresURL,
+		pg,
 		"CODER_REPLICA_LATENCY_THRESHOLD=200ms",
 	}, opts.Env...)
-	p := Start(t, opts.Name, env, "server")
+	bin := opts.Binary
+	if bin == "" {
+		bin = Binary(t)
+	}
+	p := StartBinary(t, bin, opts.Name, env, "server")
 	p.Port, p.URL = opts.Port, "http://"+addr
 	return p
 }
@@ -54,7 +67,14 @@ func StartReplica(t testing.TB, opts ReplicaOptions) *Process {
 // CreateToken runs `coder server create-token` and returns the token.
 func CreateToken(t testing.TB, postgresURL string) string {
 	t.Helper()
-	p := Start(t, "create-token", []string{"CODER_PG_CONNECTION_URL=" + postgresURL}, "server", "create-token", "--name", "test")
+	return CreateTokenWith(t, Binary(t), postgresURL)
+}
+
+// CreateTokenWith is CreateToken with another coder binary (it migrates
+// the database to what that binary knows first).
+func CreateTokenWith(t testing.TB, bin, postgresURL string) string {
+	t.Helper()
+	p := StartBinary(t, bin, "create-token", []string{"CODER_PG_CONNECTION_URL=" + postgresURL}, "server", "create-token", "--name", "test")
 	if code := p.Wait(60 * time.Second); code != 0 {
 		t.Fatalf("create-token exit %d: %s", code, p.Output())
 	}

@@ -157,9 +157,10 @@ func TestStoppedReplicaLeavesAndItsClientsReconnectElsewhere(t *testing.T) {
 	}
 }
 
-// A second replica in the region without a relay URL is refused before it
-// writes anything; one with the DERP server disabled joins through Postgres
-// alone, its relay URL ignored with a warning.
+// A second replica in the region without a relay URL (behind a load
+// balancer: an access URL given, so the relay URL has no default) is
+// refused before it writes anything; one with the DERP server disabled
+// joins through Postgres alone, its relay URL ignored with a warning.
 func TestRelayURLRulesWithPeersPresent(t *testing.T) {
 	t.Parallel()
 	pg := dbtest.NewURL(t)
@@ -167,7 +168,7 @@ func TestRelayURLRulesWithPeersPresent(t *testing.T) {
 	first := replica(t, "first", pg)
 	first.WaitReady(90 * time.Second)
 
-	noRelay := clitest.StartServer(t, "no-relay", []string{"CODER_PG_CONNECTION_URL=" + pg})
+	noRelay := clitest.StartServer(t, "no-relay", []string{"CODER_PG_CONNECTION_URL=" + pg, "CODER_ACCESS_URL=https://coder.big.corp"})
 	if code := noRelay.Wait(60 * time.Second); code <= 0 {
 		t.Fatalf("a replica without a relay URL joined a live region (exit %d)", code)
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
@@ -21,40 +20,10 @@ import (
 	"github.com/coder-ha/coder/internal/derptest"
 )
 
-func needHAProxy(t *testing.T) string {
-	t.Helper()
-	path, err := exec.LookPath("haproxy")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("haproxy is not installed; .ci/run installs it (WITH_HAPROXY=1 scripts/deps.sh)")
-		}
-		t.Skip("haproxy is not installed (apt-get install haproxy)")
-	}
-	return path
-}
+func needHAProxy(t *testing.T) string { return clitest.NeedHAProxy(t) }
 
-// startHAProxy runs haproxy in the foreground with config until the test
-// ends, and shows its output if the test failed.
-func startHAProxy(t *testing.T, haproxy, config string) {
-	t.Helper()
-	cfgPath := filepath.Join(t.TempDir(), "haproxy.cfg")
-	if err := os.WriteFile(cfgPath, []byte(config), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	lb := exec.Command(haproxy, "-db", "-f", cfgPath)
-	var out clitest.SyncBuffer
-	lb.Stdout, lb.Stderr = &out, &out
-	if err := lb.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = lb.Process.Kill()
-		_ = lb.Wait()
-		if t.Failed() {
-			t.Logf("--- haproxy ---\n%s", out.String())
-		}
-	})
-}
+// startHAProxy runs haproxy with config until the test ends.
+func startHAProxy(t *testing.T, haproxy, config string) { clitest.StartHAProxy(t, haproxy, config) }
 
 // The documented example is a valid HAProxy configuration.
 func TestHAProxyExampleConfigIsValid(t *testing.T) {

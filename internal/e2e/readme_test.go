@@ -163,11 +163,35 @@ func portFree(addr string) bool {
 	return true
 }
 
+// makeRecipe returns the commands of a Makefile target's recipe.
+func makeRecipe(t *testing.T, path, target string) []string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	in := false
+	for _, line := range strings.Split(string(b), "\n") {
+		switch {
+		case strings.HasPrefix(line, target+":"):
+			in = true
+		case in && strings.HasPrefix(line, "\t"):
+			out = append(out, strings.TrimSpace(line))
+		case in:
+			return out
+		}
+	}
+	return out
+}
+
 // The README's commands work verbatim: the opening block is `make run` and
-// `make test`; the two-replica recipe (first replica, second replica on the
-// first one's built-in Postgres, the readiness curl) brings up two replicas
-// that are ready and meshed, so a DERP client on one reaches a client on
-// the other; and every curl in the README answers. The commands run as
+// `make test`; the two-replica recipe (a second replica beside the one
+// `make run` keeps running, on its built-in Postgres, then the readiness
+// curl) brings up two replicas that are ready and meshed both ways, so a
+// DERP client on either reaches a client on the other; and every curl in
+// the README answers. `make run` is its Makefile recipe (`make run` also
+// builds, and installs missing packages); the other commands run as
 // written, from a directory whose bin/coder is the binary under test; only
 // the cache directory is chosen by the test (CODER_CACHE_DIRECTORY), so the
 // built-in Postgres lives in a temporary directory.
@@ -192,9 +216,13 @@ func TestReadmeCommandsWorkVerbatim(t *testing.T) {
 			recipe = b
 		}
 	}
-	if len(recipe) != 3 || !strings.HasPrefix(recipe[0], "./bin/coder server") ||
+	if len(recipe) != 3 || recipe[0] != "make run" ||
 		!strings.HasPrefix(recipe[1], "./bin/coder server") || !strings.HasPrefix(recipe[2], "curl ") {
-		t.Fatalf("the two-replica recipe is not (first replica, second replica, curl): %q", recipe)
+		t.Fatalf("the two-replica recipe is not (make run, second replica, curl): %q", recipe)
+	}
+	run := makeRecipe(t, filepath.Join("..", "..", "Makefile"), "run")
+	if len(run) != 1 || !strings.HasPrefix(run[0], "./bin/coder server") {
+		t.Fatalf("make run's recipe is not one ./bin/coder server command: %q", run)
 	}
 	for _, port := range []int{3000, 3001} {
 		if !lockPort(t, port, 3*time.Minute) {
@@ -225,7 +253,7 @@ func TestReadmeCommandsWorkVerbatim(t *testing.T) {
 		t.Fatal(err)
 	}
 	env := []string{"CODER_CACHE_DIRECTORY=" + filepath.Join(dir, "cache")}
-	first := startShell(t, "first replica", dir, env, "exec "+recipe[0])
+	first := startShell(t, "first replica (make run)", dir, env, "exec "+run[0])
 	firstURL := "http://127.0.0.1:3000"
 	r1 := &clitest.Process{URL: firstURL}
 	wait.For(t, 90*time.Second, "the first replica to answer /readyz 200", func() bool {

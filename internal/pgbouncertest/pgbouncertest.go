@@ -22,9 +22,10 @@ import (
 )
 
 // Start runs pgbouncer (pool_mode = transaction) in front of the Postgres
-// that pgURL points at and returns the same URL through PgBouncer, with
-// default_query_exec_mode=exec so pgx prepares no statements on the
-// server. It is stopped at cleanup. The test is skipped, with a message
+// that pgURL points at and returns the same URL through PgBouncer, as a
+// plain URL: no driver parameters, as an operator would write it (the
+// server must work through the pooler without them). It is stopped at
+// cleanup. The test is skipped, with a message
 // saying how to install it, when the pgbouncer binary is missing.
 func Start(t testing.TB, pgURL string) string {
 	t.Helper()
@@ -122,9 +123,6 @@ ignore_startup_parameters = extra_float_digits
 		time.Sleep(20 * time.Millisecond)
 	}
 	u.Host = addr
-	q := u.Query()
-	q.Set("default_query_exec_mode", "exec")
-	u.RawQuery = q.Encode()
 	return u.String()
 }
 

@@ -56,6 +56,7 @@ CODER_PROMETHEUS_ADDRESS. The rest the chart needs as it sets them.
   "CODER_DERP_SERVER_RELAY_URL" "the chart sets http://$(POD_IP):8080"
   "CODER_SHUTDOWN_GRACE_PERIOD" "use coder.shutdownGracePeriod (checked against terminationGracePeriodSeconds)"
   "CODER_CACHE_DIRECTORY" "the chart mounts an emptyDir there"
+  "CODER_PG_CONNECTION_URL_FILE" "the chart sets it to the Postgres Secret it mounts (coder.postgres.mountAsFile); give the Secret as coder.postgres.existingSecret"
 -}}
 {{- $seen := dict -}}
 {{- range .Values.coder.env -}}

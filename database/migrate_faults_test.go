@@ -1,0 +1,376 @@
+package database_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/internal/faultproxy"
+	"github.com/coder-ha/coder/internal/wait"
+	"github.com/coder-ha/coder/migrations"
+)
+
+// slowAlter is an expand migration (as a test gives it, past the check)
+// that alters replicas, then keeps its transaction open a moment: long
+// enough for a test to cut the migrator off while it holds ACCESS
+// EXCLUSIVE on replicas.
+func slowAlter(t *testing.T) []migrations.File {
+	t.Helper()
+	shipped, err := migrations.Expand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := migrations.Parse("90100_slow_alter.sql", migrations.KindExpand, []byte(`-- +goose Up
+ALTER TABLE replicas ADD COLUMN frozen_note text;
+SELECT pg_sleep(1);
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(shipped, f)
+}
+
+// A migrator whose connection goes silent mid-migration (a middlebox that
+// lost the connection's state, a paused VM) after its ALTER TABLE took
+// ACCESS EXCLUSIVE on replicas: Postgres waits for the next statement of a
+// client that will never send one, holding the lock. Every running
+// replica's heartbeat must not queue behind it for more than a few
+// seconds, let alone forever.
+func TestAMigratorCutOffMidTransactionDoesNotHoldUpHeartbeats(t *testing.T) {
+	t.Parallel()
+	url := dbtest.NewURL(t)
+	direct := connect(t, url)
+	proxy, proxied := faultproxy.InFrontOf(t, url)
+	migrator := connect(t, proxied)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	st := database.ReplicaState{ID: uuid.New(), Hostname: "old", RegionID: 999, RelayAddress: "http://127.0.0.1:1", Version: "v-old"}
+	if _, err := direct.BeatReplica(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+
+	mctx, mcancel := context.WithCancel(ctx)
+	migrated := make(chan error, 1)
+	go func() {
+		_, err := migrator.MigrateWith(mctx, database.MigrateOptions{Expand: slowAlter(t)})
+		migrated <- err
+	}()
+	defer func() {
+		proxy.Cut()
+		mcancel()
+		<-migrated
+	}()
+	// The ALTER is done and its lock held once the sleep runs.
+	if !wait.Until(30*time.Second, func() bool {
+		var n int
+		err := direct.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND query LIKE 'SELECT pg_sleep(1)%'`).Scan(&n)
+		return err == nil && n == 1
+	}) {
+		t.Fatal("the migration never reached its second statement")
+	}
+	proxy.Freeze()
+
+	bctx, bcancel := context.WithTimeout(ctx, 20*time.Second)
+	defer bcancel()
+	start := time.Now()
+	_, err := direct.BeatReplica(bctx, st)
+	took := time.Since(start)
+	t.Logf("heartbeat after the migrator went silent: %s (err %v)", took.Round(time.Millisecond), err)
+	if err != nil {
+		t.Fatalf("a heartbeat failed behind a migrator that went silent holding its lock (waited %s): %v", took.Round(time.Millisecond), err)
+	}
+	if took > 6*time.Second {
+		t.Errorf("a heartbeat waited %s behind a migrator that went silent holding its lock", took.Round(time.Millisecond))
+	}
+}
+
+// A migrator that is merely slow (a stall longer than IdleTimeout between
+// two statements) has its session ended by Postgres: it tries again and
+// completes, instead of failing the replica's start.
+func TestASlowMigratorWhoseSessionWasEndedTriesAgain(t *testing.T) {
+	t.Parallel()
+	url := dbtest.NewURL(t)
+	direct := connect(t, url)
+	proxy, proxied := faultproxy.InFrontOf(t, url)
+	migrator := connect(t, proxied)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	files := slowAlter(t)
+	migrated := make(chan error, 1)
+	go func() {
+		_, err := migrator.MigrateWith(ctx, database.MigrateOptions{Expand: files, IdleTimeout: 300 * time.Millisecond})
+		migrated <- err
+	}()
+	if !wait.Until(30*time.Second, func() bool {
+		var n int
+		err := direct.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND query LIKE 'SELECT pg_sleep(1)%'`).Scan(&n)
+		return err == nil && n == 1
+	}) {
+		t.Fatal("the migration never reached its second statement")
+	}
+	proxy.Stall()
+	if !wait.Until(30*time.Second, func() bool {
+		var n int
+		err := direct.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'SELECT pg_sleep(1)%'`).Scan(&n)
+		return err == nil && n == 0
+	}) {
+		t.Fatal("Postgres never ended the session of the stalled migrator")
+	}
+	proxy.Unstall()
+	if err := <-migrated; err != nil {
+		t.Fatalf("a migrator whose session was ended while it stalled gave up: %v", err)
+	}
+	assertEachAppliedOnce(t, direct, files)
+}
+
+// A migrator killed (kill -9, a node lost) in the middle of a concurrent
+// index build: its lock holder's session ends, releasing the migration
+// lock, but the backend building the index knows nothing of that and goes
+// on building (here: waiting for an old snapshot, as a build on a busy
+// table does). The next migrator, started at once as Kubernetes restarts a
+// pod, must not collide with that build (dropping the index under it fails
+// with "tuple concurrently updated", or throws the work away): it waits
+// for the build to end and keeps the index it built.
+func TestAMigratorWaitsForTheIndexBuildAKilledOneLeftRunning(t *testing.T) {
+	t.Parallel()
+	url := dbtest.NewURL(t)
+	direct := connect(t, url)
+	proxy, proxied := faultproxy.InFrontOf(t, url)
+	killed := connect(t, proxied)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	shipped, err := migrations.Expand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := migrations.Parse("90200_hostname_index.sql", migrations.KindExpand, []byte(`-- +goose NO TRANSACTION
+-- +goose Up
+CREATE INDEX CONCURRENTLY IF NOT EXISTS replicas_hostname_idx ON replicas (hostname);
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := append(shipped, idx)
+
+	// An old snapshot the build must wait for.
+	snap, err := direct.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rollbackTx(snap)
+	if _, err := snap.Exec(ctx, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := snap.Exec(ctx, "SELECT count(*) FROM site_configs"); err != nil {
+		t.Fatal(err)
+	}
+
+	first := make(chan error, 1)
+	go func() {
+		_, err := killed.MigrateWith(ctx, database.MigrateOptions{Expand: files})
+		first <- err
+	}()
+	var building uint32
+	if !wait.Until(30*time.Second, func() bool {
+		err := direct.Pool().QueryRow(ctx, `SELECT COALESCE((SELECT index_relid FROM pg_stat_progress_create_index WHERE relid = 'replicas'::regclass), 0)`).Scan(&building)
+		return err == nil && building != 0
+	}) {
+		t.Fatal("the first migrator never started building the index")
+	}
+	proxy.Cut() // kill -9: every connection of the first migrator closes
+	<-first
+	lockFree := func() bool {
+		var n int
+		err := direct.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).Scan(&n)
+		return err == nil && n == 0
+	}
+	if !wait.Until(30*time.Second, lockFree) {
+		t.Fatal("the killed migrator's lock was never released")
+	}
+
+	core, logs := observer.New(zap.InfoLevel)
+	second := make(chan error, 1)
+	go func() {
+		_, err := direct.MigrateWith(ctx, database.MigrateOptions{Expand: files, Logger: zap.New(core)})
+		second <- err
+	}()
+	// The second migrator found the leftover and decided what to do with
+	// it: drop it (it is invalid while it builds), or wait for the build.
+	if !wait.Until(30*time.Second, func() bool {
+		var drops int
+		err := direct.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'DROP INDEX%'`).Scan(&drops)
+		return (err == nil && drops > 0) || logs.FilterMessageSnippet("index build").Len() > 0
+	}) {
+		t.Fatal("the second migrator never got to the leftover index")
+	}
+	if err := snap.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-second; err != nil {
+		t.Fatalf("the migrator started after one was killed mid-build failed: %v", err)
+	}
+	var valid bool
+	var oid uint32
+	if err := direct.Pool().QueryRow(ctx, `SELECT indexrelid, indisvalid FROM pg_index WHERE indexrelid = to_regclass('replicas_hostname_idx')`).Scan(&oid, &valid); err != nil {
+		t.Fatal(err)
+	}
+	if !valid {
+		t.Error("the index is not valid")
+	}
+	if oid != building {
+		t.Errorf("the index the killed migrator's build finished was dropped and built again (oid %d, then %d)", building, oid)
+	}
+	assertEachAppliedOnce(t, direct, files)
+}
+
+func rollbackTx(tx interface{ Rollback(context.Context) error }) {
+	_ = tx.Rollback(context.Background())
+}
+
+// Two finalizes at once, A and B. Both raise the schema floor (A raises
+// it, B finds it raised); A then sees an old replica that registered in
+// between and is refused, so it puts the floor back; B, which checked
+// before the replica registered, applies the contract step. Whatever the
+// order of A's restore and B's step, the contract step must never end up
+// applied below the floor: releases too old for it would start on the
+// contracted schema, and a replica of such a release that registered in
+// between would keep running.
+func TestARefusedFinalizeNeverLowersTheFloorUnderAContractStep(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	next, contract := nextRelease(t)
+	shipped, err := migrations.Expand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nextOpts := database.MigrateOptions{Release: "v-next", Expand: next, Contract: contract}
+	setup := func(t *testing.T) *database.DB {
+		db := connect(t, dbtest.NewURL(t))
+		if _, err := db.MigrateWith(ctx, nextOpts); err != nil {
+			t.Fatal(err)
+		}
+		return db
+	}
+	tooOld := func(t *testing.T, db *database.DB, when string) {
+		t.Helper()
+		var e *database.TooOldError
+		if err := db.CheckSchemaFloor(ctx, "v-n", migrations.Known(shipped)); !errors.As(err, &e) {
+			t.Errorf("%s: release N may start on the contracted schema (floor check: %v)", when, err)
+		}
+	}
+
+	t.Run("B's step, then A's restore", func(t *testing.T) {
+		t.Parallel()
+		db := setup(t)
+		restoreA, raisedA, err := database.RaiseSchemaFloor(ctx, db, 90002, "v-next")
+		if err != nil || !raisedA {
+			t.Fatalf("A raises the floor: %v, raised %v", err, raisedA)
+		}
+		if _, raisedB, err := database.RaiseSchemaFloor(ctx, db, 90002, "v-next"); err != nil || raisedB {
+			t.Fatalf("B finds it raised: %v, raised %v", err, raisedB)
+		}
+		if err := database.ApplyContractStep(ctx, db, nextOpts, contract[0]); err != nil {
+			t.Fatalf("B applies the contract step: %v", err)
+		}
+		if err := restoreA(); err != nil {
+			t.Fatalf("A puts the floor back: %v", err)
+		}
+		tooOld(t, db, "after A's restore")
+	})
+
+	t.Run("A's restore, then B's step", func(t *testing.T) {
+		t.Parallel()
+		db := setup(t)
+		restoreA, _, err := database.RaiseSchemaFloor(ctx, db, 90002, "v-next")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := database.RaiseSchemaFloor(ctx, db, 90002, "v-next"); err != nil {
+			t.Fatal(err)
+		}
+		if err := restoreA(); err != nil {
+			t.Fatalf("A puts the floor back: %v", err)
+		}
+		err = database.ApplyContractStep(ctx, db, nextOpts, contract[0])
+		var legacy bool
+		if err := db.Pool().QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'next_release_widgets' AND column_name = 'legacy')`).Scan(&legacy); err != nil {
+			t.Fatal(err)
+		}
+		if !legacy {
+			tooOld(t, db, "after B's step")
+		}
+		if err == nil && legacy {
+			t.Error("B reported the step applied, but it did not run")
+		}
+		if err != nil && !strings.Contains(err.Error(), "floor") {
+			t.Errorf("B's step refused without saying why: %v", err)
+		}
+	})
+}
+
+// Postgres restarts (a failover, a minor upgrade) while a replica of the
+// next release migrates, here while it waits for a table lock: the
+// migrator rides through it as a running replica does, and finishes once
+// Postgres is back, instead of failing the replica's start.
+func TestAMigrationRidesThroughAPostgresRestart(t *testing.T) {
+	t.Parallel()
+	cluster := dbtest.NewCluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	db := connect(t, cluster.URL())
+	expand, _ := nextRelease(t)
+
+	reader, err := pgx.Connect(ctx, cluster.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close(context.Background())
+	if _, err := reader.Exec(ctx, "BEGIN; LOCK TABLE replicas IN ACCESS SHARE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.InfoLevel)
+	migrated := make(chan error, 1)
+	go func() {
+		_, err := db.MigrateWith(ctx, database.MigrateOptions{Expand: expand, Logger: zap.New(core)})
+		migrated <- err
+	}()
+	wait.For(t, 30*time.Second, "the migration waits for the table lock", func() bool {
+		return logs.FilterMessageSnippet("waiting for a table lock").Len() > 0
+	})
+	if err := cluster.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	// Down long enough for the migrator to try again meanwhile.
+	var result error
+	ended := false
+	wait.For(t, 30*time.Second, "the migrator tries again while Postgres is down (or gives up)", func() bool {
+		select {
+		case result = <-migrated:
+			ended = true
+			return true
+		default:
+		}
+		return logs.FilterMessageSnippet("lost the database").Len() > 1
+	})
+	if err := cluster.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !ended {
+		result = <-migrated
+	}
+	if result != nil {
+		t.Fatalf("the migration failed across a Postgres restart: %v", result)
+	}
+	assertEachAppliedOnce(t, db, expand)
+}

@@ -1,0 +1,5 @@
+//go:build race
+
+package relayguard
+
+const raceEnabled = true
