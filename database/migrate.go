@@ -24,7 +24,21 @@ import (
 // their whole run; this runner takes it as a transaction lock around each
 // migration. The two kinds conflict, so an old and a new binary starting at
 // once never both migrate. Arbitrary, but fixed forever.
+//
+// A concurrent index build cannot hold it: the build waits for every
+// transaction with an older snapshot, and a statement blocked on this lock
+// (an old release starting, a finalize raising the schema floor) has one,
+// so the build and its lock holder would wait for each other forever.
+// Steps of this runner therefore also take stepLockID, and a concurrent
+// build holds only that: new migrators still run one at a time, and what
+// blocks on migrationLockID never blocks on, or holds up, a build. (The
+// old release applies only migrations that precede any such build.)
 const migrationLockID = 7_386_412_001
+
+// stepLockID is held by every step of this runner, with migrationLockID
+// except during a concurrent index build (see migrationLockID). Only ever
+// taken without waiting. Arbitrary, but fixed forever.
+const stepLockID = 7_386_412_003
 
 // Site config keys of the schema floor a finalize raises.
 const (
@@ -625,8 +639,16 @@ func (db *DB) lockStep(ctx context.Context, s step, o MigrateOptions, bounded bo
 			return fail(err)
 		}
 	}
+	// bounded steps run in this transaction and take both locks; an
+	// unbounded one (a concurrent build, outside it) only the step lock.
+	// On a refusal the rollback releases whichever was taken.
 	var got bool
-	if err := tx.QueryRow(ctx, `SELECT pg_try_advisory_xact_lock($1)`, int64(migrationLockID)).Scan(&got); err != nil {
+	lock := `SELECT pg_try_advisory_xact_lock($1) AND pg_try_advisory_xact_lock($2)`
+	args := []any{int64(stepLockID), int64(migrationLockID)}
+	if !bounded {
+		lock, args = `SELECT pg_try_advisory_xact_lock($1)`, args[:1]
+	}
+	if err := tx.QueryRow(ctx, lock, args...).Scan(&got); err != nil {
 		return fail(err)
 	}
 	if !got {

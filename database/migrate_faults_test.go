@@ -374,3 +374,83 @@ func TestAMigrationRidesThroughAPostgresRestart(t *testing.T) {
 	}
 	assertEachAppliedOnce(t, db, expand)
 }
+
+// A concurrent index build waits for every transaction whose snapshot is
+// older than its own, including a statement blocked on the migration
+// lock. A release before expand/contract restarting during the build (it
+// blocks on the lock at every start) and a finalize raising the schema
+// floor (it blocks on the lock too) must neither wait for the build's
+// lock holder nor be waited for by the build: all of them finish.
+func TestAnIndexBuildAndTheOldReleaseOrAFinalizeStartingDuringItAllFinish(t *testing.T) {
+	t.Parallel()
+	url := dbtest.NewURL(t)
+	db := connect(t, url)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	shipped, err := migrations.Expand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := migrations.Parse("90201_hostname_index.sql", migrations.KindExpand, []byte(`-- +goose NO TRANSACTION
+-- +goose Up
+CREATE INDEX CONCURRENTLY IF NOT EXISTS replicas_hostname_idx ON replicas (hostname);
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := append(shipped, idx)
+
+	// A writer's open transaction holds the build in its first phase
+	// (waiting for writers), before it lists the snapshots it will wait
+	// for at the end, until the others are waiting on the lock.
+	snap, err := db.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rollbackTx(snap)
+	if _, err := snap.Exec(ctx, "LOCK TABLE replicas IN ROW EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	build := make(chan error, 1)
+	go func() {
+		_, err := db.MigrateWith(ctx, database.MigrateOptions{Expand: files})
+		build <- err
+	}()
+	if !wait.Until(30*time.Second, func() bool {
+		var n int
+		err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_progress_create_index WHERE relid = 'replicas'::regclass`).Scan(&n)
+		return err == nil && n > 0
+	}) {
+		t.Fatal("the index build never started")
+	}
+	old := make(chan error, 1)
+	go func() { old <- previousReleaseMigrate(ctx, connect(t, url)) }()
+	floor := make(chan error, 1)
+	go func() {
+		_, _, err := database.RaiseSchemaFloor(ctx, connect(t, url), 1, "v-test")
+		floor <- err
+	}()
+	// Give both a moment to block (or not) on the migration lock before
+	// the build may proceed; the outcome must not depend on it.
+	if !wait.Until(5*time.Second, func() bool {
+		var n int
+		err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'`).Scan(&n)
+		return err == nil && n >= 2
+	}) {
+		t.Log("the old release and the finalize did not wait on the migration lock")
+	}
+	if err := snap.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for name, ch := range map[string]chan error{"the index build": build, "the previous release's start": old, "the schema floor's raise": floor} {
+		select {
+		case err := <-ch:
+			if err != nil {
+				t.Errorf("%s failed: %v", name, err)
+			}
+		case <-time.After(45 * time.Second):
+			t.Fatalf("%s never finished (deadlocked with the build?)", name)
+		}
+	}
+	assertEachAppliedOnce(t, db, files)
+}
