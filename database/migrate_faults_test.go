@@ -148,7 +148,7 @@ func TestAMigratorWaitsForTheIndexBuildAKilledOneLeftRunning(t *testing.T) {
 	direct := connect(t, url)
 	proxy, proxied := faultproxy.InFrontOf(t, url)
 	killed := connect(t, proxied)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	shipped, err := migrations.Expand()
 	if err != nil {
@@ -207,11 +207,14 @@ CREATE INDEX CONCURRENTLY IF NOT EXISTS replicas_hostname_idx ON replicas (hostn
 	}()
 	// The second migrator found the leftover and decided what to do with
 	// it: drop it (it is invalid while it builds), or wait for the build.
-	if !wait.Until(30*time.Second, func() bool {
+	if !wait.Until(60*time.Second, func() bool {
 		var drops int
 		err := direct.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'DROP INDEX%'`).Scan(&drops)
 		return (err == nil && drops > 0) || logs.FilterMessageSnippet("index build").Len() > 0
 	}) {
+		for _, e := range logs.All() {
+			t.Logf("second migrator: %s %v", e.Message, e.ContextMap())
+		}
 		t.Fatal("the second migrator never got to the leftover index")
 	}
 	if err := snap.Commit(ctx); err != nil {
