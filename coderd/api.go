@@ -110,7 +110,7 @@ func (s *Server) handleReplicas(w http.ResponseWriter, r *http.Request) {
 	for _, row := range rows {
 		out = append(out, ReplicaFromRow(row))
 	}
-	writeJSON(w, http.StatusOK, out)
+	writeJSONList(w, http.StatusOK, out)
 }
 
 // handleHealth reports the database, the replicas and the mesh as this

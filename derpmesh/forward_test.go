@@ -278,3 +278,44 @@ func TestPeerRestartedBehindTheSameURLIsMeshedAgainAtOnce(t *testing.T) {
 		t.Fatal("the old id's series outlived it")
 	}
 }
+
+// The forwarder writes a batch of frames per write while the mesh client
+// writes its own frames (pings) on the same connection: packets still
+// arrive, all of them, and every ping is answered.
+func TestForwardedBatchesAndPingsShareALink(t *testing.T) {
+	t.Parallel()
+	k := newMeshKey()
+	a, b := startNode(t, nodeOptions{meshKey: k}), startNode(t, nodeOptions{meshKey: k})
+	a.meshWith(t, meshOptions{meshKey: k}, b)
+	b.meshWith(t, meshOptions{meshKey: k}, a)
+	wait.For(t, eventually, "meshed", func() bool { return a.mesh.Ready() && b.mesh.Ready() })
+	ca, cb := connect(t, a), connect(t, b)
+	stop := make(chan struct{})
+	var pings, failed atomic.Int32
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, ok, err := a.mesh.PingPeer(context.Background(), b.url); ok && err == nil {
+				pings.Add(1)
+			} else {
+				failed.Add(1)
+			}
+		}
+	}()
+	exchangeBothWays(t, ca, cb, 3000)
+	close(stop)
+	wg.Wait()
+	if pings.Load() == 0 || failed.Load() != 0 {
+		t.Fatalf("%d pings answered, %d failed during the exchange", pings.Load(), failed.Load())
+	}
+	if !a.connectedTo(b.url) {
+		t.Fatal("the link broke during the exchange")
+	}
+}

@@ -89,8 +89,9 @@ type node struct {
 	dialURL string // where test clients connect (always plain http)
 	mesh    *derpmesh.Mesh
 
-	mu     sync.Mutex
-	broken []string // OnPeerBroken calls, in order
+	mu        sync.Mutex
+	broken    []string // OnPeerBroken calls, in order
+	connected []string // OnPeerConnected calls, in order
 }
 
 type nodeOptions struct {
@@ -157,6 +158,7 @@ type meshOptions struct {
 	reg       prometheus.Registerer
 	ping      time.Duration // PingInterval (default: the package default)
 	confirm   time.Duration // ConfirmTimeout (default: the package default)
+	maxPings  int           // MaxPingsPerInterval (default: the package default)
 }
 
 // meshWith starts n's Mesh toward peers (closed in a Cleanup).
@@ -174,12 +176,17 @@ func (n *node) meshWith(t *testing.T, o meshOptions, peers ...*node) {
 			n.broken = append(n.broken, u)
 			n.mu.Unlock()
 		},
+		OnPeerConnected: func(u string) {
+			n.mu.Lock()
+			n.connected = append(n.connected, u)
+			n.mu.Unlock()
+		},
 	}
 	if opts.RetryInterval == 0 {
 		opts.RetryInterval, opts.MaxRetryInterval = testRetry, testMaxRetry
 	}
 	opts.Registerer = o.reg
-	opts.PingInterval, opts.ConfirmTimeout = o.ping, o.confirm
+	opts.PingInterval, opts.ConfirmTimeout, opts.MaxPingsPerInterval = o.ping, o.confirm, o.maxPings
 	m, err := derpmesh.New(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -191,6 +198,18 @@ func (n *node) meshWith(t *testing.T, o meshOptions, peers ...*node) {
 		urls = append(urls, p.url)
 	}
 	m.SetAddresses(urls)
+}
+
+func (n *node) connectedCalls(u string) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	c := 0
+	for _, b := range n.connected {
+		if b == u {
+			c++
+		}
+	}
+	return c
 }
 
 func (n *node) brokenCalls(u string) int {

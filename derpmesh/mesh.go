@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sort"
 	"strings"
 	"sync"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
 )
 
@@ -57,6 +59,11 @@ type Mesh struct {
 	log     *zap.Logger
 	meshKey key.DERPMesh
 	notify  *notifier
+	// netMon is the one network-state snapshot every mesh client shares
+	// (the library requires one per client; the mesh dials through its own
+	// dialer, so a snapshot per connection, N-1 netlink dumps a replica,
+	// bought nothing).
+	netMon  *netmon.Monitor
 	gauges  []prometheus.Collector
 	dropped *prometheus.CounterVec // coderd_derpmesh_forward_dropped_total{peer_id}
 
@@ -70,6 +77,9 @@ type Mesh struct {
 	mu     sync.Mutex // guards peers and closed
 	peers  map[string]*peer
 	closed bool
+
+	changed chan struct{}  // cap 1; see Changed
+	wg      sync.WaitGroup // keepaliveLoop and its pings
 
 	closeOnce sync.Once
 	closeDone chan struct{}
@@ -99,6 +109,8 @@ func New(opts Options) (*Mesh, error) {
 		opts:      opts,
 		log:       opts.Logger,
 		meshKey:   meshKey,
+		netMon:    netmon.NewStatic(),
+		changed:   make(chan struct{}, 1),
 		peers:     map[string]*peer{},
 		closeDone: make(chan struct{}),
 	}
@@ -128,8 +140,23 @@ func New(opts Options) (*Mesh, error) {
 		}
 	}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
-	m.notify = newNotifier(opts.OnPeerBroken)
+	m.notify = newNotifier(opts.OnPeerBroken, opts.OnPeerConnected)
+	m.wg.Add(1)
+	go m.keepaliveLoop()
 	return m, nil
+}
+
+// Changed receives a value (coalesced: one for any number of changes
+// since the last receive) whenever what Status reports may have changed: a
+// peer's state or error, or the peer set. An owner that mirrors Status
+// waits on it instead of polling.
+func (m *Mesh) Changed() <-chan struct{} { return m.changed }
+
+func (m *Mesh) noteChange() {
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
 }
 
 // droppedCounter is the drop counter of the peer labelled label.
@@ -232,6 +259,7 @@ func (m *Mesh) SetPeers(peers []Peer) {
 	}
 	m.mu.Unlock()
 
+	m.noteChange()
 	for _, p := range restarted {
 		m.log.Info("peer restarted behind its relay URL; reconnecting", zap.String("relay_url", p.url), zap.String("peer_id", p.label()))
 		p.reconnect()
@@ -272,7 +300,78 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 	if err := c.Ping(ctx); err != nil {
 		return 0, true, fmt.Errorf("ping peer %s over the mesh: %w", p.url, err)
 	}
+	p.noteHeard() // the link is alive: no keepalive needed for a while
 	return time.Since(start), true, nil
+}
+
+// keepaliveLoop checks every established connection each half
+// PingInterval and pings, each on its own goroutine, those silent for
+// their keepalive interval (see Options.PingInterval): one wakeup per
+// tick for the whole mesh, instead of a timer per connection firing each
+// time the peer's relay sends its own keepalive.
+func (m *Mesh) keepaliveLoop() {
+	defer m.wg.Done()
+	t := time.NewTicker(max(m.opts.PingInterval/2, time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-t.C:
+		}
+		interval := m.keepaliveInterval()
+		m.mu.Lock()
+		peers := make([]*peer, 0, len(m.peers))
+		for _, p := range m.peers {
+			peers = append(peers, p)
+		}
+		m.mu.Unlock()
+		for _, p := range peers {
+			if p.silentFor() < interval {
+				continue
+			}
+			ctx, c, dead, ok := p.startKeepalive()
+			if !ok {
+				continue
+			}
+			m.wg.Add(1)
+			go func() {
+				defer m.wg.Done()
+				p.keepalive(ctx, c, dead)
+			}()
+		}
+	}
+}
+
+// keepaliveInterval is how long a mesh connection may stay silent before
+// its keepalive ping: PingInterval, stretched so that all peers together
+// get at most MaxPingsPerInterval pings per PingInterval.
+func (m *Mesh) keepaliveInterval() time.Duration {
+	m.mu.Lock()
+	peers := len(m.peers)
+	m.mu.Unlock()
+	d := m.opts.PingInterval
+	if peers > m.opts.MaxPingsPerInterval {
+		d = d * time.Duration(peers) / time.Duration(m.opts.MaxPingsPerInterval)
+	}
+	return d
+}
+
+// dialer dials mesh connections with TCP keepalives (after PingInterval of
+// idleness, every ConfirmTimeout/2, two unanswered probes) and a TCP user
+// timeout of PingInterval+2×ConfirmTimeout, so a peer whose machine or
+// network dies without a reset is noticed by the kernel in about that
+// long, whatever the size of the mesh and without waking this process.
+func (m *Mesh) dialer() *net.Dialer {
+	return &net.Dialer{
+		KeepAliveConfig: net.KeepAliveConfig{
+			Enable:   true,
+			Idle:     m.opts.PingInterval,
+			Interval: max(m.opts.ConfirmTimeout/2, time.Second),
+			Count:    2,
+		},
+		Control: userTimeout(m.opts.PingInterval + 2*m.opts.ConfirmTimeout),
+	}
 }
 
 // Reconnect replaces the connection to url at once: a live connection is
@@ -347,6 +446,7 @@ func (m *Mesh) Close() error {
 		for _, p := range peers {
 			<-p.done
 		}
+		m.wg.Wait()
 		m.setMu.Unlock()
 		m.notify.close()
 		m.unregister()

@@ -2,30 +2,43 @@ package derpmesh
 
 import "sync"
 
-// notifier delivers OnPeerBroken calls from one goroutine, so peers never
-// wait on the owner's callback and the callback never runs concurrently.
-// A URL already pending is not queued twice.
+// Peer events delivered by the notifier.
+const (
+	eventBroken    = iota // OnPeerBroken
+	eventConnected        // OnPeerConnected
+)
+
+// peerEvent is one callback owed for a relay URL.
+type peerEvent struct {
+	url  string
+	kind int
+}
+
+// notifier delivers OnPeerBroken and OnPeerConnected calls from one
+// goroutine, so peers never wait on the owner's callbacks and the callbacks
+// never run concurrently. An event already pending for a URL is not queued
+// twice.
 type notifier struct {
-	fn func(string)
+	fns [2]func(string) // by event kind; nil: not wanted
 
 	mu      sync.Mutex
-	pending []string
-	queued  map[string]bool
+	pending []peerEvent
+	queued  map[peerEvent]bool
 	closed  bool
 	wake    chan struct{} // cap 1
 	stop    chan struct{}
 	done    chan struct{}
 }
 
-func newNotifier(fn func(string)) *notifier {
+func newNotifier(broken, connected func(string)) *notifier {
 	n := &notifier{
-		fn:     fn,
-		queued: map[string]bool{},
+		fns:    [2]func(string){eventBroken: broken, eventConnected: connected},
+		queued: map[peerEvent]bool{},
 		wake:   make(chan struct{}, 1),
 		stop:   make(chan struct{}),
 		done:   make(chan struct{}),
 	}
-	if fn == nil {
+	if broken == nil && connected == nil {
 		close(n.done)
 		return n
 	}
@@ -33,18 +46,19 @@ func newNotifier(fn func(string)) *notifier {
 	return n
 }
 
-// post queues a call for url. It never blocks.
-func (n *notifier) post(url string) {
-	if n.fn == nil {
+// post queues the callback of kind for url. It never blocks.
+func (n *notifier) post(url string, kind int) {
+	if n.fns[kind] == nil {
 		return
 	}
+	e := peerEvent{url: url, kind: kind}
 	n.mu.Lock()
-	if n.closed || n.queued[url] {
+	if n.closed || n.queued[e] {
 		n.mu.Unlock()
 		return
 	}
-	n.queued[url] = true
-	n.pending = append(n.pending, url)
+	n.queued[e] = true
+	n.pending = append(n.pending, e)
 	n.mu.Unlock()
 	select {
 	case n.wake <- struct{}{}:
@@ -66,11 +80,11 @@ func (n *notifier) run() {
 				n.mu.Unlock()
 				break
 			}
-			url := n.pending[0]
+			e := n.pending[0]
 			n.pending = n.pending[1:]
-			delete(n.queued, url)
+			delete(n.queued, e)
 			n.mu.Unlock()
-			n.fn(url)
+			n.fns[e.kind](e.url)
 		}
 	}
 }
@@ -86,7 +100,7 @@ func (n *notifier) close() {
 	n.closed = true
 	n.pending = nil
 	n.mu.Unlock()
-	if n.fn != nil {
+	if n.fns[eventBroken] != nil || n.fns[eventConnected] != nil {
 		close(n.stop)
 	}
 	<-n.done

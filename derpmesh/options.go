@@ -49,6 +49,13 @@ type Options struct {
 	// not call Close (Close waits for it).
 	OnPeerBroken func(relayURL string)
 
+	// OnPeerConnected is called with a peer's relay URL each time a mesh
+	// connection to it is confirmed (StateConnected), from the same
+	// goroutine and with the same guarantees as OnPeerBroken, so the owner
+	// can measure the new link at once (PingPeer) instead of probing the
+	// peer some other way before the link exists.
+	OnPeerConnected func(relayURL string)
+
 	// RetryInterval is the pause before the first redial of a peer whose
 	// connect attempt failed; each further failure doubles it up to
 	// MaxRetryInterval, with ±20% jitter. Shorter finds a returning peer
@@ -72,13 +79,32 @@ type Options struct {
 	// load. Default 5s, which is also the DERP library's cap on one ping.
 	ConfirmTimeout time.Duration
 
-	// PingInterval is how often an established mesh connection is pinged.
-	// Two pings in a row unanswered within ConfirmTimeout close it and
-	// redial, so a peer that dies without a TCP reset (power loss, a
-	// partition that drops packets) is noticed within about
-	// PingInterval+2×ConfirmTimeout instead of the library's 120s read
-	// timeout. Default 10s (so ~20s): one 8-byte frame each way per peer.
+	// PingInterval is how long an established mesh connection may stay
+	// silent before it is pinged (the keepalive). Anything heard from the
+	// peer counts: a pong to PingPeer (replicasync's latency probes), its
+	// relay's own keepalive frame (every 60 s), a client coming or going.
+	// Connections are checked every PingInterval/2, all at once (one
+	// wakeup for the whole mesh). Two pings in a row unanswered within
+	// ConfirmTimeout close the connection and redial. With more peers than
+	// MaxPingsPerInterval the silence allowed per connection stretches to
+	// PingInterval × peers/MaxPingsPerInterval, so a replica's keepalives
+	// cost the same at any fleet size; a peer process that hangs while its
+	// machine stays up is noticed within that plus PingInterval/2 +
+	// 2×ConfirmTimeout (≈ 25 s up to 10 peers, ≈ 115 s at 99; its
+	// heartbeat stopping drops it sooner when the whole process hangs). A
+	// peer whose machine or network dies without
+	// a TCP reset is noticed by the kernel instead, at any fleet size:
+	// mesh connections use TCP keepalives after PingInterval of idleness
+	// and a TCP user timeout of PingInterval+2×ConfirmTimeout (≈ 20 s),
+	// which wake no process. Default 10s: one 8-byte frame each way per
+	// silent peer.
 	PingInterval time.Duration
+
+	// MaxPingsPerInterval caps the keepalive pings sent per PingInterval
+	// across all peers (see PingInterval). Larger notices hung peer
+	// processes sooner in a large mesh at the cost of waking both ends of
+	// every silent link more often. Default 10.
+	MaxPingsPerInterval int
 
 	// ForwardQueueSize is how many packets may wait for one peer's mesh
 	// connection. Packets for a peer's clients are queued and written by
@@ -87,8 +113,9 @@ type Options struct {
 	// oldest packet is dropped (coderd_derpmesh_forward_dropped_total).
 	// Larger absorbs longer bursts and pauses of a peer, at up to 64 KiB
 	// of memory per slot under overload, and adds that much delay before a
-	// dead peer's packets start being dropped. Default 1024 (the DERP
-	// server's own queue per client is 32).
+	// dead peer's packets start being dropped. The queue is allocated as
+	// packets wait and released once drained, so an idle link holds none.
+	// Default 1024 (the DERP server's own queue per client is 32).
 	ForwardQueueSize int
 
 	// WriteTimeout bounds one write to a peer's mesh connection; a peer
@@ -108,12 +135,13 @@ type Options struct {
 
 // DefaultOptions lists the defaults New applies to zero fields.
 var DefaultOptions = Options{
-	RetryInterval:    time.Second,      // a returning peer is meshed ~1s after it listens
-	MaxRetryInterval: 5 * time.Second,  // never slower than the library's fixed 5s
-	ConfirmTimeout:   5 * time.Second,  // the library caps Ping at 5s anyway
-	PingInterval:     10 * time.Second, // silent peer death noticed within ~20s
-	ForwardQueueSize: 1024,             // ~1.3 MB of 1 KiB packets per stalled peer
-	WriteTimeout:     5 * time.Second,  // as the DERP library
+	RetryInterval:       time.Second,      // a returning peer is meshed ~1s after it listens
+	MaxRetryInterval:    5 * time.Second,  // never slower than the library's fixed 5s
+	ConfirmTimeout:      5 * time.Second,  // the library caps Ping at 5s anyway
+	PingInterval:        10 * time.Second, // silent peer death noticed within ~20s
+	MaxPingsPerInterval: 10,               // up to 10 peers, every silent link every PingInterval
+	ForwardQueueSize:    1024,             // ~1.3 MB of 1 KiB packets per stalled peer
+	WriteTimeout:        5 * time.Second,  // as the DERP library
 }
 
 func (o Options) withDefaults() Options {
@@ -134,6 +162,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.PingInterval <= 0 {
 		o.PingInterval = DefaultOptions.PingInterval
+	}
+	if o.MaxPingsPerInterval <= 0 {
+		o.MaxPingsPerInterval = DefaultOptions.MaxPingsPerInterval
 	}
 	if o.ForwardQueueSize <= 0 {
 		o.ForwardQueueSize = DefaultOptions.ForwardQueueSize

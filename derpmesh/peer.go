@@ -9,12 +9,12 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
-	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
 )
 
@@ -47,9 +47,17 @@ type peer struct {
 	done   chan struct{}
 	wake   chan struct{} // cap 1; Reconnect wakes a pause or a park
 
+	// heard is when anything last arrived from the peer on the current
+	// connection (unix nanoseconds): a frame, or a pong to PingPeer. The
+	// keepalive pings only a connection silent for its interval.
+	heard atomic.Int64
+
 	mu            sync.Mutex
 	id            string           // the peer replica's id, "" until told (SetPeers)
 	client        *derphttp.Client // the confirmed connection, nil when none
+	sessionCtx    context.Context  // the confirmed connection's session
+	dead          chan error       // cap 1; the keepalive found client dead
+	pinging       bool             // a keepalive ping of client is under way
 	serverKey     key.NodePublic   // the peer relay's key while client is set
 	state         string
 	err           string
@@ -94,6 +102,7 @@ func derpURL(relay string) (string, error) {
 	if !strings.HasSuffix(u.Path, "/derp") {
 		u = u.JoinPath("derp")
 	}
+	u.RawQuery = meshQuery // see Handler
 	return u.String(), nil
 }
 
@@ -105,11 +114,15 @@ func (p *peer) status() PeerStatus {
 
 func (p *peer) setState(state, errMsg string) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	changed := p.state != state || p.err != errMsg
 	if p.state != state {
 		p.since = time.Now()
 	}
 	p.state, p.err = state, errMsg
+	p.mu.Unlock()
+	if changed {
+		p.m.noteChange()
+	}
 }
 
 // label is the peer's coderd_derpmesh_forward_dropped_total label: its
@@ -142,14 +155,62 @@ func (p *peer) confirmedClient() *derphttp.Client {
 	return p.client
 }
 
-func (p *peer) setClient(c *derphttp.Client) {
+// setClient records the session's confirmed connection (nil: none), for
+// PingPeer, the keepalive (which reports a dead one on dead) and
+// two-sided readiness (the peer relay's server key).
+func (p *peer) setClient(ctx context.Context, c *derphttp.Client, dead chan error) {
 	var k key.NodePublic
 	if c != nil {
 		k = c.ServerPublicKey()
 	}
 	p.mu.Lock()
-	p.client, p.serverKey = c, k
+	p.client, p.sessionCtx, p.dead, p.pinging, p.serverKey = c, ctx, dead, false, k
 	p.mu.Unlock()
+}
+
+// startKeepalive claims a keepalive ping of the confirmed connection, if
+// there is one and no ping of it is under way.
+func (p *peer) startKeepalive() (context.Context, *derphttp.Client, chan error, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.client == nil || p.pinging {
+		return nil, nil, nil, false
+	}
+	p.pinging = true
+	return p.sessionCtx, p.client, p.dead, true
+}
+
+func (p *peer) keepaliveDone(c *derphttp.Client) {
+	p.mu.Lock()
+	if p.client == c {
+		p.pinging = false
+	}
+	p.mu.Unlock()
+}
+
+// keepalive pings the confirmed connection c up to missedPingsBeforeDead
+// times in a row, each within ConfirmTimeout, and reports it dead (on
+// dead) when none is answered. A ping that cannot be sent means the
+// connection broke, which its session sees by itself.
+func (p *peer) keepalive(ctx context.Context, c *derphttp.Client, dead chan error) {
+	defer p.keepaliveDone(c)
+	timeout := p.m.opts.ConfirmTimeout
+	for misses := 0; misses < missedPingsBeforeDead; misses++ {
+		pctx, cancel := context.WithTimeout(ctx, timeout)
+		err := c.Ping(pctx)
+		cancel()
+		switch {
+		case err == nil:
+			p.noteHeard()
+			return
+		case ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded):
+			return
+		}
+	}
+	select {
+	case dead <- fmt.Errorf("%w (%d in a row unanswered within %s)", errStoppedAnswering, missedPingsBeforeDead, timeout):
+	default:
+	}
 }
 
 func (p *peer) reconnect() {
@@ -230,7 +291,7 @@ func (p *peer) run() {
 
 		msg := res.err.Error()
 		p.setState(StateConnecting, msg)
-		p.m.notify.post(p.url)
+		p.m.notify.post(p.url, eventBroken)
 		if res.confirmed {
 			lastErr = "" // a break after a connection is news: log it at WARN
 		}
@@ -306,7 +367,7 @@ type sessionResult struct {
 // before it returns.
 func (p *peer) session(ctx context.Context) (res sessionResult) {
 	srv := p.m.opts.Server
-	c, err := derphttp.NewClient(srv.PrivateKey(), p.derpURL, p.libLogf, netmon.NewStatic())
+	c, err := derphttp.NewClient(srv.PrivateKey(), p.derpURL, p.libLogf, p.m.netMon)
 	if err != nil {
 		return sessionResult{err: fmt.Errorf("invalid relay URL: %v", err)}
 	}
@@ -319,7 +380,7 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 		bc   *batchConn
 	)
 	c.SetURLDialer(func(ctx context.Context, network, addr string) (net.Conn, error) {
-		var d net.Dialer
+		d := p.m.dialer()
 		conn, err := d.DialContext(ctx, network, addr)
 		if err != nil {
 			return nil, err
@@ -361,16 +422,18 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 		}
 		return fmt.Errorf("connection lost before the peer confirmed mesh privileges: %v", err)
 	}
+	p.noteHeard()
 	recvErr := make(chan error, 1)
 	go func() { recvErr <- p.watch(c, fw) }()
 	pingCtx, cancelPing := context.WithCancel(ctx)
 	confirmed := make(chan struct{})
 	pingErr := make(chan error, 1)
-	go func() { pingErr <- p.pingLoop(pingCtx, c, confirmed) }()
+	go func() { pingErr <- p.confirm(pingCtx, c, confirmed) }()
+	dead := make(chan error, 1) // the Mesh's keepalive found it dead
 
 	recvDone, pingDone := false, false
 	defer func() {
-		p.setClient(nil)
+		p.setClient(nil, nil, nil)
 		cancelPing()
 		_ = c.Close()
 		if !recvDone {
@@ -394,8 +457,9 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 		case <-confirmedCh:
 			confirmedCh = nil
 			res.confirmed = true
-			p.setClient(c)
+			p.setClient(pingCtx, c, dead)
 			p.setState(StateConnected, "")
+			p.m.notify.post(p.url, eventConnected)
 			p.log.Info("meshed with peer", zap.String("peer_key", c.ServerPublicKey().ShortString()))
 		case err := <-recvErr:
 			recvDone = true
@@ -411,18 +475,24 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 			return res
 		case err := <-pingErr:
 			pingDone = true
+			if err == nil { // confirmed: the Mesh's keepalive takes over
+				continue
+			}
 			if ctx.Err() != nil {
 				return sessionResult{confirmed: res.confirmed}
 			}
 			res.confirmed = res.confirmed || isConfirmed()
-			switch {
-			case errors.Is(err, errStoppedAnswering):
-				res.err = err
-			case !res.confirmed:
+			if !res.confirmed {
 				res.err = unconfirmedBreak(err) // the ping could not be sent
-			default:
+			} else {
 				res.err = fmt.Errorf("connection lost: %v", err)
 			}
+			return res
+		case err := <-dead:
+			if ctx.Err() != nil {
+				return sessionResult{confirmed: res.confirmed}
+			}
+			res.confirmed, res.err = true, err
 			return res
 		case <-fw.failed:
 			if ctx.Err() != nil {
@@ -441,8 +511,11 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 // forwarder on the local server per client the peer reports. The peer
 // reports a client again for each of its duplicate connections but says it
 // is gone only once, so watch adds each key once; on return it removes
-// every forwarder it added. It never forwards our own server key (the
-// peer reports our mesh connection like any other client).
+// every forwarder it added. It never forwards to a mesh connection (the
+// peer reports every other replica's mesh client, ours included, like any
+// other client, flagged as a mesh peer): nothing sends packets to a
+// replica's server key, and forwarders for them cost every replica N-2
+// forwarders per peer, N² server-lock round trips at a mass start.
 func (p *peer) watch(c *derphttp.Client, fw *forwarder) error {
 	srv := p.m.opts.Server
 	self := srv.PublicKey()
@@ -457,9 +530,10 @@ func (p *peer) watch(c *derphttp.Client, fw *forwarder) error {
 		if err != nil {
 			return err
 		}
+		p.noteHeard()
 		switch msg := msg.(type) {
 		case derp.PeerPresentMessage:
-			if msg.Key == self || present[msg.Key] {
+			if msg.Key == self || present[msg.Key] || msg.Flags&derp.PeerPresentIsMeshPeer != 0 {
 				continue
 			}
 			present[msg.Key] = true
@@ -491,56 +565,40 @@ const missedPingsBeforeDead = 2
 // unanswered pings.
 var errStoppedAnswering = errors.New("peer stopped answering pings")
 
-// pingLoop pings c until ctx ends or the connection is found dead, and
-// closes confirmed on the first pong.
+// noteHeard records that the peer was heard from just now.
+func (p *peer) noteHeard() { p.heard.Store(time.Now().UnixNano()) }
+
+// silentFor is how long the peer has been silent.
+func (p *peer) silentFor() time.Duration { return time.Since(time.Unix(0, p.heard.Load())) }
+
+// confirm pings c until the first pong, closes confirmed, and returns nil;
+// from then on the Mesh's keepalive (keepaliveLoop) watches the
+// connection. It returns an error only if a ping cannot be sent (the
+// connection broke) or ctx ends first.
 //
-// Before that first pong, silence is not a failure: a peer that refuses
+// Silence before that first pong is not a failure: a peer that refuses
 // mesh privileges closes the connection (watch sees it), so a missing pong
 // only means a slow or hung peer, and redialing would only add a handshake
-// to its load. It keeps pinging and reports the wait in the status.
-// After it, every PingInterval, missedPingsBeforeDead unanswered pings in a
-// row end the connection with errStoppedAnswering. A ping that cannot be
-// sent (the connection broke) ends it at once.
-func (p *peer) pingLoop(ctx context.Context, c *derphttp.Client, confirmed chan<- struct{}) error {
+// to its load. It keeps pinging every ConfirmTimeout and reports the wait
+// in the status.
+func (p *peer) confirm(ctx context.Context, c *derphttp.Client, confirmed chan<- struct{}) error {
 	timeout := p.m.opts.ConfirmTimeout
-	ping := func() error {
-		pctx, cancel := context.WithTimeout(ctx, timeout)
-		defer cancel()
-		return c.Ping(pctx)
-	}
-	isConfirmed := false
 	waitingSince := time.Now()
-	misses := 0
 	for {
-		err := ping()
+		pctx, cancel := context.WithTimeout(ctx, timeout)
+		err := c.Ping(pctx)
+		cancel()
 		switch {
 		case ctx.Err() != nil:
 			return ctx.Err()
 		case err == nil:
-			misses = 0
-			if !isConfirmed {
-				isConfirmed = true
-				close(confirmed)
-			}
+			p.noteHeard()
+			close(confirmed)
+			return nil
 		case !errors.Is(err, context.DeadlineExceeded):
 			return err
-		case !isConfirmed:
-			p.setState(StateConnecting, fmt.Sprintf("peer %s has not answered a ping for %s after the mesh handshake (overloaded or hung?)",
-				p.url, time.Since(waitingSince).Round(time.Second)))
-			continue
-		default:
-			misses++
-			if misses >= missedPingsBeforeDead {
-				return fmt.Errorf("%w (%d in a row unanswered within %s)", errStoppedAnswering, misses, timeout)
-			}
-			continue
 		}
-		t := time.NewTimer(p.m.opts.PingInterval)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
-		}
+		p.setState(StateConnecting, fmt.Sprintf("peer %s has not answered a ping for %s after the mesh handshake (overloaded or hung?)",
+			p.url, time.Since(waitingSince).Round(time.Second)))
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/quartz"
@@ -38,6 +39,9 @@ type Manager struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// httpProbes counts HTTP probes since the last round (see probeLoop).
+	httpProbes atomic.Int64
 
 	syncNow  chan struct{} // answer the announcements since the last sync
 	writeNow chan struct{} // write the row soon (something worth showing changed)
@@ -178,15 +182,16 @@ func (m *Manager) SetPinger(p LinkPinger) {
 }
 
 // Reprobe asks for an immediate probe of the peer with this relay URL (the
-// mesh calls it when its connection to the peer breaks). A peer that
-// refuses connections is marked unreachable within a second instead of
-// after 3 missed beats, and written at once (or with the next beat if a
-// change was already written this interval).
+// mesh calls it when its connection to the peer breaks, and when one is
+// established). A peer that refuses connections is marked unreachable
+// within a second instead of after 3 missed beats, and written at once (or
+// with the next beat if a change was already written this interval); a
+// new link is measured as soon as it is up.
 func (m *Manager) Reprobe(relayURL string) {
 	m.mu.Lock()
 	var target *database.Replica
 	for _, p := range m.current {
-		if p.RelayAddress == relayURL {
+		if sameURL(p.RelayAddress, relayURL) {
 			r := m.peers[p.ID]
 			target = &r
 			break
@@ -816,6 +821,12 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	selfStarted := m.self.StartedAt
 	changed := !samePeers(current, m.current)
 	m.current = current
+	// With a LinkPinger, a newcomer is measured over its mesh link: the
+	// owner asks (Reprobe) once the link is up, and the next round takes
+	// peers never measured first. Probing it now would go over HTTP
+	// before the link exists: at a mass start, N-1 connections and
+	// requests per replica for a sample the link gives a moment later.
+	linked := m.pinger != nil
 	// Peer-labelled series follow membership, under mu so that a probe
 	// ending as its peer leaves cannot bring a series back: the probe
 	// error counter of a regional peer exists (at 0) from when the peer is
@@ -861,7 +872,9 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 			m.log.Info("ignoring an older live row with this replica's relay URL (a previous run killed before it could stop?)",
 				zap.String("peer_hostname", p.Hostname), zap.Stringer("peer_id", p.ID), zap.String("relay_url", p.RelayAddress))
 		}
-		m.startProbe(p)
+		if !linked {
+			m.startProbe(p)
+		}
 	}
 	for _, p := range sharing {
 		m.log.Warn("another live replica uses this replica's relay URL: the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url",

@@ -45,6 +45,23 @@ type Options struct {
 	// Samples is how many recent probes the reported latency is the median
 	// of, so that one slow sample cannot flip a warning. Default 5.
 	Samples int
+	// ProbesPerInterval caps the peers probed per HeartbeatInterval, so a
+	// replica's probing costs the same at any fleet size (the fleet's, N
+	// times that, instead of N²). Up to this many regional peers, every
+	// peer is probed every interval. With more, the latency matrix is
+	// sampled: each interval probes the peers measured longest ago, so
+	// every peer is measured at least every ceil(peers/ProbesPerInterval)
+	// intervals (the probe cycle). A sample on the other side of the
+	// threshold from the peer's current state is confirmed at once by
+	// back-to-back probes (up to Samples), so a peer that turns slow is
+	// warned about (and one that recovers is cleared) within one probe
+	// cycle plus a few round trips, not after Samples cycles: at N=100
+	// with the defaults, 50 s (10 intervals of 5 s); at N≤11, one
+	// interval. Peers measured because something happened (a new mesh
+	// link, a broken one, a newcomer) are probed at once and do not count.
+	// Larger catches slow peers sooner at the cost of probes (each a
+	// round trip over the mesh link, woken on both replicas). Default 10.
+	ProbesPerInterval int
 	// Retention: rows of replicas dead for longer are deleted (by one
 	// replica at a time). Default 24h.
 	Retention time.Duration
@@ -62,12 +79,16 @@ type Options struct {
 	// full read per replica per interval. Default 1s.
 	PollInterval time.Duration
 	// Pinger, if set, measures peer latency over established mesh links;
-	// peers without a link are probed over HTTP. Default nil: HTTP only.
-	// SetPinger sets it after construction.
+	// peers without a link are probed over HTTP. With a Pinger, a peer that
+	// joins is not probed at once: the owner calls Reprobe when its link
+	// is up, and the next round measures it in any case. Default nil: HTTP
+	// only, newcomers probed at once. SetPinger sets it after construction.
 	Pinger LinkPinger
 
 	// HTTPClient probes peers. Default: a keep-alive client; TLSConfig
-	// (if set) verifies https relay URLs.
+	// (if set) verifies https relay URLs. Its idle connections are closed
+	// after an interval without an HTTP probe (every peer measured over
+	// its mesh link), so a replica does not keep N-1 of them open.
 	HTTPClient *http.Client
 	// TLSConfig is used by the default HTTPClient for https relay URLs.
 	TLSConfig *tls.Config
@@ -92,6 +113,7 @@ func DefaultOptions() Options {
 		ProbeTimeout:      2 * time.Second,
 		LatencyThreshold:  10 * time.Millisecond,
 		Samples:           5,
+		ProbesPerInterval: 10,
 		Retention:         24 * time.Hour,
 		CleanupInterval:   time.Hour,
 		RetryInterval:     time.Second,
@@ -124,6 +146,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Samples <= 0 {
 		o.Samples = d.Samples
+	}
+	if o.ProbesPerInterval <= 0 {
+		o.ProbesPerInterval = d.ProbesPerInterval
 	}
 	if o.Retention <= 0 {
 		o.Retention = d.Retention

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sort"
 	"strings"
 	"time"
 
@@ -17,16 +18,21 @@ import (
 
 // probeState is what this replica knows of one peer's latency.
 type probeState struct {
-	w        latencyWindow
-	inFlight bool
-	again    bool // asked for while in flight: probe once more after
+	w          latencyWindow
+	inFlight   bool
+	again      bool      // asked for while in flight: probe once more after
+	lastProbe  time.Time // when the last probe started (zero: never)
+	confirming int       // back-to-back probes made to confirm a crossing
 }
 
-// probeLoop runs a probe round after each successful periodic beat,
-// spreading the regional peers over the heartbeat interval (peer i of n at
-// i/n of it), so a replica with many peers does not probe them all at once
-// and every peer is not probed by everyone at the same instant. Each peer
-// is probed once per round; a new round replaces what is left of the last.
+// probeLoop runs a probe round after each successful periodic beat: the
+// ProbesPerInterval regional peers measured longest ago (never measured
+// first), spread over the heartbeat interval (probe i of n at i/n of it),
+// so a replica with many peers does not probe them all at once and every
+// peer is not probed by everyone at the same instant. Each peer is probed
+// at most once per round; a new round replaces what is left of the last.
+// It also closes the HTTP client's idle connections after an interval
+// without an HTTP probe (see Options.HTTPClient).
 func (m *Manager) probeLoop() {
 	defer m.wg.Done()
 	next := m.clock.NewTimer(time.Hour, "probe")
@@ -55,9 +61,10 @@ func (m *Manager) probeLoop() {
 		case <-m.ctx.Done():
 			return
 		case <-m.probeNow:
-			m.mu.Lock()
-			queue = append([]Peer(nil), m.current...)
-			m.mu.Unlock()
+			if m.httpProbes.Swap(0) == 0 {
+				m.opts.HTTPClient.CloseIdleConnections()
+			}
+			queue = m.roundQueue()
 			if len(queue) > 0 {
 				spacing = m.opts.HeartbeatInterval / time.Duration(len(queue))
 			}
@@ -67,6 +74,26 @@ func (m *Manager) probeLoop() {
 			probeNext()
 		}
 	}
+}
+
+// roundQueue is the next round: up to ProbesPerInterval regional peers,
+// those measured longest ago first (never measured before anything else;
+// ties in relay URL order, as m.current is sorted).
+func (m *Manager) roundQueue() []Peer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	queue := append([]Peer(nil), m.current...)
+	last := func(p Peer) time.Time {
+		if st := m.probes[p.ID]; st != nil {
+			return st.lastProbe
+		}
+		return time.Time{}
+	}
+	sort.SliceStable(queue, func(i, j int) bool { return last(queue[i]).Before(last(queue[j])) })
+	if len(queue) > m.opts.ProbesPerInterval {
+		queue = queue[:m.opts.ProbesPerInterval]
+	}
+	return queue
 }
 
 // startProbe probes one peer in its own goroutine, unless a probe of it is
@@ -98,6 +125,7 @@ func (m *Manager) startProbe(p database.Replica) {
 		return
 	}
 	st.inFlight = true
+	st.lastProbe = m.clock.Now()
 	m.wg.Add(1)
 	m.mu.Unlock()
 	go func() {
@@ -105,10 +133,12 @@ func (m *Manager) startProbe(p database.Replica) {
 		// A peer without enough samples (new, or just recovered) is probed
 		// back to back: the first probe also opens the kept-alive
 		// connection, and a warning needs a median, not one cold sample.
+		// So is a peer whose sample crossed the threshold (see
+		// Options.ProbesPerInterval).
 		for {
 			latency, err := m.probe(p.RelayAddress)
-			samples := m.recordProbe(p, latency, err)
-			if !m.probeAgain(p.ID, samples, err) {
+			samples, crossed := m.recordProbe(p, latency, err)
+			if !m.probeAgain(p.ID, samples, crossed, err) {
 				return
 			}
 		}
@@ -129,6 +159,7 @@ func (m *Manager) probe(relayURL string) (time.Duration, error) {
 			return rtt, err
 		}
 	}
+	m.httpProbes.Add(1)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(relayURL, "/")+"/derp/latency-check", nil)
 	if err != nil {
 		return 0, err
@@ -148,18 +179,27 @@ func (m *Manager) probe(relayURL string) (time.Duration, error) {
 }
 
 // probeAgain decides, when a probe of id ends, whether to probe it again
-// at once: when someone asked while it was under way, or while the peer
-// has too few samples for a median. Otherwise the probe is no longer in
+// at once: when someone asked while it was under way, while the peer
+// has too few samples for a median, or while its samples cross the
+// threshold (up to Samples in a row). Otherwise the probe is no longer in
 // flight.
-func (m *Manager) probeAgain(id uuid.UUID, samples int, err error) bool {
+func (m *Manager) probeAgain(id uuid.UUID, samples int, crossed bool, err error) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	st := m.probes[id]
 	if st == nil || m.ctx.Err() != nil {
 		return false
 	}
-	if st.again || (err == nil && samples < min(minSamples, m.opts.Samples)) {
+	if !crossed {
+		st.confirming = 0
+	}
+	confirm := crossed && st.confirming < m.opts.Samples
+	if confirm {
+		st.confirming++
+	}
+	if st.again || confirm || (err == nil && samples < min(minSamples, m.opts.Samples)) {
 		st.again = false
+		st.lastProbe = m.clock.Now()
 		return true
 	}
 	st.inFlight = false
@@ -170,13 +210,16 @@ func (m *Manager) probeAgain(id uuid.UUID, samples int, err error) bool {
 // state changed, logs it once and has the row written (see loop: at most
 // one such write per interval). An
 // error replaces the latency (report, warning and gauge) until the peer
-// answers again. It returns how many samples the peer now has.
-func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err error) int {
+// answers again. It returns how many samples the peer now has, and
+// whether this sample is on the other side of the threshold from the
+// peer's warning state (after it was taken into account): a crossing the
+// median does not show yet.
+func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err error) (int, bool) {
 	m.mu.Lock()
 	st := m.probes[p.ID]
 	if st == nil || m.ctx.Err() != nil { // the peer left meanwhile
 		m.mu.Unlock()
-		return minSamples
+		return minSamples, false
 	}
 	var c latencyChange
 	if err != nil {
@@ -185,6 +228,7 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 		c = st.w.observe(latency)
 	}
 	samples := len(st.w.samples)
+	crossed := err == nil && samples >= min(minSamples, m.opts.Samples) && (latency > m.opts.LatencyThreshold) != st.w.warned
 	current := st.w.latency()
 	// Under mu: apply deletes a leaving peer's series under it, and a
 	// probe that ends just after must not bring them back.
@@ -215,5 +259,5 @@ func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err err
 	if c.changed() {
 		m.trigger(m.writeNow)
 	}
-	return samples
+	return samples, crossed
 }

@@ -363,3 +363,100 @@ func TestStartGoesOnWhenItsAnnouncementNeverComesBack(t *testing.T) {
 	b := start(t, db, replicasync.Options{Hostname: "b"})
 	wait.For(t, 10*time.Second, "the deaf replica sees b at its next beat", func() bool { return sees(a, b.Self().ID) })
 }
+
+// switchPinger is a tcpPinger whose links the test adds while it runs (a
+// mesh link coming up).
+type switchPinger struct {
+	mu    sync.Mutex
+	links map[string]bool
+	pings atomic.Int32
+}
+
+func (p *switchPinger) link(url string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.links == nil {
+		p.links = map[string]bool{}
+	}
+	p.links[url] = true
+}
+
+func (p *switchPinger) PingPeer(ctx context.Context, relayURL string) (time.Duration, bool, error) {
+	p.mu.Lock()
+	linked := p.links[relayURL]
+	p.mu.Unlock()
+	if !linked {
+		return 0, false, nil
+	}
+	p.pings.Add(1)
+	return (&tcpPinger{links: map[string]bool{relayURL: true}}).PingPeer(ctx, relayURL)
+}
+
+// With a LinkPinger (the relay on), a peer that joins is measured over its
+// mesh link once the link is up (the mesh calls Reprobe), not over HTTP
+// before: at a mass start that was N-1 HTTP connections and requests per
+// replica for a sample the link gives a moment later.
+func TestNewcomerIsMeasuredOverItsLinkNotOverHTTPFirst(t *testing.T) {
+	t.Parallel()
+	mem := storetest.NewMemoryWithClock(time.Now)
+	pinger := &switchPinger{}
+	// Hourly beats: no round runs during the test, only joins and Reprobe.
+	a := realMem(t, "a", mem, replicasync.Options{Pinger: pinger, HeartbeatInterval: time.Hour})
+	srv, httpProbes := countingRelay(t)
+	b := realMem(t, "b", mem, replicasync.Options{RelayAddress: srv.URL, HeartbeatInterval: time.Hour})
+	wait.For(t, 10*time.Second, "a sees b", func() bool { return sees(a, b.Self().ID) })
+	time.Sleep(300 * time.Millisecond) // what a would do on its own now: nothing
+	if n := httpProbes.Load(); n != 0 {
+		t.Fatalf("a probed the newcomer over HTTP %d times before its link was up", n)
+	}
+	pinger.link(srv.URL)
+	a.Reprobe(srv.URL) // the mesh: the link is up
+	wait.For(t, 10*time.Second, "a measured b over the link", func() bool {
+		lat, _, _ := report(a, b.Self().ID)
+		return lat > 0
+	})
+	if n := httpProbes.Load(); n != 0 || pinger.pings.Load() == 0 {
+		t.Fatalf("%d HTTP probes and %d link pings, want only link pings", n, pinger.pings.Load())
+	}
+}
+
+// HTTP probe connections are not kept once every peer is measured over a
+// mesh link: a replica would otherwise hold N-1 idle connections (and
+// their goroutines and buffers on both sides) for minutes after a start.
+func TestIdleHTTPProbeConnectionsCloseOnceLinksCarryTheProbes(t *testing.T) {
+	t.Parallel()
+	mem := storetest.NewMemoryWithClock(time.Now)
+	var mu sync.Mutex
+	open := map[net.Conn]bool{}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) }))
+	srv.Config.ConnState = func(c net.Conn, s http.ConnState) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch s {
+		case http.StateNew:
+			open[c] = true
+		case http.StateClosed, http.StateHijacked:
+			delete(open, c)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	openConns := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(open)
+	}
+	pinger := &switchPinger{}
+	a := realMem(t, "a", mem, replicasync.Options{Pinger: pinger, StaleAfter: time.Hour})
+	b := realMem(t, "b", mem, replicasync.Options{RelayAddress: srv.URL, HeartbeatInterval: time.Hour, StaleAfter: time.Hour})
+	// No link yet: a round measures b over HTTP, on a kept-alive connection.
+	wait.For(t, 10*time.Second, "a measured b over HTTP", func() bool {
+		lat, _, _ := report(a, b.Self().ID)
+		return lat > 0 && openConns() > 0
+	})
+	pinger.link(srv.URL)
+	wait.For(t, 10*time.Second, "the idle HTTP probe connection is closed", func() bool { return openConns() == 0 })
+	if pinger.pings.Load() == 0 {
+		t.Fatal("b was not measured over its link afterwards")
+	}
+}

@@ -438,27 +438,41 @@ func (p *recordingPinger) total() int {
 // is under way, so nothing probes until the test moves the mock clock.
 // The peers beat hourly: within the test, only a's beats start rounds.
 func probeRound(t *testing.T) (c *memCluster, a *replicasync.Manager, urls []string, pinger *recordingPinger) {
+	// A threshold no loopback connect reaches: these tests are about when
+	// probes happen, not about warnings (whose confirmations add probes).
+	return probeSetup(t, 4, replicasync.Options{LatencyThreshold: time.Hour})
+}
+
+// probeSetup is probeRound with peers peers and a's options.
+func probeSetup(t *testing.T, peers int, opts replicasync.Options) (c *memCluster, a *replicasync.Manager, urls []string, pinger *recordingPinger) {
 	t.Helper()
 	c = newMemCluster(t)
 	links := map[string]bool{}
-	for i := 0; i < 4; i++ {
+	for i := 0; i < peers; i++ {
 		srv := relay(t)
 		urls = append(urls, srv.URL)
 		links[srv.URL] = true
 	}
 	pinger = &recordingPinger{tcp: tcpPinger{links: links}, clock: c.clock, at: map[string][]time.Time{}}
-	a = c.start("a", replicasync.Options{Pinger: pinger})
+	opts.Pinger = pinger
+	a = c.start("a", opts)
 	for i, u := range urls {
 		c.start(fmt.Sprintf("p%d", i), replicasync.Options{RelayAddress: u, HeartbeatInterval: time.Hour})
 	}
-	wait.For(t, 20*time.Second, "a measured all four and stopped probing", func() bool {
+	wait.For(t, 20*time.Second, "a sees every peer", func() bool { return len(a.Regional()) == peers })
+	// With a pinger, newcomers are measured when their link comes up: the
+	// mesh tells the manager so (OnPeerConnected → Reprobe).
+	for _, u := range urls {
+		a.Reprobe(u)
+	}
+	wait.For(t, 20*time.Second, "a measured every peer and stopped probing", func() bool {
 		n := 0
 		for _, p := range a.PeerReports() {
 			if p.LatencyMS > 0 {
 				n++
 			}
 		}
-		return n == 4 && a.ProbesInFlightForTest() == 0
+		return n == peers && a.ProbesInFlightForTest() == 0
 	})
 	return c, a, urls, pinger
 }
@@ -467,8 +481,19 @@ func probeRound(t *testing.T) (c *memCluster, a *replicasync.Manager, urls []str
 // round it starts, waiting at each step until a has made the probe due and
 // armed the timer for the next (the trap), so the clock never runs ahead of
 // the replica. midRound, if set, runs after the second probe. It returns
-// the offset of each probe from the beat.
-func runRound(t *testing.T, c *memCluster, urls []string, pinger *recordingPinger, midRound func()) []time.Duration {
+// the offset of each probe from the beat; every peer must be probed once.
+func runRound(t *testing.T, c *memCluster, a *replicasync.Manager, urls []string, pinger *recordingPinger, midRound func()) []time.Duration {
+	t.Helper()
+	offsets, probed := runPartialRound(t, c, a, urls, len(urls), pinger, midRound)
+	if len(probed) != len(urls) {
+		t.Fatalf("%d of %d peers probed in the round, want all", len(probed), len(urls))
+	}
+	return offsets
+}
+
+// runPartialRound is runRound for a round that probes perRound of the
+// peers; it returns the offsets and the peers probed (each at most once).
+func runPartialRound(t *testing.T, c *memCluster, a *replicasync.Manager, urls []string, perRound int, pinger *recordingPinger, midRound func()) ([]time.Duration, []string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -481,12 +506,18 @@ func runRound(t *testing.T, c *memCluster, urls []string, pinger *recordingPinge
 		}
 		c.clock.Advance(d).MustWait(ctx)
 	}
-	beatAt := c.clock.Now().Add(memBeat)
+	// The next event is a's beat (the previous round, if any, checked
+	// that nothing else comes first): it starts the round.
+	toBeat, ok := c.clock.Peek()
+	if !ok || toBeat > memBeat {
+		t.Fatalf("next timer event in %v (%v), want a's beat within %v", toBeat, ok, memBeat)
+	}
+	beatAt := c.clock.Now().Add(toBeat)
 	base := pinger.total()
-	advance(memBeat) // a's beat starts the round
-	for i := 0; i < len(urls); i++ {
+	advance(toBeat)
+	for i := 0; i < perRound; i++ {
 		wait.For(t, 20*time.Second, fmt.Sprintf("probe %d of the round", i+1), func() bool { return pinger.total() >= base+i+1 })
-		if i == len(urls)-1 {
+		if i == perRound-1 {
 			break // the last probe arms no timer
 		}
 		call, err := trap.Wait(ctx)
@@ -499,11 +530,16 @@ func runRound(t *testing.T, c *memCluster, urls []string, pinger *recordingPinge
 		}
 		advance(call.Duration)
 	}
+	wait.For(t, 20*time.Second, "the round's probes end", func() bool { return a.ProbesInFlightForTest() == 0 })
 	// The rest of the interval, up to the next beat: nothing more is due.
 	if next, ok := c.clock.Peek(); !ok || c.clock.Now().Add(next) != beatAt.Add(memBeat) {
 		t.Fatalf("after the round, the next event is in %v, want the next beat at +%v", next, beatAt.Add(memBeat).Sub(c.clock.Now()))
 	}
+	if got := pinger.total() - base; got != perRound {
+		t.Fatalf("%d probes in the round, want %d", got, perRound)
+	}
 	var offsets []time.Duration
+	var probed []string
 	pinger.mu.Lock()
 	defer pinger.mu.Unlock()
 	for _, u := range urls {
@@ -513,21 +549,25 @@ func runRound(t *testing.T, c *memCluster, urls []string, pinger *recordingPinge
 				mine = append(mine, at.Sub(beatAt))
 			}
 		}
-		if len(mine) != 1 {
-			t.Fatalf("peer %s probed %d times in the round (offsets %v), want once", u, len(mine), mine)
+		if len(mine) > 1 {
+			t.Fatalf("peer %s probed %d times in the round (offsets %v), want at most once", u, len(mine), mine)
 		}
-		offsets = append(offsets, mine[0])
+		if len(mine) == 1 {
+			offsets = append(offsets, mine[0])
+			probed = append(probed, u)
+		}
 	}
 	sort.Slice(offsets, func(i, j int) bool { return offsets[i] < offsets[j] })
-	return offsets
+	return offsets, probed
 }
+
 
 // Probes are spread over the heartbeat interval, each peer at its own
 // offset, rather than all at the instant of the beat.
 func TestProbesAreSpreadOverTheInterval(t *testing.T) {
 	t.Parallel()
-	c, _, urls, pinger := probeRound(t)
-	offsets := runRound(t, c, urls, pinger, nil)
+	c, a, urls, pinger := probeRound(t)
+	offsets := runRound(t, c, a, urls, pinger, nil)
 	for i := 1; i < len(offsets); i++ {
 		if gap := offsets[i] - offsets[i-1]; gap < memBeat/8 {
 			t.Fatalf("probes bunched together: offsets %v", offsets)
@@ -544,13 +584,46 @@ func TestProbesAreSpreadOverTheInterval(t *testing.T) {
 func TestAChangeWrittenMidRoundDoesNotRestartTheProbeRound(t *testing.T) {
 	t.Parallel()
 	c, a, urls, pinger := probeRound(t)
-	offsets := runRound(t, c, urls, pinger, func() {
+	offsets := runRound(t, c, a, urls, pinger, func() {
 		a.SetError("cannot mesh with a peer")
 		wait.For(t, 20*time.Second, "the error is written", func() bool { return a.Self().Error != "" })
 	})
 	for i := 1; i < len(offsets); i++ {
 		if gap := offsets[i] - offsets[i-1]; gap < memBeat/8 {
 			t.Fatalf("probes bunched together: offsets %v", offsets)
+		}
+	}
+}
+
+// With more peers than ProbesPerInterval, each round probes only that many
+// (a replica's probing costs the same at any fleet size), the ones measured
+// longest ago, so every peer is measured once per probe cycle of
+// ceil(peers/ProbesPerInterval) intervals.
+func TestLargeFleetIsSampledAFewPeersPerIntervalEveryPeerOncePerCycle(t *testing.T) {
+	t.Parallel()
+	const peers, perRound = 5, 2
+	// The peers beat hourly; a must not find them stale over three rounds.
+	c, a, urls, pinger := probeSetup(t, peers, replicasync.Options{ProbesPerInterval: perRound, LatencyThreshold: time.Hour, StaleAfter: time.Hour})
+	seen := map[string]int{}
+	var rounds [][]string
+	for r := 0; r < (peers+perRound-1)/perRound; r++ {
+		offsets, probed := runPartialRound(t, c, a, urls, perRound, pinger, nil)
+		if len(offsets) == perRound && offsets[len(offsets)-1] >= memBeat {
+			t.Fatalf("round %d overran the interval: offsets %v", r+1, offsets)
+		}
+		for _, u := range probed {
+			seen[u]++
+		}
+		rounds = append(rounds, probed)
+	}
+	if len(seen) != peers {
+		t.Fatalf("after one probe cycle %d of %d peers were measured (rounds %v)", len(seen), peers, rounds)
+	}
+	for _, u := range rounds[1] {
+		for _, v := range rounds[0] {
+			if u == v {
+				t.Fatalf("peer %s probed again before every peer was probed once (rounds %v)", u, rounds)
+			}
 		}
 	}
 }

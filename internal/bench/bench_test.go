@@ -46,7 +46,22 @@ type Row struct {
 type results struct {
 	Machine string `json:"machine"`
 	When    string `json:"when"`
-	Rows    []Row  `json:"rows"`
+	// Issue is issue 19's table: the fleet at N=10, 50, 100 against
+	// today's figures and the targets.
+	Issue []IssueRow `json:"issue"`
+	Rows  []Row      `json:"rows"`
+}
+
+// IssueRow is one line of issue 19's table: one measurement at one fleet
+// size, today's figure (the issue's, measured at N=100 on main 41c5966),
+// the target, this run's result and whether it met the target.
+type IssueRow struct {
+	Measurement string `json:"measurement"`
+	N           int    `json:"n"`
+	Today       string `json:"today"`
+	Target      string `json:"target"`
+	Result      string `json:"result"`
+	Met         string `json:"met"` // "met", "missed" or "" (no target)
 }
 
 func summarize(r Row, better string, target float64) Row {
@@ -119,17 +134,11 @@ func TestBench(t *testing.T) {
 		t.Logf("%s: median %.2f %s (%d runs) %s", r.Measurement, r.Median, r.Unit, len(r.Samples), r.Note)
 	}
 
-	for _, n := range []int{3, 50} {
-		if !section("join") {
-			break
-		}
-		join, ready := joinToMeshed(t, n)
-		target := map[int]float64{3: 250, 10: 0, 50: 1000}[n]
-		add(summarize(Row{Measurement: fmt.Sprintf("join → meshed, N=%d", n), Unit: "ms", Samples: join,
-			Target: targetText(target, "≤ %.0f ms")}, "lower", target))
-		if n == 3 {
-			add(summarize(Row{Measurement: "start → ready (existing database, 2 peers)", Unit: "ms", Samples: ready}, "lower", 0))
-		}
+	// Joins into larger fleets (the N+1th of 10, 50 and 100) are fleet rows.
+	if section("join") {
+		join, ready := joinToMeshed(t, 3)
+		add(summarize(Row{Measurement: "join → meshed, N=3", Unit: "ms", Samples: join, Target: "≤ 250 ms"}, "lower", 250))
+		add(summarize(Row{Measurement: "start → ready (existing database, 2 peers)", Unit: "ms", Samples: ready}, "lower", 0))
 	}
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
 		if !section("detect") {
@@ -152,10 +161,13 @@ func TestBench(t *testing.T) {
 	if section("fleet") {
 		stats := newStatsPostgres(t)
 		for _, n := range fleetSizes() {
-			for _, r := range fleet(t, stats, n) {
+			rows, issue := fleetRows(fleet(t, stats, n))
+			for _, r := range rows {
 				add(r)
 			}
+			res.Issue = append(res.Issue, issue...)
 		}
+		sortIssue(res.Issue)
 	}
 	if section("footprint") {
 		add(footprint(t))
@@ -189,16 +201,16 @@ func TestBench(t *testing.T) {
 	fmt.Println(table)
 }
 
-func targetText(v float64, f string) string {
-	if v == 0 {
-		return ""
-	}
-	return fmt.Sprintf(f, v)
-}
-
 func markdown(r results) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Machine: %s; %s\n\n", r.Machine, r.When)
+	if len(r.Issue) > 0 {
+		b.WriteString("| N replicas, relay on, 5 s beats | N | today (N=100, main 41c5966) | target | result | met |\n|---|---|---|---|---|---|\n")
+		for _, row := range r.Issue {
+			fmt.Fprintf(&b, "| %s | %d | %s | %s | %s | %s |\n", row.Measurement, row.N, row.Today, row.Target, row.Result, row.Met)
+		}
+		b.WriteString("\n")
+	}
 	b.WriteString("| measurement | median | min – max | runs | target | met |\n|---|---|---|---|---|---|\n")
 	for _, row := range r.Rows {
 		fmt.Fprintf(&b, "| %s | %s %s | %s – %s | %d | %s | %s |\n", row.Measurement, num(row.Median), row.Unit, num(row.Min), num(row.Max), len(row.Samples), row.Target, row.Met)
@@ -413,18 +425,36 @@ func relay(t *testing.T, dir, caPEM, certFile, keyFile string) []Row {
 	startDerper(p2, p1)
 
 	pg := dbtest.NewURL(t)
+	profile := os.Getenv("BENCH_PROFILE") != ""
+	var pprofPorts []int
 	tlsReplica := func(name string) string {
 		tlsPort := clitest.FreePort(t)
 		relayURL := fmt.Sprintf("https://127.0.0.1:%d", tlsPort)
-		p := clitest.StartReplica(t, clitest.ReplicaOptions{Name: name, PostgresURL: pg, RelayURL: relayURL, Env: []string{
+		env := []string{
 			"CODER_TLS_ENABLE=true", fmt.Sprintf("CODER_TLS_ADDRESS=127.0.0.1:%d", tlsPort),
 			"CODER_TLS_CERT_FILE=" + certFile, "CODER_TLS_KEY_FILE=" + keyFile,
 			"CODER_DERP_SERVER_MESH_CA_FILE=" + caPEM,
-		}})
+		}
+		if profile {
+			port := clitest.FreePort(t)
+			pprofPorts = append(pprofPorts, port)
+			env = append(env, fmt.Sprintf("CODER_DEBUG_PPROF_ADDRESS=127.0.0.1:%d", port))
+		}
+		p := clitest.StartReplica(t, clitest.ReplicaOptions{Name: name, PostgresURL: pg, RelayURL: relayURL, Env: env})
 		p.WaitReady(time.Minute)
 		return relayURL
 	}
 	r1, r2 := tlsReplica("tls-1"), tlsReplica("tls-2")
+	// A second pair meshed over plain HTTP (as inside a cluster, where the
+	// chart's relay URLs are http://<pod IP>): the forwarder writes its
+	// frames itself there.
+	plain := clitest.NewCluster(t, dbtest.NewURL(t))
+	defer plain.StopAll()
+	h1, h2 := plain.Add(), plain.Add()
+	plain.WaitReady(time.Minute)
+	if profile {
+		defer profileRelay(t, r1, r2, pprofPorts)
+	}
 
 	type pair struct {
 		name string
@@ -435,6 +465,7 @@ func relay(t *testing.T, dir, caPEM, certFile, keyFile string) []Row {
 		{"two replicas (mesh)", r1, r2},
 		{"two derpers (--mesh-with)", fmt.Sprintf("https://127.0.0.1:%d", p1), fmt.Sprintf("https://127.0.0.1:%d", p2)},
 		{"one derper", fmt.Sprintf("https://127.0.0.1:%d", p1), fmt.Sprintf("https://127.0.0.1:%d", p1)},
+		{"two replicas (mesh), plain HTTP", h1.URL, h2.URL},
 	}
 	const packets, window = 20000, 24
 	tput := map[string][]float64{}
@@ -498,6 +529,32 @@ func relay(t *testing.T, dir, caPEM, certFile, keyFile string) []Row {
 	rows = append(rows, summarize(Row{Measurement: "cross-replica / derper-pair round trip", Unit: "×",
 		Samples: []float64{latMed(pairs[1].name) / latMed(pairs[2].name)}, Target: "≤ 1.0× (no worse)"}, "lower", 1.0))
 	return rows
+}
+
+// profileRelay takes CPU profiles of both replicas while a client on the
+// first streams windowed 1 KiB packets to a client on the second for 10 s
+// (relay-cpu-replica1.pprof, relay-cpu-replica2.pprof).
+func profileRelay(t *testing.T, r1, r2 string, ports []int) {
+	a, b := connectRetry(r1, 20*time.Second), connectRetry(r2, 20*time.Second)
+	if a == nil || b == nil {
+		return
+	}
+	defer a.Close()
+	defer b.Close()
+	done := make(chan struct{})
+	for i, port := range ports {
+		go func() {
+			saveProfile(t, port, "profile?seconds=10", fmt.Sprintf("relay-cpu-replica%d.pprof", i+1))
+			done <- struct{}{}
+		}()
+	}
+	deadline := time.Now().Add(11 * time.Second)
+	for time.Now().Before(deadline) {
+		derptest.Exchange(a, b, 5000, 1024, 24, 2*time.Second)
+	}
+	for range ports {
+		<-done
+	}
 }
 
 func buildDerper(t *testing.T, dir string) string {

@@ -31,10 +31,18 @@ var (
 	binPath   string
 )
 
+// BinaryOverride, when set, is the binary Binary returns instead of
+// building ./cmd/coder: the bench's A/B runs compare two builds in one
+// process. Tests leave it empty.
+var BinaryOverride string
+
 // Binary builds ./cmd/coder (with -race when the tests run with it) once per
-// test process and returns its path.
+// test process and returns its path (BinaryOverride when set).
 func Binary(t testing.TB) string {
 	t.Helper()
+	if BinaryOverride != "" {
+		return BinaryOverride
+	}
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "coder-bin-*")
 		if err != nil {
