@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -78,18 +77,6 @@ func scrapeSeries(url, series string) float64 {
 		if rest, ok := strings.CutPrefix(sc.Text(), series+" "); ok {
 			v, _ := strconv.ParseFloat(strings.TrimSpace(rest), 64)
 			return v
-		}
-	}
-	return -1
-}
-
-// rssMB is a process's resident set in MB.
-func rssMB(pid int) float64 {
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "VmRSS:") {
-			kb, _ := strconv.ParseFloat(strings.Fields(l)[1], 64)
-			return kb / 1024
 		}
 	}
 	return -1
