@@ -166,7 +166,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	// Registered: a finalize that read the live replicas before this row
 	// existed has raised the schema floor by now (see
 	// database.CheckSchemaFloor).
-	if err := s.db.CheckSchemaFloor(ctx, cfg.Version, s.schema.Load().Known); err != nil {
+	if err := s.checkSchemaFloorAtStart(ctx); err != nil {
 		return nil, err
 	}
 	s.repl.watchDone.Add(2)
@@ -461,4 +461,36 @@ func (s *Server) closeRest() error {
 func derpLogf(log *zap.Logger) func(format string, args ...any) {
 	l := log.Named("derp").Sugar()
 	return func(format string, args ...any) { l.Debugf(format, args...) }
+}
+
+// floorCheckPatience is how long a starting replica keeps trying to read
+// the schema floor through database errors (as registration does) before
+// its start fails.
+const floorCheckPatience = 30 * time.Second
+
+// checkSchemaFloorAtStart is CheckSchemaFloor once registered, tried again
+// through errors that are not a verdict (a connection refused or timed
+// out: at a mass start Postgres answers slowly) for floorCheckPatience. A
+// *database.TooOldError is returned at once.
+func (s *Server) checkSchemaFloorAtStart(ctx context.Context) error {
+	deadline := time.Now().Add(floorCheckPatience)
+	pause := 250 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := s.db.CheckSchemaFloor(actx, s.cfg.Version, s.schema.Load().Known)
+		cancel()
+		var tooOld *database.TooOldError
+		if err == nil || errors.As(err, &tooOld) || ctx.Err() != nil || time.Now().Add(pause).After(deadline) {
+			return err
+		}
+		if attempt == 1 {
+			s.log.Warn("cannot read the schema floor yet; trying again", zap.Error(err))
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 2*time.Second)
+	}
 }

@@ -294,6 +294,9 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 		out.notes["phases"] = startPhases(c.Nodes, started)
 	} else {
 		out.notes["ready"] = fmt.Sprintf("%d of %d not ready after %s", len(pending), n, fleetBound)
+		for _, node := range pending { // for the reader to see why
+			writeBenchFile(fmt.Sprintf("log-notready-%s-%s.txt", node.Name, label), node.Output())
+		}
 		getToken()
 	}
 	out.notes["ready"] = strings.TrimPrefix(out.notes["ready"]+"; "+out.notes["phases"]+"; load average "+loadavg(), "; ")
