@@ -3,6 +3,7 @@ package derpmesh_test
 import (
 	"context"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -317,5 +318,48 @@ func TestForwardedBatchesAndPingsShareALink(t *testing.T) {
 	}
 	if !a.connectedTo(b.url) {
 		t.Fatal("the link broke during the exchange")
+	}
+}
+
+// A link that black-holes traffic (a middlebox that lost the connection's
+// state and swallows every byte, a peer relay that stopped reading) while
+// the peer itself is fine: the keepalive would find it only once the link
+// has been silent for its interval, which stretches with the number of
+// peers (100 s at N=100; an hour here). A latency probe over the link
+// (PingPeer) that goes unanswered has it checked at once instead: it is
+// redialed within 2×ConfirmTimeout, and the peer's clients are reachable
+// again.
+func TestUnansweredProbeHasABlackHoledLinkReplacedAtOnce(t *testing.T) {
+	t.Parallel()
+	k := newMeshKey()
+	a, b := startNode(t, nodeOptions{meshKey: k}), startNode(t, nodeOptions{meshKey: k})
+	proxy, err := faultproxy.New(b.http.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = proxy.Close() })
+	via := proxy.URL()
+	a.meshWith(t, meshOptions{meshKey: k, ping: time.Hour, confirm: 300 * time.Millisecond, extraURLs: []string{via}})
+	wait.For(t, eventually, "meshed through the proxy", func() bool { return a.connectedTo(via) })
+	ca, cb := connect(t, a), connect(t, b)
+	if !derptest.Reachable(ca, cb, 15*time.Second) {
+		t.Fatal("not forwarding")
+	}
+
+	proxy.Freeze()
+	probe, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if _, ok, err := a.mesh.PingPeer(probe, via); !ok || err == nil {
+		t.Fatalf("PingPeer over the frozen link: ok=%v err=%v; want an error over the established link", ok, err)
+	}
+	start := time.Now()
+	wait.For(t, 10*time.Second, "the frozen link is found dead", func() bool {
+		s, _ := a.peerStatus(via)
+		return a.brokenCalls(via) > 0 || strings.Contains(s.Error, "peer stopped answering pings")
+	})
+	t.Logf("black-holed link found dead %v after the unanswered probe (ConfirmTimeout 300ms)", time.Since(start).Round(time.Millisecond))
+	wait.For(t, eventually, "meshed again over a new connection", func() bool { return a.connectedTo(via) })
+	if !derptest.Reachable(ca, cb, 15*time.Second) {
+		t.Fatal("a's client does not reach b's client after the link was replaced")
 	}
 }

@@ -285,6 +285,14 @@ func (m *Mesh) SetPeers(peers []Peer) {
 // on one ping); a ping that fails on an established link returns ok true
 // and the error: the peer did not answer over the mesh. It is safe to call
 // concurrently with everything else, for any URL.
+//
+// A ping that is not answered before ctx's deadline has the link checked
+// at once, as the keepalive would check a silent one: two more pings
+// unanswered within ConfirmTimeout close and redial it. So a link that
+// black-holes traffic (a peer relay that stopped reading, a middlebox
+// that lost the connection) is replaced within about 2×ConfirmTimeout of
+// a failed probe, instead of after its keepalive silence, which stretches
+// with the number of peers (see Options.PingInterval).
 func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration, ok bool, err error) {
 	m.mu.Lock()
 	p := m.peers[normalizeURL(relayURL)]
@@ -298,6 +306,12 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 	}
 	start := time.Now()
 	if err := c.Ping(ctx); err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			// Unanswered: the link may be dead without being silent for
+			// its keepalive interval yet (which stretches with the number
+			// of peers). Check it now, as the keepalive would.
+			m.checkLink(p)
+		}
 		return 0, true, fmt.Errorf("ping peer %s over the mesh: %w", p.url, err)
 	}
 	p.noteHeard() // the link is alive: no keepalive needed for a while
@@ -330,17 +344,32 @@ func (m *Mesh) keepaliveLoop() {
 			if p.silentFor() < interval {
 				continue
 			}
-			ctx, c, dead, ok := p.startKeepalive()
-			if !ok {
-				continue
-			}
-			m.wg.Add(1)
-			go func() {
-				defer m.wg.Done()
-				p.keepalive(ctx, c, dead)
-			}()
+			m.checkLink(p)
 		}
 	}
+}
+
+// checkLink pings p's established connection now, on its own goroutine,
+// up to twice within ConfirmTimeout, and closes and redials it if neither
+// ping is answered (see peer.keepalive); nothing happens if p has no
+// established connection, a check of it is under way, or the Mesh is
+// closing. The keepalive calls it for silent links, and PingPeer for a
+// link whose ping went unanswered.
+func (m *Mesh) checkLink(p *peer) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed { // Close waits for wg: nothing may be added after it
+		return
+	}
+	ctx, c, dead, ok := p.startKeepalive()
+	if !ok {
+		return
+	}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		p.keepalive(ctx, c, dead)
+	}()
 }
 
 // keepaliveInterval is how long a mesh connection may stay silent before

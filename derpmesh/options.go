@@ -91,7 +91,12 @@ type Options struct {
 	// cost the same at any fleet size; a peer process that hangs while its
 	// machine stays up is noticed within that plus PingInterval/2 +
 	// 2×ConfirmTimeout (≈ 25 s up to 10 peers, ≈ 115 s at 99; its
-	// heartbeat stopping drops it sooner when the whole process hangs). A
+	// heartbeat stopping drops it sooner when the whole process hangs),
+	// or 2×ConfirmTimeout after a latency probe over the link (PingPeer)
+	// goes unanswered, whichever comes first: replicasync probes every
+	// peer at least once per probe cycle (one heartbeat up to 11
+	// replicas), so a link that black-holes traffic while its peer still
+	// heartbeats is replaced within about a cycle + 12 s. A
 	// peer whose machine or network dies without
 	// a TCP reset is noticed by the kernel instead, at any fleet size:
 	// mesh connections use TCP keepalives after PingInterval of idleness
