@@ -94,7 +94,7 @@ func (s *Server) checkStartupRules(ctx context.Context) error {
 	if !exists {
 		return nil
 	}
-	live, err := s.db.LiveReplicas(ctx, 3*s.cfg.ReplicaHeartbeatInterval)
+	live, err := s.db.LiveReplicas(ctx, time.Duration(StaleAfterBeats)*s.cfg.ReplicaHeartbeatInterval)
 	if err != nil {
 		return err
 	}
@@ -336,6 +336,10 @@ func (s *Server) watchMeshErrors(r *replication) {
 	}
 }
 
+// msgLeaveFailed is logged when Leave fails: peers then time the replica
+// out (see StaleAfterBeats).
+var msgLeaveFailed = fmt.Sprintf("could not mark this replica stopped; peers will drop it after %d heartbeats", StaleAfterBeats)
+
 // stopReplication leaves the cluster: marks the row stopped and announces
 // it, so peers drop this replica at once. Shutdown calls it only after the
 // grace period and after the listeners closed, so peers keep forwarding to
@@ -347,7 +351,7 @@ func (s *Server) stopReplication() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := s.repl.replicas.Leave(ctx); err != nil {
-		s.log.Warn("could not mark this replica stopped; peers will drop it after 3 heartbeats", zap.Error(err))
+		s.log.Warn(msgLeaveFailed, zap.Error(err))
 	}
 }
 
