@@ -11,6 +11,7 @@ import (
 
 	"github.com/coder-ha/coder/coderd/healthpage"
 	"github.com/coder-ha/coder/derpmesh"
+	"github.com/coder-ha/coder/wire"
 )
 
 // switchHandler serves whichever handler was set last: the listeners are
@@ -61,12 +62,12 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /api/v2/replicas", s.tokens.requireToken(http.HandlerFunc(s.handleReplicas)))
 	mux.Handle("GET /api/v2/debug/health", s.tokens.requireToken(http.HandlerFunc(s.handleHealth)))
 	if s.derp != nil {
-		mux.Handle("/derp", s.guard.Handler(derpmesh.Handler(s.derp)))
-		mux.HandleFunc("/derp/latency-check", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
-		mux.HandleFunc("/derp/probe", derpserver.ProbeHandler)
+		mux.Handle(wire.DERPPath, s.guard.Handler(derpmesh.Handler(s.derp)))
+		mux.HandleFunc(wire.LatencyCheckPath, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
+		mux.HandleFunc(wire.ProbePath, derpserver.ProbeHandler)
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasPrefix(r.URL.Path, "/derp") {
+		if strings.HasPrefix(r.URL.Path, wire.DERPPath) {
 			writeError(w, http.StatusNotFound, "The embedded DERP relay is disabled on this replica.", "--derp-server-enable=false")
 			return
 		}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/pubsub"
+	"github.com/coder-ha/coder/wire"
 )
 
 // apiKeyChecker is what token checks need from the database.
@@ -335,7 +336,7 @@ func (v *tokenValidator) logFailure(err error) {
 // tokenFromRequest reads "Authorization: Bearer <t>" or
 // "Coder-Session-Token: <t>".
 func tokenFromRequest(r *http.Request) string {
-	if t := r.Header.Get("Coder-Session-Token"); t != "" {
+	if t := r.Header.Get(wire.SessionTokenHeader); t != "" {
 		return strings.TrimSpace(t)
 	}
 	if h := r.Header.Get("Authorization"); len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
@@ -351,7 +352,7 @@ func (v *tokenValidator) requireToken(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		token := tokenFromRequest(r)
 		if token == "" {
-			writeError(w, http.StatusUnauthorized, "Authentication required: send an API token in the Authorization (Bearer) or Coder-Session-Token header.", "create one with: coder server create-token")
+			writeError(w, http.StatusUnauthorized, "Authentication required: send an API token in the Authorization (Bearer) or "+wire.SessionTokenHeader+" header.", "create one with: coder server create-token")
 			return
 		}
 		if err := v.check(r.Context(), token); err != nil {

@@ -21,6 +21,7 @@ import (
 	"github.com/coder-ha/coder/database/pubsub"
 	"github.com/coder-ha/coder/derpmesh"
 	"github.com/coder-ha/coder/replicasync"
+	"github.com/coder-ha/coder/wire"
 )
 
 // replication is the running cluster membership: pubsub, replica sync and
@@ -448,7 +449,7 @@ func (s *Server) readiness() readinessState {
 	w.synced = r.meshSynced.Load()
 	hostByURL := map[string]string{}
 	for _, p := range r.replicas.Regional() {
-		hostByURL[strings.TrimSuffix(p.RelayAddress, "/")] = p.Hostname
+		hostByURL[wire.NormalizeURL(p.RelayAddress)] = p.Hostname
 	}
 	name := func(url string) string {
 		if h := hostByURL[url]; h != "" {
