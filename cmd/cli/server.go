@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -36,10 +37,10 @@ built-in Postgres is started in --cache-dir.`,
 			return runServer(cmd, cfg, verbose, logJSON)
 		},
 	}
-	f := cmd.Flags()
 	// Every default comes from the package that owns it, through
 	// coderd.DefaultConfig.
 	def := coderd.DefaultConfig()
+	f := cmd.Flags()
 	pf := cmd.PersistentFlags()
 	f.StringVar(&cfg.HTTPAddress, "http-address", def.HTTPAddress, "Listen address; *:80 and :80 mean all interfaces")
 	bindEnv(f, "http-address", "CODER_HTTP_ADDRESS", "CODER_ADDRESS")
@@ -118,12 +119,18 @@ func runServer(cmd *cobra.Command, cfg coderd.Config, verbose, logJSON bool) err
 	log := newLogger(cmd.ErrOrStderr(), verbose, logJSON)
 	defer func() { _ = log.Sync() }()
 
+	// The signal watchers below end with ctx or shutdownCtx, cancelled
+	// by the deferred calls, which run before this wait.
+	var watchers sync.WaitGroup
+	defer watchers.Wait()
 	ctx, cancel := context.WithCancel(cmd.Context())
 	defer cancel()
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
+	watchers.Add(1)
 	go func() {
+		defer watchers.Done()
 		select {
 		case <-sigs:
 			cancel() // a signal during start-up aborts it
@@ -154,7 +161,9 @@ func runServer(cmd *cobra.Command, cfg coderd.Config, verbose, logJSON bool) err
 	}
 	shutdownCtx, skipGrace := context.WithCancel(context.Background())
 	defer skipGrace()
+	watchers.Add(1)
 	go func() {
+		defer watchers.Done()
 		select {
 		case <-sigs:
 			skipGrace()
