@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/coder/quartz"
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/database"
@@ -130,6 +131,16 @@ type Config struct {
 	// flag, for profiling a loaded fleet). Loopback only, like the metrics
 	// address: profiles reveal internals.
 	DebugPprofAddress string
+
+	// Clock is the one clock of every local time decision the server and
+	// the parts it starts make: readiness, the version and schema watches,
+	// the shutdown grace period, the token caches, the TLS reload pace,
+	// the relay guard and replica sync (shifted by DebugClockOffset).
+	// Never liveness, which is the database's now(). Not a flag: tests
+	// step a quartz.Mock. Default: the real clock. (The relay mesh, the
+	// pubsub and the connection code still read real time; see
+	// docs/architecture.md.)
+	Clock quartz.Clock
 }
 
 // The values of --postgres-pubsub.
@@ -198,6 +209,7 @@ func DefaultConfig() Config {
 		HTTPReadTimeout:                httpReadTimeout,  // 30s
 		HTTPWriteTimeout:               httpWriteTimeout, // 60s
 		Version:                        "dev",
+		Clock:                          quartz.NewReal(),
 	}
 }
 
@@ -304,6 +316,9 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 	}
 	if c.Version == "" {
 		c.Version = d.Version
+	}
+	if c.Clock == nil {
+		c.Clock = d.Clock
 	}
 
 	if c.DERPServerSTUNAddress != "" {

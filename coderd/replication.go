@@ -13,7 +13,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/coder/quartz"
 	"github.com/google/uuid"
 	"go.uber.org/zap"
 	"tailscale.com/metrics"
@@ -38,7 +37,7 @@ type replication struct {
 	derpVars *metrics.Set
 
 	// stopWatch and ctx end the watch goroutines (mesh errors, versions,
-	// schema), which watchDone counts.
+	// schema, readiness), which watchDone counts.
 	stopWatch chan struct{}
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -181,7 +180,7 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		TLSConfig:         tlsCfg,
 		Logger:            s.log.Named("replicasync"),
 		Registerer:        s.registry,
-		Clock:             replicasync.OffsetClock(quartz.NewReal(), s.cfg.DebugClockOffset),
+		Clock:             replicasync.OffsetClock(s.cfg.Clock, s.cfg.DebugClockOffset),
 	})
 	if err != nil {
 		return err
@@ -383,6 +382,10 @@ func (s *Server) closeReplication() {
 // what it waits for.
 const notReadyLogInterval = 5 * time.Second
 
+// readyCheckInterval is how often a replica that is not ready yet checks
+// the mesh again.
+const readyCheckInterval = 10 * time.Millisecond
+
 // watchReady latches readiness once the replica is registered and meshed
 // both ways with every live regional peer it knows of: its own mesh link
 // to each peer is up (so it forwards its clients' packets to the peers'
@@ -393,27 +396,37 @@ const notReadyLogInterval = 5 * time.Second
 // next heartbeat's read finds it. Once ready, it stays ready until it
 // drains: a peer dying or a Postgres outage must not take every replica
 // out of the load balancer at once (isolated is the one exception).
-func (s *Server) watchReady() {
-	t := time.NewTicker(10 * time.Millisecond)
+//
+// It is one of the watch goroutines of r: it also returns when they are
+// stopped (closeReplication waits for it).
+func (s *Server) watchReady(r *replication) {
+	defer r.watchDone.Done()
+	clock := s.cfg.Clock
+	t := clock.NewTicker(readyCheckInterval, "watchReady")
 	defer t.Stop()
-	start := time.Now()
+	start := clock.Now()
 	lastLog := start
-	for range t.C {
+	for {
+		select {
+		case <-r.stopWatch:
+			return
+		case <-t.C:
+		}
 		if s.draining.Load() {
 			return
 		}
 		w := s.readiness()
 		if w.ready() {
 			s.ready.Store(true)
-			s.log.Info("replica is ready", zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+			s.log.Info("replica is ready", zap.Duration("took", clock.Since(start).Round(time.Millisecond)))
 			return
 		}
-		if time.Since(lastLog) >= notReadyLogInterval {
-			lastLog = time.Now()
+		if clock.Since(lastLog) >= notReadyLogInterval {
+			lastLog = clock.Now()
 			s.log.Info("not ready yet: waiting for the mesh with peers, both ways",
 				zap.Bool("registered", w.registered), zap.Bool("peers_known", w.synced),
 				zap.Strings("meshing_with", w.outgoing), zap.Strings("waiting_for_links_from", w.incoming),
-				zap.Duration("waited", time.Since(start).Round(time.Second)))
+				zap.Duration("waited", clock.Since(start).Round(time.Second)))
 		}
 	}
 }

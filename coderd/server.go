@@ -112,6 +112,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		// the mesh key is set once the schema is migrated.
 		s.derp = derpserver.New(key.NewNode(), derpLogf(log))
 		s.guard, err = relayguard.New(s.derp, relayguard.Options{
+			Clock:           cfg.Clock,
 			VerifyURL:       cfg.DERPServerVerifyClientURL,
 			FailOpen:        cfg.DERPServerVerifyClientURLFailOpen,
 			VerifyInterval:  cfg.DERPServerVerifyClientInterval,
@@ -141,7 +142,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 		return nil, err
 	}
 	s.registry.MustRegister(newPoolCollector(s.db.Pool()))
-	s.tokens = newTokenValidator(s.db, tokenValidatorOptions{Logger: log.Named("auth")})
+	s.tokens = newTokenValidator(s.db, tokenValidatorOptions{Logger: log.Named("auth"), Clock: cfg.Clock})
 
 	var meshKey string
 	if cfg.DERPServerEnable {
@@ -169,10 +170,10 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 	if err := s.db.CheckSchemaFloor(ctx, cfg.Version, s.schema.Load().Known); err != nil {
 		return nil, err
 	}
-	s.repl.watchDone.Add(2)
+	s.repl.watchDone.Add(3)
 	go s.watchSchema(s.repl)
 	go s.watchVersions(s.repl)
-	go s.watchReady()
+	go s.watchReady(s.repl)
 	log.Info("server started",
 		zap.String("access_url", cfg.AccessURL),
 		zap.String("http_address", s.httpAddr),
@@ -221,14 +222,14 @@ func (s *Server) openDatabase(ctx context.Context) error {
 	if src == nil {
 		dir := filepath.Join(s.cfg.CacheDir, "postgres")
 		s.log.Info("no --postgres-url given: starting the built-in postgres", zap.String("dir", dir))
-		start := time.Now()
+		start := s.cfg.Clock.Now()
 		c, err := postgres.Run(ctx, postgres.Options{Dir: dir, Logger: s.log.Named("postgres")})
 		if err != nil {
 			return fmt.Errorf("built-in postgres: %w", err)
 		}
 		s.builtin = c
 		src = database.StaticURL(c.URL())
-		s.log.Info("built-in postgres is ready", zap.Int("port", c.Port()), zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+		s.log.Info("built-in postgres is ready", zap.Int("port", c.Port()), zap.Duration("took", s.cfg.Clock.Since(start).Round(time.Millisecond)))
 	} else if src.Path() != "" {
 		s.log.Info("reading the postgres URL from a file whenever a connection is opened", zap.String("file", src.Path()),
 			zap.String("database", src.Describe()))
@@ -269,7 +270,7 @@ func (s *Server) listen() error {
 	s.serve(l, handler)
 
 	if s.cfg.TLSEnable {
-		certs, err := newCertReloader(s.cfg.TLSCertFile, s.cfg.TLSKeyFile, tlsReloadInterval, s.log.Named("tls"))
+		certs, err := newCertReloaderClock(s.cfg.TLSCertFile, s.cfg.TLSKeyFile, tlsReloadInterval, s.cfg.Clock, s.log.Named("tls"))
 		if err != nil {
 			return &ConfigError{"tls-cert-file", fmt.Sprintf("load key pair: %v", err)}
 		}
@@ -389,7 +390,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		g := s.cfg.ShutdownGracePeriod
 		s.log.Info("draining: /readyz now answers 503; still relaying and meshed for the grace period", zap.Duration("grace_period", g))
 		if g > 0 {
-			t := time.NewTimer(g)
+			t := s.cfg.Clock.NewTimer(g, "shutdown", "grace")
 			select {
 			case <-t.C:
 			case <-ctx.Done():
