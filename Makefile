@@ -33,10 +33,11 @@ bench: deps build
 	BENCH_OUT=$(CURDIR)/bench-results $(GO) test -tags bench -count=1 -timeout 60m -run TestBench ./internal/bench/ > bench-results.log 2>&1 || (tail -50 bench-results.log; exit 1)
 	@cat bench-results/results.md
 
-## lint: gofmt and go vet
+## lint: gofmt, go vet, and go.mod/go.sum as go mod tidy leaves them
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy"; exit 1; }
 
 ## deps: install the system packages the server and tests need (PostgreSQL binaries;
 ## HAProxy, PgBouncer, promtool, Chromium with WITH_HAPROXY=1, WITH_PGBOUNCER=1,

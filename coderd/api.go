@@ -1,7 +1,6 @@
 package coderd
 
 import (
-	"fmt"
 	"net/http"
 	"sort"
 	"strings"
@@ -11,6 +10,7 @@ import (
 
 	"github.com/coder-ha/coder/coderd/healthpage"
 	"github.com/coder-ha/coder/derpmesh"
+	"github.com/coder-ha/coder/wire"
 )
 
 // switchHandler serves whichever handler was set last: the listeners are
@@ -61,12 +61,12 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /api/v2/replicas", s.tokens.requireToken(http.HandlerFunc(s.handleReplicas)))
 	mux.Handle("GET /api/v2/debug/health", s.tokens.requireToken(http.HandlerFunc(s.handleHealth)))
 	if s.derp != nil {
-		mux.Handle("/derp", s.guard.Handler(derpmesh.Handler(s.derp)))
-		mux.HandleFunc("/derp/latency-check", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
-		mux.HandleFunc("/derp/probe", derpserver.ProbeHandler)
+		mux.Handle(wire.DERPPath, s.guard.Handler(derpmesh.Handler(s.derp)))
+		mux.HandleFunc(wire.LatencyCheckPath, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
+		mux.HandleFunc(wire.ProbePath, derpserver.ProbeHandler)
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasPrefix(r.URL.Path, "/derp") {
+		if strings.HasPrefix(r.URL.Path, wire.DERPPath) {
 			writeError(w, http.StatusNotFound, "The embedded DERP relay is disabled on this replica.", "--derp-server-enable=false")
 			return
 		}
@@ -121,31 +121,21 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rs := s.repl.replicas
-	report := HealthReport{
-		Database: HealthSection{Healthy: true, Warnings: []string{}},
-		Replicas: HealthSection{Healthy: true, Warnings: []string{}},
-		DERPMesh: HealthSection{Healthy: true, Warnings: []string{}},
-	}
+	var warnings []healthWarning
 	if rs.HeartbeatFailing() {
-		report.Database.Healthy = false
-		report.Database.Warnings = append(report.Database.Warnings, "heartbeats are failing: the database is unreachable (the relay keeps serving with the last known peers)")
+		warnings = append(warnings, healthWarning{kind: warnHeartbeatFailing})
 	}
 	if s.repl.pubsub != nil && !s.repl.pubsub.Connected() {
-		report.Database.Healthy = false
-		report.Database.Warnings = append(report.Database.Warnings, "the LISTEN connection is down: peers are seen only at heartbeats until it reconnects")
+		warnings = append(warnings, healthWarning{kind: warnListenDown})
 	}
-	if st := s.schema.Load(); st != nil && st.Newer() {
-		report.Database.Warnings = append(report.Database.Warnings, st.SkewWarning(s.cfg.Version))
+	if w, ok := schemaWarning(s.schema.Load(), s.cfg.Version); ok {
+		warnings = append(warnings, w)
 	}
 	if w := mixedVersionsWarning(rs.All()); w != "" {
-		report.Replicas.Warnings = append(report.Replicas.Warnings, w)
+		warnings = append(warnings, healthWarning{kind: warnMixedVersions, text: w})
 	}
-	for _, warning := range rs.Warnings() {
-		if strings.HasPrefix(warning, "the database") {
-			report.Database.Warnings = append(report.Database.Warnings, warning)
-		} else {
-			report.Replicas.Warnings = append(report.Replicas.Warnings, warning)
-		}
+	for _, text := range rs.Warnings() {
+		warnings = append(warnings, healthWarning{kind: warnReplicaSync, text: text})
 	}
 
 	hostByURL := map[string]string{}
@@ -158,27 +148,48 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	}
 	for _, p := range rs.PeerReports() {
 		if p.Error != "" {
-			report.Replicas.Healthy = false
-			report.Replicas.Warnings = append(report.Replicas.Warnings,
-				fmt.Sprintf("replica %q (%s) is unreachable: %s", hostByID[p.ID.String()], dash(urlByID[p.ID.String()]), p.Error))
+			warnings = append(warnings, healthWarning{kind: warnPeerUnreachable,
+				host: hostByID[p.ID.String()], url: urlByID[p.ID.String()], text: p.Error})
 		}
 	}
 	if s.repl.mesh != nil {
 		for _, st := range s.repl.mesh.Status() {
 			if st.State != derpmesh.StateConnected {
-				report.DERPMesh.Healthy = false
 				msg := st.Error
 				if msg == "" {
 					msg = "connecting"
 				}
-				report.DERPMesh.Warnings = append(report.DERPMesh.Warnings,
-					fmt.Sprintf("cannot mesh with replica %q (%s): %s", hostByURL[st.URL], st.URL, msg))
+				warnings = append(warnings, healthWarning{kind: warnMeshDown, host: hostByURL[st.URL], url: st.URL, text: msg})
 			}
+		}
+	}
+	writeJSON(w, http.StatusOK, healthReportOf(warnings))
+}
+
+// healthReportOf renders warnings into the report: each in its section,
+// in the order given (the replicas section sorted), a section unhealthy
+// when one of its warnings says so.
+func healthReportOf(warnings []healthWarning) HealthReport {
+	report := HealthReport{
+		Database: HealthSection{Healthy: true, Warnings: []string{}},
+		Replicas: HealthSection{Healthy: true, Warnings: []string{}},
+		DERPMesh: HealthSection{Healthy: true, Warnings: []string{}},
+	}
+	sections := map[healthPart]*HealthSection{
+		partDatabase: &report.Database,
+		partReplicas: &report.Replicas,
+		partDERPMesh: &report.DERPMesh,
+	}
+	for _, w := range warnings {
+		sec := sections[w.part()]
+		sec.Warnings = append(sec.Warnings, w.String())
+		if w.unhealthy() {
+			sec.Healthy = false
 		}
 	}
 	sort.Strings(report.Replicas.Warnings)
 	report.Healthy = report.Database.Healthy && report.Replicas.Healthy && report.DERPMesh.Healthy
-	writeJSON(w, http.StatusOK, report)
+	return report
 }
 
 func dash(s string) string {

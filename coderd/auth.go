@@ -10,12 +10,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/coder/quartz"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 	"tailscale.com/util/lru"
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/pubsub"
+	"github.com/coder-ha/coder/wire"
 )
 
 // apiKeyChecker is what token checks need from the database.
@@ -57,6 +59,9 @@ type tokenValidatorOptions struct {
 	RecheckInterval time.Duration
 	// Logger gets database failures (never the token). Default no-op.
 	Logger *zap.Logger
+	// Clock decides the TTLs, the lookup wait, the recheck pace and the
+	// failure-log pace. Default: the real clock.
+	Clock quartz.Clock
 }
 
 // tokenValidator checks API tokens against the database with a cache of
@@ -118,6 +123,9 @@ func newTokenValidator(db apiKeyChecker, opts tokenValidatorOptions) *tokenValid
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
+	if opts.Clock == nil {
+		opts.Clock = quartz.NewReal()
+	}
 	v := &tokenValidator{db: db, opts: opts, sem: make(chan struct{}, opts.MaxConcurrentLookups), stopFollow: func() {}}
 	v.valid.MaxEntries = opts.CacheSize
 	v.invalid.MaxEntries = opts.CacheSize
@@ -129,7 +137,7 @@ func newTokenValidator(db apiKeyChecker, opts tokenValidatorOptions) *tokenValid
 func (v *tokenValidator) check(ctx context.Context, token string) error {
 	sum := sha256.Sum256([]byte(token))
 	id, _ := database.APIKeyID(token)
-	now := time.Now()
+	now := v.opts.Clock.Now()
 	v.mu.Lock()
 	if t, ok := v.valid.GetOk(id); ok && t.sum == sum && now.Before(t.until) {
 		v.mu.Unlock()
@@ -153,7 +161,7 @@ func (v *tokenValidator) check(ctx context.Context, token string) error {
 func (v *tokenValidator) lookup(sum [32]byte, id, token string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), v.opts.LookupWait+5*time.Second)
 	defer cancel()
-	wait := time.NewTimer(v.opts.LookupWait)
+	wait := v.opts.Clock.NewTimer(v.opts.LookupWait, "tokenValidator", "lookupWait")
 	defer wait.Stop()
 	select {
 	case v.sem <- struct{}{}:
@@ -166,7 +174,7 @@ func (v *tokenValidator) lookup(sum [32]byte, id, token string) error {
 	v.mu.Unlock()
 	err := v.db.ValidateAPIKey(ctx, token)
 	<-v.sem
-	now := time.Now()
+	now := v.opts.Clock.Now()
 	switch {
 	case err == nil:
 		v.mu.Lock()
@@ -224,7 +232,7 @@ func (v *tokenValidator) followRevocations(ps *pubsub.Pubsub) error {
 	v.followDone.Add(1)
 	go func() {
 		defer v.followDone.Done()
-		t := time.NewTicker(v.opts.RecheckInterval)
+		t := v.opts.Clock.NewTicker(v.opts.RecheckInterval, "tokenValidator", "recheck")
 		defer t.Stop()
 		for {
 			select {
@@ -264,7 +272,7 @@ func (v *tokenValidator) recheckAfterGaps(ctx context.Context, gaps <-chan struc
 		case <-gaps:
 		}
 		for !v.recheck(ctx) {
-			t := time.NewTimer(v.opts.RecheckInterval)
+			t := v.opts.Clock.NewTimer(v.opts.RecheckInterval, "tokenValidator", "recheckAfterGap")
 			select {
 			case <-ctx.Done():
 				t.Stop()
@@ -322,7 +330,7 @@ func (v *tokenValidator) recheck(ctx context.Context) bool {
 // detail stays server-side, the caller gets a generic 503.
 func (v *tokenValidator) logFailure(err error) {
 	v.mu.Lock()
-	now := time.Now()
+	now := v.opts.Clock.Now()
 	if now.Sub(v.lastLog) < 10*time.Second {
 		v.mu.Unlock()
 		return
@@ -335,7 +343,7 @@ func (v *tokenValidator) logFailure(err error) {
 // tokenFromRequest reads "Authorization: Bearer <t>" or
 // "Coder-Session-Token: <t>".
 func tokenFromRequest(r *http.Request) string {
-	if t := r.Header.Get("Coder-Session-Token"); t != "" {
+	if t := r.Header.Get(wire.SessionTokenHeader); t != "" {
 		return strings.TrimSpace(t)
 	}
 	if h := r.Header.Get("Authorization"); len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
@@ -351,7 +359,7 @@ func (v *tokenValidator) requireToken(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		token := tokenFromRequest(r)
 		if token == "" {
-			writeError(w, http.StatusUnauthorized, "Authentication required: send an API token in the Authorization (Bearer) or Coder-Session-Token header.", "create one with: coder server create-token")
+			writeError(w, http.StatusUnauthorized, "Authentication required: send an API token in the Authorization (Bearer) or "+wire.SessionTokenHeader+" header.", "create one with: coder server create-token")
 			return
 		}
 		if err := v.check(r.Context(), token); err != nil {

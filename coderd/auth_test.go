@@ -20,7 +20,7 @@ import (
 	"github.com/coder-ha/coder/database/dbtest"
 )
 
-func TestMain(m *testing.M) { dbtest.Main(m) }
+func TestMain(m *testing.M) { dbtest.MainLeakChecked(m) }
 
 // countingDB is the real database, counting the token lookups that reach
 // it.

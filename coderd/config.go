@@ -9,13 +9,17 @@ import (
 	"strings"
 	"time"
 
+	"github.com/coder/quartz"
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/relayguard"
+	"github.com/coder-ha/coder/replicasync"
 )
 
 // Config is everything `coder server` is told by flags and environment.
-// Zero values are replaced by the documented defaults in withDefaults.
+// Zero values are replaced by the documented defaults in withDefaults,
+// which takes them from DefaultConfig.
 type Config struct {
 	// HTTPAddress is where the API and the relay listen. "*:80" and ":80"
 	// mean every interface. Default 127.0.0.1:3000.
@@ -127,6 +131,16 @@ type Config struct {
 	// flag, for profiling a loaded fleet). Loopback only, like the metrics
 	// address: profiles reveal internals.
 	DebugPprofAddress string
+
+	// Clock is the one clock of every local time decision the server and
+	// the parts it starts make: readiness, the version and schema watches,
+	// the shutdown grace period, the token caches, the TLS reload pace,
+	// the relay guard and replica sync (shifted by DebugClockOffset).
+	// Never liveness, which is the database's now(). Not a flag: tests
+	// step a quartz.Mock. Default: the real clock. (The relay mesh, the
+	// pubsub and the connection code still read real time; see
+	// docs/architecture.md.)
+	Clock quartz.Clock
 }
 
 // The values of --postgres-pubsub.
@@ -164,15 +178,61 @@ func ListenAddress(addr string) string {
 	return addr
 }
 
+// DefaultConfig is every default of `coder server` in one place: the
+// flags' defaults (cmd/cli takes them from here) and what withDefaults
+// gives a zero field. Defaults of behaviour another package owns are read
+// from that package, never written again here: the heartbeat, the
+// latency threshold and the region from replicasync.DefaultOptions, the
+// relay's limits from relayguard.
+//
+// Two flag defaults are not what a zero field means, because zero is a
+// value the operator may choose: DERPServerEnable (the flag defaults to
+// true; a zero Config runs no relay) and DERPServerVerifyClientInterval
+// (the flag defaults to relayguard.DefaultVerifyInterval; 0 means never).
+func DefaultConfig() Config {
+	rs := replicasync.DefaultOptions()
+	return Config{
+		HTTPAddress:                    "127.0.0.1:3000",
+		CacheDir:                       DefaultCacheDir(),
+		PostgresPubsub:                 PubsubAuto,
+		DERPServerEnable:               true,
+		DERPServerRegionID:             int(rs.RegionID), // 999
+		DERPServerRegionCode:           "coder",
+		DERPServerRegionName:           "Coder Embedded Relay",
+		DERPServerVerifyClientInterval: relayguard.DefaultVerifyInterval, // 1m
+		DERPServerMaxConnections:       relayguard.DefaultMaxConnections, // 2000
+		DERPServerAcceptRate:           relayguard.DefaultAcceptRate,     // 500/s
+		ReplicaHeartbeatInterval:       rs.HeartbeatInterval,             // 5s
+		ReplicaLatencyThreshold:        rs.LatencyThreshold,              // 10ms
+		PrometheusAddress:              "127.0.0.1:2112",
+		TLSAddress:                     "127.0.0.1:3443",
+		HTTPReadTimeout:                httpReadTimeout,  // 30s
+		HTTPWriteTimeout:               httpWriteTimeout, // 60s
+		Version:                        "dev",
+		Clock:                          quartz.NewReal(),
+	}
+}
+
+// StaleAfterBeats is how many heartbeat intervals a replica may go unheard
+// before its peers consider it dead: replicasync's default StaleAfter is
+// this many HeartbeatIntervals (3; read from replicasync.DefaultOptions,
+// not written again here). coderd never sets StaleAfter, so the rule
+// holds at every --replica-heartbeat-interval.
+var StaleAfterBeats = func() int {
+	rs := replicasync.DefaultOptions()
+	return int(rs.StaleAfter / rs.HeartbeatInterval)
+}()
+
 // withDefaults fills in defaults and checks the start-up rules that need no
 // database. It returns the first violation as a *ConfigError.
 func (c Config) withDefaults(log *zap.Logger) (Config, error) {
+	d := DefaultConfig()
 	if c.HTTPAddress == "" {
-		c.HTTPAddress = "127.0.0.1:3000"
+		c.HTTPAddress = d.HTTPAddress
 	}
 	switch c.PostgresPubsub {
 	case "":
-		c.PostgresPubsub = PubsubAuto
+		c.PostgresPubsub = d.PostgresPubsub
 	case PubsubAuto, PubsubListen, PubsubPoll:
 	default:
 		return c, &ConfigError{"postgres-pubsub", fmt.Sprintf("must be auto, listen or poll, got %q", c.PostgresPubsub)}
@@ -210,31 +270,31 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 		return c, &ConfigError{"access-url", fmt.Sprintf("must be an absolute http or https URL, got %q", c.AccessURL)}
 	}
 	if c.CacheDir == "" {
-		c.CacheDir = DefaultCacheDir()
+		c.CacheDir = d.CacheDir
 	}
 	if c.DERPServerRegionID == 0 {
-		c.DERPServerRegionID = 999
+		c.DERPServerRegionID = d.DERPServerRegionID
 	}
 	if c.DERPServerRegionCode == "" {
-		c.DERPServerRegionCode = "coder"
+		c.DERPServerRegionCode = d.DERPServerRegionCode
 	}
 	if c.DERPServerRegionName == "" {
-		c.DERPServerRegionName = "Coder Embedded Relay"
+		c.DERPServerRegionName = d.DERPServerRegionName
 	}
 	if c.ReplicaHeartbeatInterval <= 0 {
-		c.ReplicaHeartbeatInterval = 5 * time.Second
+		c.ReplicaHeartbeatInterval = d.ReplicaHeartbeatInterval
 	}
 	if c.ReplicaLatencyThreshold <= 0 {
-		c.ReplicaLatencyThreshold = 10 * time.Millisecond
+		c.ReplicaLatencyThreshold = d.ReplicaLatencyThreshold
 	}
 	if c.ShutdownGracePeriod < 0 {
 		return c, &ConfigError{"shutdown-grace-period", "must not be negative"}
 	}
 	if c.PrometheusAddress == "" {
-		c.PrometheusAddress = "127.0.0.1:2112"
+		c.PrometheusAddress = d.PrometheusAddress
 	}
 	if c.TLSAddress == "" {
-		c.TLSAddress = "127.0.0.1:3443"
+		c.TLSAddress = d.TLSAddress
 	}
 	if c.TLSEnable && (c.TLSCertFile == "" || c.TLSKeyFile == "") {
 		return c, &ConfigError{"tls-cert-file", "--tls-enable needs --tls-cert-file and --tls-key-file"}
@@ -249,13 +309,16 @@ func (c Config) withDefaults(log *zap.Logger) (Config, error) {
 		return c, &ConfigError{"derp-server-verify-client-interval", "must not be negative (0: never verify connected clients again)"}
 	}
 	if c.HTTPReadTimeout <= 0 {
-		c.HTTPReadTimeout = httpReadTimeout
+		c.HTTPReadTimeout = d.HTTPReadTimeout
 	}
 	if c.HTTPWriteTimeout <= 0 {
-		c.HTTPWriteTimeout = httpWriteTimeout
+		c.HTTPWriteTimeout = d.HTTPWriteTimeout
 	}
 	if c.Version == "" {
-		c.Version = "dev"
+		c.Version = d.Version
+	}
+	if c.Clock == nil {
+		c.Clock = d.Clock
 	}
 
 	if c.DERPServerSTUNAddress != "" {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"expvar"
 	"fmt"
 	"os"
 	"sort"
@@ -13,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/coder/quartz"
 	"github.com/google/uuid"
 	"go.uber.org/zap"
 	"tailscale.com/metrics"
@@ -37,7 +35,7 @@ type replication struct {
 	derpVars *metrics.Set
 
 	// stopWatch and ctx end the watch goroutines (mesh errors, versions,
-	// schema), which watchDone counts.
+	// schema, readiness), which watchDone counts.
 	stopWatch chan struct{}
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -56,29 +54,6 @@ func (p *meshPinger) PingPeer(ctx context.Context, relayURL string) (time.Durati
 	return 0, false, nil
 }
 
-// isolated reports whether this replica alone is cut off from Postgres:
-// its heartbeat has failed for longer than the stale window and no peer
-// holds a mesh link to its relay any more (peers that reach the database
-// have dropped it). In a full outage the peers keep their links, so this
-// stays false and /readyz stays 200.
-func (s *Server) isolated() bool {
-	r := s.repl
-	if r == nil || r.replicas == nil || r.derpVars == nil {
-		return false
-	}
-	return r.replicas.Isolated(incomingMeshLinks(r.derpVars))
-}
-
-// incomingMeshLinks is how many peers' mesh clients watch this relay.
-func incomingMeshLinks(vars *metrics.Set) int {
-	f, ok := vars.Get("gauge_watchers").(expvar.Func)
-	if !ok {
-		return 0
-	}
-	n, _ := f.Value().(int)
-	return n
-}
-
 // checkStartupRules enforces the rule that needs the database: with the
 // DERP server enabled, a replica without a relay URL may not join a region
 // where other replicas live, because they could not mesh with it. It only
@@ -94,7 +69,7 @@ func (s *Server) checkStartupRules(ctx context.Context) error {
 	if !exists {
 		return nil
 	}
-	live, err := s.db.LiveReplicas(ctx, 3*s.cfg.ReplicaHeartbeatInterval)
+	live, err := s.db.LiveReplicas(ctx, time.Duration(StaleAfterBeats)*s.cfg.ReplicaHeartbeatInterval)
 	if err != nil {
 		return err
 	}
@@ -180,7 +155,7 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		TLSConfig:         tlsCfg,
 		Logger:            s.log.Named("replicasync"),
 		Registerer:        s.registry,
-		Clock:             replicasync.OffsetClock(quartz.NewReal(), s.cfg.DebugClockOffset),
+		Clock:             replicasync.OffsetClock(s.cfg.Clock, s.cfg.DebugClockOffset),
 	})
 	if err != nil {
 		return err
@@ -336,6 +311,10 @@ func (s *Server) watchMeshErrors(r *replication) {
 	}
 }
 
+// msgLeaveFailed is logged when Leave fails: peers then time the replica
+// out (see StaleAfterBeats).
+var msgLeaveFailed = fmt.Sprintf("could not mark this replica stopped; peers will drop it after %d heartbeats", StaleAfterBeats)
+
 // stopReplication leaves the cluster: marks the row stopped and announces
 // it, so peers drop this replica at once. Shutdown calls it only after the
 // grace period and after the listeners closed, so peers keep forwarding to
@@ -347,7 +326,7 @@ func (s *Server) stopReplication() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := s.repl.replicas.Leave(ctx); err != nil {
-		s.log.Warn("could not mark this replica stopped; peers will drop it after 3 heartbeats", zap.Error(err))
+		s.log.Warn(msgLeaveFailed, zap.Error(err))
 	}
 }
 
@@ -372,93 +351,4 @@ func (s *Server) closeReplication() {
 			_ = r.pubsub.Close()
 		}
 	})
-}
-
-// notReadyLogInterval is how often a replica that is not ready yet says
-// what it waits for.
-const notReadyLogInterval = 5 * time.Second
-
-// watchReady latches readiness once the replica is registered and meshed
-// both ways with every live regional peer it knows of: its own mesh link
-// to each peer is up (so it forwards its clients' packets to the peers'
-// clients), and each peer holds a mesh link to it (so the peers forward
-// their clients' packets to this replica's clients from the first client
-// a load balancer sends here). A peer that
-// learns of the join late (a lost notification) is waited for until its
-// next heartbeat's read finds it. Once ready, it stays ready until it
-// drains: a peer dying or a Postgres outage must not take every replica
-// out of the load balancer at once (isolated is the one exception).
-func (s *Server) watchReady() {
-	t := time.NewTicker(10 * time.Millisecond)
-	defer t.Stop()
-	start := time.Now()
-	lastLog := start
-	for range t.C {
-		if s.draining.Load() {
-			return
-		}
-		w := s.readiness()
-		if w.ready() {
-			s.ready.Store(true)
-			s.log.Info("replica is ready", zap.Duration("took", time.Since(start).Round(time.Millisecond)))
-			return
-		}
-		if time.Since(lastLog) >= notReadyLogInterval {
-			lastLog = time.Now()
-			s.log.Info("not ready yet: waiting for the mesh with peers, both ways",
-				zap.Bool("registered", w.registered), zap.Bool("peers_known", w.synced),
-				zap.Strings("meshing_with", w.outgoing), zap.Strings("waiting_for_links_from", w.incoming),
-				zap.Duration("waited", time.Since(start).Round(time.Second)))
-		}
-	}
-}
-
-// readinessState is what readiness still waits for.
-type readinessState struct {
-	registered bool     // joined the cluster (replica sync running)
-	synced     bool     // the mesh was given the peer set at least once
-	outgoing   []string // peers this replica's mesh link to is not up yet
-	incoming   []string // peers whose mesh link to this replica is not up yet
-}
-
-func (w readinessState) ready() bool {
-	return w.registered && w.synced && len(w.outgoing) == 0 && len(w.incoming) == 0
-}
-
-// readiness checks both directions of the mesh. A peer's mesh client
-// connects with the peer relay's own key (derpmesh dials with the
-// server's private key, in every release), which this replica's link to
-// the peer learned: the peer holds a link here when a client with that key
-// is connected to this relay.
-func (s *Server) readiness() readinessState {
-	r := s.repl
-	var w readinessState
-	if r == nil || r.replicas == nil {
-		return w
-	}
-	w.registered = true
-	if r.mesh == nil {
-		w.synced = true
-		return w
-	}
-	w.synced = r.meshSynced.Load()
-	hostByURL := map[string]string{}
-	for _, p := range r.replicas.Regional() {
-		hostByURL[strings.TrimSuffix(p.RelayAddress, "/")] = p.Hostname
-	}
-	name := func(url string) string {
-		if h := hostByURL[url]; h != "" {
-			return fmt.Sprintf("%s (%s)", h, url)
-		}
-		return url
-	}
-	for _, st := range r.mesh.Status() {
-		switch {
-		case st.State != derpmesh.StateConnected || st.ServerKey.IsZero():
-			w.outgoing = append(w.outgoing, name(st.URL))
-		case !s.derp.IsClientConnectedForTest(st.ServerKey):
-			w.incoming = append(w.incoming, name(st.URL))
-		}
-	}
-	return w
 }

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/coder/quartz"
 	"go.uber.org/zap"
 )
 
@@ -21,6 +22,7 @@ import (
 type certReloader struct {
 	certFile, keyFile string
 	checkEvery        time.Duration
+	clock             quartz.Clock
 	log               *zap.Logger
 
 	mu        sync.Mutex
@@ -56,7 +58,13 @@ func stampFiles(certFile, keyFile string) (fileStamp, error) {
 }
 
 // newCertReloader loads the pair once; an error here is a start-up error.
+// It paces its checks on the real clock (see newCertReloaderClock).
 func newCertReloader(certFile, keyFile string, checkEvery time.Duration, log *zap.Logger) (*certReloader, error) {
+	return newCertReloaderClock(certFile, keyFile, checkEvery, quartz.NewReal(), log)
+}
+
+// newCertReloaderClock is newCertReloader pacing its checks on clock.
+func newCertReloaderClock(certFile, keyFile string, checkEvery time.Duration, clock quartz.Clock, log *zap.Logger) (*certReloader, error) {
 	st, err := stampFiles(certFile, keyFile)
 	if err != nil {
 		return nil, err
@@ -65,16 +73,16 @@ func newCertReloader(certFile, keyFile string, checkEvery time.Duration, log *za
 	if err != nil {
 		return nil, err
 	}
-	return &certReloader{certFile: certFile, keyFile: keyFile, checkEvery: checkEvery, log: log,
-		cert: &cert, loaded: st, lastCheck: time.Now()}, nil
+	return &certReloader{certFile: certFile, keyFile: keyFile, checkEvery: checkEvery, clock: clock, log: log,
+		cert: &cert, loaded: st, lastCheck: clock.Now()}, nil
 }
 
 // GetCertificate is the tls.Config hook.
 func (r *certReloader) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if time.Since(r.lastCheck) >= r.checkEvery {
-		r.lastCheck = time.Now()
+	if r.clock.Since(r.lastCheck) >= r.checkEvery {
+		r.lastCheck = r.clock.Now()
 		r.maybeReloadLocked()
 	}
 	return r.cert, nil

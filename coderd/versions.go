@@ -97,7 +97,7 @@ func versionCounts(groups []versionGroup) string {
 // health warning are computed on demand).
 func (s *Server) watchVersions(r *replication) {
 	defer r.watchDone.Done()
-	t := time.NewTicker(time.Second)
+	t := s.cfg.Clock.NewTicker(time.Second, "watchVersions")
 	defer t.Stop()
 	mixed := false
 	last := ""
@@ -130,7 +130,7 @@ func (s *Server) watchVersions(r *replication) {
 // rather than serve on a schema it may no longer work with.
 func (s *Server) watchSchema(r *replication) {
 	defer r.watchDone.Done()
-	t := time.NewTicker(schemaCheckInterval)
+	t := s.cfg.Clock.NewTicker(schemaCheckInterval, "watchSchema")
 	defer t.Stop()
 	for {
 		select {

@@ -13,7 +13,7 @@ import (
 	"github.com/coder-ha/coder/internal/wait"
 )
 
-func TestMain(m *testing.M) { dbtest.Main(m) }
+func TestMain(m *testing.M) { dbtest.MainLeakChecked(m) }
 
 // Ten replicas starting at once on an empty database each run Migrate; every
 // migration is applied exactly once and nobody fails.

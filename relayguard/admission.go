@@ -78,12 +78,12 @@ func (g *Guard) askWebhook(k admitKey) bool {
 // the webhook's health, and returns it; err is the webhook's failure
 // (nothing cached then). Ending ctx abandons the call.
 func (g *Guard) askCtx(ctx context.Context, k admitKey) (allow bool, err error) {
-	start := time.Now()
+	start := g.clock.Now()
 	allow, err = g.callWebhook(ctx, k)
 	if ctx.Err() != nil {
 		return false, ctx.Err()
 	}
-	g.m.webhookSeconds.Observe(time.Since(start).Seconds())
+	g.m.webhookSeconds.Observe(g.clock.Since(start).Seconds())
 	if err != nil {
 		g.m.webhookErrors.Inc()
 		g.setHealthy(false, err)

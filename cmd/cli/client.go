@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/coder-ha/coder/coderd"
+	"github.com/coder-ha/coder/wire"
 )
 
 // clientFlags are the flags every client command takes.
@@ -50,12 +51,12 @@ func (c *clientFlags) validate() error {
 func (c *clientFlags) get(ctx context.Context, path string, v any) error {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(c.url, "/")+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, wire.JoinPath(c.url, path), nil)
 	if err != nil {
 		return err
 	}
 	if c.token != "" {
-		req.Header.Set("Coder-Session-Token", c.token)
+		req.Header.Set(wire.SessionTokenHeader, c.token)
 	}
 	resp, err := apiClient.Do(req)
 	if err != nil {
@@ -89,7 +90,7 @@ var apiClient = &http.Client{CheckRedirect: func(req *http.Request, via []*http.
 		return fmt.Errorf("stopped after %d redirects", len(via))
 	}
 	if !sameOrigin(req.URL, via[0].URL) {
-		req.Header.Del("Coder-Session-Token")
+		req.Header.Del(wire.SessionTokenHeader)
 		req.Header.Del("Authorization")
 	}
 	return nil

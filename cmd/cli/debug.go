@@ -20,6 +20,7 @@ import (
 	"tailscale.com/types/logger"
 
 	"github.com/coder-ha/coder/coderd"
+	"github.com/coder-ha/coder/wire"
 )
 
 func newDebugCmd() *cobra.Command {
@@ -147,7 +148,7 @@ func measureMesh(ctx context.Context, replicas []coderd.Replica, timeout time.Du
 			continue
 		}
 		priv := key.NewNode()
-		client, err := derphttp.NewClient(priv, strings.TrimSuffix(r.RelayAddress, "/")+"/derp", logger.Discard, netmon.NewStatic())
+		client, err := derphttp.NewClient(priv, wire.JoinPath(r.RelayAddress, wire.DERPPath), logger.Discard, netmon.NewStatic())
 		if err != nil {
 			broken[r.ID] = err.Error()
 			continue

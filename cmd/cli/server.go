@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -15,7 +16,6 @@ import (
 	"github.com/coder-ha/coder/coderd"
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/postgres"
-	"github.com/coder-ha/coder/relayguard"
 )
 
 func newServerCmd() *cobra.Command {
@@ -37,9 +37,12 @@ built-in Postgres is started in --cache-dir.`,
 			return runServer(cmd, cfg, verbose, logJSON)
 		},
 	}
+	// Every default comes from the package that owns it, through
+	// coderd.DefaultConfig.
+	def := coderd.DefaultConfig()
 	f := cmd.Flags()
 	pf := cmd.PersistentFlags()
-	f.StringVar(&cfg.HTTPAddress, "http-address", "127.0.0.1:3000", "Listen address; *:80 and :80 mean all interfaces")
+	f.StringVar(&cfg.HTTPAddress, "http-address", def.HTTPAddress, "Listen address; *:80 and :80 mean all interfaces")
 	bindEnv(f, "http-address", "CODER_HTTP_ADDRESS", "CODER_ADDRESS")
 	f.StringVar(&cfg.AccessURL, "access-url", "", "The public URL, normally the load balancer (default http:// + the listen address)")
 	bindEnv(f, "access-url", "CODER_ACCESS_URL")
@@ -47,29 +50,29 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(pf, "postgres-url", "CODER_PG_CONNECTION_URL")
 	pf.StringVar(&cfg.PostgresURLFile, "postgres-url-file", "", "A file holding the Postgres URL, read again whenever a connection is opened (a rotated Secret applies without a restart); not with --postgres-url")
 	bindEnv(pf, "postgres-url-file", "CODER_PG_CONNECTION_URL_FILE")
-	f.StringVar(&cfg.PostgresPubsub, "postgres-pubsub", "auto", "How replicas hear of each other: listen (LISTEN/NOTIFY), poll (read the replicas table every second; for PgBouncer transaction pooling) or auto")
+	f.StringVar(&cfg.PostgresPubsub, "postgres-pubsub", def.PostgresPubsub, "How replicas hear of each other: listen (LISTEN/NOTIFY), poll (read the replicas table every second; for PgBouncer transaction pooling) or auto")
 	bindEnv(f, "postgres-pubsub", "CODER_POSTGRES_PUBSUB")
-	pf.StringVar(&cfg.CacheDir, "cache-dir", coderd.DefaultCacheDir(), "Where the built-in Postgres keeps its data")
+	pf.StringVar(&cfg.CacheDir, "cache-dir", def.CacheDir, "Where the built-in Postgres keeps its data")
 	bindEnv(pf, "cache-dir", "CODER_CACHE_DIRECTORY")
-	f.BoolVar(&cfg.DERPServerEnable, "derp-server-enable", true, "Run the embedded DERP relay at /derp")
+	f.BoolVar(&cfg.DERPServerEnable, "derp-server-enable", def.DERPServerEnable, "Run the embedded DERP relay at /derp")
 	bindEnv(f, "derp-server-enable", "CODER_DERP_SERVER_ENABLE")
 	f.StringVar(&cfg.DERPServerRelayURL, "derp-server-relay-url", "", "How peer replicas reach THIS replica directly, e.g. http://10.0.0.1:80")
 	bindEnv(f, "derp-server-relay-url", "CODER_DERP_SERVER_RELAY_URL")
-	f.IntVar(&cfg.DERPServerRegionID, "derp-server-region-id", 999, "Region of the embedded relay; replicas mesh only within a region")
+	f.IntVar(&cfg.DERPServerRegionID, "derp-server-region-id", def.DERPServerRegionID, "Region of the embedded relay; replicas mesh only within a region")
 	bindEnv(f, "derp-server-region-id", "CODER_DERP_SERVER_REGION_ID")
-	f.StringVar(&cfg.DERPServerRegionCode, "derp-server-region-code", "coder", "Region code in the DERP map")
+	f.StringVar(&cfg.DERPServerRegionCode, "derp-server-region-code", def.DERPServerRegionCode, "Region code in the DERP map")
 	bindEnv(f, "derp-server-region-code", "CODER_DERP_SERVER_REGION_CODE")
-	f.StringVar(&cfg.DERPServerRegionName, "derp-server-region-name", "Coder Embedded Relay", "Region name in the DERP map")
+	f.StringVar(&cfg.DERPServerRegionName, "derp-server-region-name", def.DERPServerRegionName, "Region name in the DERP map")
 	bindEnv(f, "derp-server-region-name", "CODER_DERP_SERVER_REGION_NAME")
 	f.StringVar(&cfg.DERPServerVerifyClientURL, "derp-server-verify-client-url", "", "Admission webhook (tailscale's DERPAdmitClientRequest format, e.g. headscale's /verify); when set only admitted clients may use the relay")
 	bindEnv(f, "derp-server-verify-client-url", "CODER_DERP_SERVER_VERIFY_CLIENT_URL")
 	f.BoolVar(&cfg.DERPServerVerifyClientURLFailOpen, "derp-server-verify-client-url-fail-open", false, "Admit new clients while the admission webhook cannot be reached (a relay that fails open is an open relay)")
 	bindEnv(f, "derp-server-verify-client-url-fail-open", "CODER_DERP_SERVER_VERIFY_CLIENT_URL_FAIL_OPEN")
-	f.DurationVar(&cfg.DERPServerVerifyClientInterval, "derp-server-verify-client-interval", relayguard.DefaultVerifyInterval, "Verify connected DERP clients with the webhook again at this interval (spread over it) and disconnect those it now refuses; 0: never")
+	f.DurationVar(&cfg.DERPServerVerifyClientInterval, "derp-server-verify-client-interval", def.DERPServerVerifyClientInterval, "Verify connected DERP clients with the webhook again at this interval (spread over it) and disconnect those it now refuses; 0: never")
 	bindEnv(f, "derp-server-verify-client-interval", "CODER_DERP_SERVER_VERIFY_CLIENT_INTERVAL")
-	f.IntVar(&cfg.DERPServerMaxConnections, "derp-server-max-connections", relayguard.DefaultMaxConnections, "DERP client connections one replica holds at once (mesh connections never count); -1: no cap")
+	f.IntVar(&cfg.DERPServerMaxConnections, "derp-server-max-connections", def.DERPServerMaxConnections, "DERP client connections one replica holds at once (mesh connections never count); -1: no cap")
 	bindEnv(f, "derp-server-max-connections", "CODER_DERP_SERVER_MAX_CONNECTIONS")
-	f.Float64Var(&cfg.DERPServerAcceptRate, "derp-server-accept-rate", relayguard.DefaultAcceptRate, "New DERP client connections accepted per second per replica (burst: twice that); -1: no limit")
+	f.Float64Var(&cfg.DERPServerAcceptRate, "derp-server-accept-rate", def.DERPServerAcceptRate, "New DERP client connections accepted per second per replica (burst: twice that); -1: no limit")
 	bindEnv(f, "derp-server-accept-rate", "CODER_DERP_SERVER_ACCEPT_RATE")
 	f.Float64Var(&cfg.DERPServerAcceptRatePerIP, "derp-server-accept-rate-per-ip", 0, "New DERP client connections accepted per second per client IP (burst: twice that); 0: off")
 	bindEnv(f, "derp-server-accept-rate-per-ip", "CODER_DERP_SERVER_ACCEPT_RATE_PER_IP")
@@ -79,19 +82,19 @@ built-in Postgres is started in --cache-dir.`,
 	bindEnv(f, "derp-config-path", "CODER_DERP_CONFIG_PATH")
 	f.StringVar(&cfg.DERPMeshCAFile, "derp-server-mesh-ca-file", "", "PEM CA bundle trusted for peers' https relay URLs, besides the system roots")
 	bindEnv(f, "derp-server-mesh-ca-file", "CODER_DERP_SERVER_MESH_CA_FILE")
-	f.DurationVar(&cfg.ReplicaHeartbeatInterval, "replica-heartbeat-interval", 5*time.Second, "Heartbeat interval; a replica not heard from in 3 intervals is dead")
+	f.DurationVar(&cfg.ReplicaHeartbeatInterval, "replica-heartbeat-interval", def.ReplicaHeartbeatInterval, fmt.Sprintf("Heartbeat interval; a replica not heard from in %d intervals is dead", coderd.StaleAfterBeats))
 	bindEnv(f, "replica-heartbeat-interval", "CODER_REPLICA_HEARTBEAT_INTERVAL")
-	f.DurationVar(&cfg.ReplicaLatencyThreshold, "replica-latency-threshold", 10*time.Millisecond, "Warn when a peer or the database is slower than this")
+	f.DurationVar(&cfg.ReplicaLatencyThreshold, "replica-latency-threshold", def.ReplicaLatencyThreshold, "Warn when a peer or the database is slower than this")
 	bindEnv(f, "replica-latency-threshold", "CODER_REPLICA_LATENCY_THRESHOLD")
 	f.DurationVar(&cfg.ShutdownGracePeriod, "shutdown-grace-period", 0, "After SIGTERM, fail /readyz this long before closing listeners")
 	bindEnv(f, "shutdown-grace-period", "CODER_SHUTDOWN_GRACE_PERIOD")
 	f.BoolVar(&cfg.PrometheusEnable, "prometheus-enable", false, "Serve /metrics on --prometheus-address")
 	bindEnv(f, "prometheus-enable", "CODER_PROMETHEUS_ENABLE")
-	f.StringVar(&cfg.PrometheusAddress, "prometheus-address", "127.0.0.1:2112", "Where /metrics listens")
+	f.StringVar(&cfg.PrometheusAddress, "prometheus-address", def.PrometheusAddress, "Where /metrics listens")
 	bindEnv(f, "prometheus-address", "CODER_PROMETHEUS_ADDRESS")
 	f.BoolVar(&cfg.TLSEnable, "tls-enable", false, "Serve HTTPS on --tls-address")
 	bindEnv(f, "tls-enable", "CODER_TLS_ENABLE")
-	f.StringVar(&cfg.TLSAddress, "tls-address", "127.0.0.1:3443", "HTTPS listen address")
+	f.StringVar(&cfg.TLSAddress, "tls-address", def.TLSAddress, "HTTPS listen address")
 	bindEnv(f, "tls-address", "CODER_TLS_ADDRESS")
 	f.StringVar(&cfg.TLSCertFile, "tls-cert-file", "", "PEM certificate for HTTPS")
 	bindEnv(f, "tls-cert-file", "CODER_TLS_CERT_FILE")
@@ -116,12 +119,18 @@ func runServer(cmd *cobra.Command, cfg coderd.Config, verbose, logJSON bool) err
 	log := newLogger(cmd.ErrOrStderr(), verbose, logJSON)
 	defer func() { _ = log.Sync() }()
 
+	// The signal watchers below end with ctx or shutdownCtx, cancelled
+	// by the deferred calls, which run before this wait.
+	var watchers sync.WaitGroup
+	defer watchers.Wait()
 	ctx, cancel := context.WithCancel(cmd.Context())
 	defer cancel()
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
+	watchers.Add(1)
 	go func() {
+		defer watchers.Done()
 		select {
 		case <-sigs:
 			cancel() // a signal during start-up aborts it
@@ -152,7 +161,9 @@ func runServer(cmd *cobra.Command, cfg coderd.Config, verbose, logJSON bool) err
 	}
 	shutdownCtx, skipGrace := context.WithCancel(context.Background())
 	defer skipGrace()
+	watchers.Add(1)
 	go func() {
+		defer watchers.Done()
 		select {
 		case <-sigs:
 			skipGrace()

@@ -3,8 +3,8 @@
 // by CODER_TEST_PG_URL), a template database migrated once, and a new
 // database cloned from it per test.
 //
-// Packages that use it call dbtest.Main from TestMain so the cluster is
-// stopped and removed when the tests end.
+// Packages that use it call dbtest.Main (or MainLeakChecked) from TestMain
+// so the cluster is stopped and removed when the tests end.
 package dbtest
 
 import (
@@ -23,6 +23,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"go.uber.org/goleak"
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/postgres"
@@ -46,6 +47,22 @@ var (
 func Main(m *testing.M) {
 	code := m.Run()
 	Shutdown()
+	os.Exit(code)
+}
+
+// MainLeakChecked is Main, failing the package when its tests leave a
+// goroutine running (goleak): every goroutine must have an owner that
+// stops and waits for it. opts ignore goroutines the package does not own
+// (a library's background worker).
+func MainLeakChecked(m *testing.M, opts ...goleak.Option) {
+	code := m.Run()
+	Shutdown()
+	if code == 0 {
+		if err := goleak.Find(opts...); err != nil {
+			fmt.Fprintf(os.Stderr, "goleak: goroutines left running after the tests: %v\n", err)
+			code = 1
+		}
+	}
 	os.Exit(code)
 }
 

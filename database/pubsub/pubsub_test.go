@@ -16,7 +16,7 @@ import (
 	"github.com/coder-ha/coder/internal/wait"
 )
 
-func TestMain(m *testing.M) { dbtest.Main(m) }
+func TestMain(m *testing.M) { dbtest.MainLeakChecked(m) }
 
 // recorder collects what a listener is given.
 type recorder struct {

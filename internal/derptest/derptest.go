@@ -8,7 +8,6 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -19,6 +18,8 @@ import (
 	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
+
+	"github.com/coder-ha/coder/wire"
 )
 
 // Client is one DERP client connected to one relay, with a receive loop
@@ -45,7 +46,7 @@ func Connect(ctx context.Context, relayURL string) (*Client, error) {
 // ConnectWithKey is Connect with a given node key, so a test can reconnect
 // as the same client (as a real node does after a network change).
 func ConnectWithKey(ctx context.Context, relayURL string, priv key.NodePrivate) (*Client, error) {
-	c, err := derphttp.NewClient(priv, strings.TrimSuffix(relayURL, "/")+"/derp", logger.Discard, netmon.NewStatic())
+	c, err := derphttp.NewClient(priv, wire.JoinPath(relayURL, wire.DERPPath), logger.Discard, netmon.NewStatic())
 	if err != nil {
 		return nil, err
 	}
