@@ -368,23 +368,25 @@ const floorCheckPatience = 30 * time.Second
 // out: at a mass start Postgres answers slowly) for floorCheckPatience. A
 // *database.TooOldError is returned at once.
 func (s *Server) checkSchemaFloorAtStart(ctx context.Context) error {
-	deadline := time.Now().Add(floorCheckPatience)
+	deadline := s.cfg.Clock.Now().Add(floorCheckPatience)
 	pause := 250 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := s.db.CheckSchemaFloor(actx, s.cfg.Version, s.schema.Load().Known)
 		cancel()
 		var tooOld *database.TooOldError
-		if err == nil || errors.As(err, &tooOld) || ctx.Err() != nil || time.Now().Add(pause).After(deadline) {
+		if err == nil || errors.As(err, &tooOld) || ctx.Err() != nil || s.cfg.Clock.Now().Add(pause).After(deadline) {
 			return err
 		}
 		if attempt == 1 {
 			s.log.Warn("cannot read the schema floor yet; trying again", zap.Error(err))
 		}
+		t := s.cfg.Clock.NewTimer(pause, "schemaFloor", "retry")
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return err
-		case <-time.After(pause):
+		case <-t.C:
 		}
 		pause = min(2*pause, 2*time.Second)
 	}

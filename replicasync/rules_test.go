@@ -561,7 +561,6 @@ func runPartialRound(t *testing.T, c *memCluster, a *replicasync.Manager, urls [
 	return offsets, probed
 }
 
-
 // Probes are spread over the heartbeat interval, each peer at its own
 // offset, rather than all at the instant of the beat.
 func TestProbesAreSpreadOverTheInterval(t *testing.T) {

@@ -198,7 +198,7 @@ type fleetOutcome struct {
 	// wakeups: context switches per second per replica over the idle
 	// window, all threads (each is the process woken for something).
 	wakeups float64
-	notes             map[string]string
+	notes   map[string]string
 }
 
 // fleetBound bounds each convergence phase of a fleet: past it the row
