@@ -140,12 +140,12 @@ func (s *Server) watchSchema(r *replication) {
 		}
 		ctx, cancel := context.WithTimeout(r.ctx, 10*time.Second)
 		var tooOld *database.TooOldError
-		if err := s.db.CheckSchemaFloor(ctx, s.cfg.Version, s.schema.Load().Known); errors.As(err, &tooOld) {
+		newest, err := s.db.WatchSchema(ctx, s.cfg.Version, s.schema.Load().Known)
+		if errors.As(err, &tooOld) {
 			cancel()
 			s.fail(err)
 			return
 		}
-		newest, err := s.db.NewestSchemaVersion(ctx)
 		if err == nil && newest != s.schema.Load().Found {
 			var st database.SchemaStatus
 			if st, err = s.db.SchemaStatus(ctx, database.MigrateOptions{}); err == nil {

@@ -97,16 +97,29 @@ func (db *DB) SchemaStatus(ctx context.Context, opts MigrateOptions) (SchemaStat
 	return db.schemaStatus(ctx, o)
 }
 
-// NewestSchemaVersion is the newest expand version applied (0 before the
-// first migration): one cheap query, for replicas that watch whether a
-// newer release migrated under them.
-func (db *DB) NewestSchemaVersion(ctx context.Context) (int64, error) {
-	var v int64
-	err := db.pool.QueryRow(ctx, `SELECT COALESCE(max(version_id), 0) FROM goose_db_version WHERE is_applied`).Scan(&v)
+// WatchSchema reads the newest applied expand version and the schema
+// floor in one statement, for a running replica's periodic check (one query per check
+// keeps a replica's statements per heartbeat low at any fleet size). It
+// returns the newest applied version, and a *TooOldError when the floor
+// is above known.
+func (db *DB) WatchSchema(ctx context.Context, release string, known int64) (int64, error) {
+	var newest int64
+	var floor, floorRelease *string
+	err := db.pool.QueryRow(ctx, `SELECT
+	(SELECT COALESCE(max(version_id), 0) FROM goose_db_version WHERE is_applied),
+	(SELECT value FROM site_configs WHERE key = $1),
+	(SELECT value FROM site_configs WHERE key = $2)`, keyMinSchemaVersion, keyMinRelease).Scan(&newest, &floor, &floorRelease)
 	if err != nil {
-		return 0, fmt.Errorf("read the schema version: %w", err)
+		return 0, fmt.Errorf("read the schema version and floor: %w", err)
 	}
-	return v, nil
+	st := SchemaStatus{Known: known}
+	if floor != nil {
+		st.MinSchema, _ = strconv.ParseInt(*floor, 10, 64)
+	}
+	if floorRelease != nil {
+		st.MinRelease = *floorRelease
+	}
+	return newest, st.allows(release)
 }
 
 // CheckSchemaFloor returns a *TooOldError when a finalized contract step
