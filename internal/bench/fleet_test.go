@@ -212,7 +212,7 @@ const fleetBound = 4 * time.Minute
 //     (each replica polled in turn, about every 200 ms);
 //   - listing: from then until every replica's GET /api/v2/replicas lists
 //     n (polled by four workers);
-//   - after one more beat, over an idle window: the CPU of the replicas
+//   - after one more beat and a whole probe cycle (⌈(N−1)/10⌉ beats), over an idle window: the CPU of the replicas
 //     and of Postgres (/proc), statements and transactions per beat per
 //     replica (pg_stat_statements, pg_stat_database), and then RSS per
 //     replica;
@@ -341,7 +341,13 @@ func fleetAs(t *testing.T, s *statsPostgres, n int, tag string) fleetOutcome {
 	out.notes["listing"] = strings.TrimPrefix(out.notes["listing"]+"; load average "+loadavg(), "; ")
 	<-startProfile
 
-	time.Sleep(6 * time.Second) // one more beat: start-up traffic is over
+	// Idle means settled: one more beat for start-up traffic, and a whole
+	// probe cycle (10 peers sampled per 5 s beat: ⌈(N−1)/10⌉ beats), so
+	// that what a loaded cold start measured (peers unreachable or slow
+	// while the machine was saturated) has been measured again and its
+	// warnings cleared; until then each clearing is a write.
+	settle := time.Duration(max(1, (n-1+9)/10))*5*time.Second + time.Second
+	time.Sleep(max(6*time.Second, settle))
 	var pids []int
 	for _, node := range c.Nodes {
 		if !node.Exited() {
