@@ -97,7 +97,9 @@ func versionCounts(groups []versionGroup) string {
 // health warning are computed on demand).
 func (s *Server) watchVersions(r *replication) {
 	defer r.watchDone.Done()
-	t := s.cfg.Clock.NewTicker(time.Second, "watchVersions")
+	// Once per heartbeat: membership changes with beats and announcements,
+	// and a wakeup a second per replica is a cost the whole fleet pays.
+	t := s.cfg.Clock.NewTicker(s.cfg.ReplicaHeartbeatInterval, "watchVersions")
 	defer t.Stop()
 	mixed := false
 	last := ""
