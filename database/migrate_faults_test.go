@@ -150,18 +150,7 @@ func TestAMigratorWaitsForTheIndexBuildAKilledOneLeftRunning(t *testing.T) {
 	killed := connect(t, proxied)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	shipped, err := migrations.Expand()
-	if err != nil {
-		t.Fatal(err)
-	}
-	idx, err := migrations.Parse("90200_hostname_index.sql", migrations.KindExpand, []byte(`-- +goose NO TRANSACTION
--- +goose Up
-CREATE INDEX CONCURRENTLY IF NOT EXISTS replicas_hostname_idx ON replicas (hostname);
-`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	files := append(shipped, idx)
+	files := withHostnameIndex(t, "90200_hostname_index.sql")
 
 	// An old snapshot the build must wait for.
 	snap, err := direct.Pool().Begin(ctx)
@@ -235,6 +224,24 @@ CREATE INDEX CONCURRENTLY IF NOT EXISTS replicas_hostname_idx ON replicas (hostn
 		t.Errorf("the index the killed migrator's build finished was dropped and built again (oid %d, then %d)", building, oid)
 	}
 	assertEachAppliedOnce(t, direct, files)
+}
+
+// withHostnameIndex is the shipped expand migrations and, named name, a
+// NO TRANSACTION one building replicas_hostname_idx concurrently.
+func withHostnameIndex(t *testing.T, name string) []migrations.File {
+	t.Helper()
+	shipped, err := migrations.Expand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := migrations.Parse(name, migrations.KindExpand, []byte(`-- +goose NO TRANSACTION
+-- +goose Up
+CREATE INDEX CONCURRENTLY IF NOT EXISTS replicas_hostname_idx ON replicas (hostname);
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(shipped, idx)
 }
 
 func rollbackTx(tx interface{ Rollback(context.Context) error }) {
@@ -390,18 +397,7 @@ func TestAnIndexBuildAndTheOldReleaseOrAFinalizeStartingDuringItAllFinish(t *tes
 	db := connect(t, url)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	shipped, err := migrations.Expand()
-	if err != nil {
-		t.Fatal(err)
-	}
-	idx, err := migrations.Parse("90201_hostname_index.sql", migrations.KindExpand, []byte(`-- +goose NO TRANSACTION
--- +goose Up
-CREATE INDEX CONCURRENTLY IF NOT EXISTS replicas_hostname_idx ON replicas (hostname);
-`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	files := append(shipped, idx)
+	files := withHostnameIndex(t, "90201_hostname_index.sql")
 
 	// A writer's open transaction holds the build in its first phase
 	// (waiting for writers), before it lists the snapshots it will wait
