@@ -37,31 +37,6 @@ func TestHAProxyExampleConfigIsValid(t *testing.T) {
 	}
 }
 
-// haproxyConfig is the documented example's pattern on loopback: round
-// robin, readiness checks on /readyz, a long tunnel timeout for DERP.
-const haproxyConfig = `
-global
-    maxconn 2000
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    timeout tunnel 1h
-    timeout http-keep-alive 5s
-    retries 3
-    option redispatch
-    retry-on conn-failure empty-response response-timeout
-frontend coder
-    bind 127.0.0.1:%d
-    default_backend coder
-backend coder
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 250ms fall 2 rise 2
-%s`
-
 // Three replicas behind real HAProxy, restarted one after the other
 // (SIGTERM, start again) while HTTP requests and two DERP clients keep
 // going through the load balancer: no HTTP request fails, and the DERP
@@ -92,7 +67,7 @@ func TestRollingRestartBehindHAProxyLosesNoRequests(t *testing.T) {
 	}
 
 	lbPort := clitest.FreePort(t)
-	startHAProxy(t, haproxy, fmt.Sprintf(haproxyConfig, lbPort, servers.String()))
+	startHAProxy(t, haproxy, clitest.HAProxyConfig(lbPort, 0, servers.String()))
 	lbURL := "http://127.0.0.1:" + strconv.Itoa(lbPort)
 	lbProc := &clitest.Process{URL: lbURL}
 	if !clitest.Eventually(10*time.Second, func() bool { return lbProc.Status("/readyz") == http.StatusOK }) {

@@ -407,7 +407,7 @@ func startLoadBalancer(t testing.TB, haproxy string, oldPorts, newPorts []int) s
 		fmt.Fprintf(&servers, "    server new-%d 127.0.0.1:%d check\n", i+1, p)
 	}
 	lbPort, statsPort := clitest.FreePort(t), clitest.FreePort(t)
-	clitest.StartHAProxy(t, haproxy, fmt.Sprintf(haproxyConfig, lbPort, statsPort, servers.String()))
+	clitest.StartHAProxy(t, haproxy, clitest.HAProxyConfig(lbPort, statsPort, servers.String()))
 	statsURL := fmt.Sprintf("http://127.0.0.1:%d/stats;csv", statsPort)
 	ok := wait.Until(30*time.Second, func() bool {
 		st := serverStates(statsURL)
@@ -428,35 +428,6 @@ func startLoadBalancer(t testing.TB, haproxy string, oldPorts, newPorts []int) s
 	}
 	return "http://127.0.0.1:" + strconv.Itoa(lbPort)
 }
-
-// haproxyConfig is docs/examples/haproxy.cfg's pattern on loopback, with
-// a stats page to see which servers are up.
-const haproxyConfig = `
-global
-    maxconn 2000
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    timeout tunnel 1h
-    timeout http-keep-alive 5s
-    retries 3
-    option redispatch
-    retry-on conn-failure empty-response response-timeout
-frontend coder
-    bind 127.0.0.1:%d
-    default_backend coder
-listen stats
-    bind 127.0.0.1:%d
-    stats enable
-    stats uri /stats
-backend coder
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 250ms fall 2 rise 2
-%s`
 
 // serverStates reads HAProxy's CSV stats: server name → status.
 func serverStates(statsURL string) map[string]string {
