@@ -57,31 +57,9 @@ func connect(t *testing.T, url string) *database.DB {
 	return db
 }
 
-// appliedCounts is how many times goose_db_version records each version.
-func appliedCounts(t *testing.T, db *database.DB) map[int64]int {
-	t.Helper()
-	rows, err := db.Pool().Query(context.Background(), "SELECT version_id, count(*) FROM goose_db_version WHERE is_applied GROUP BY version_id")
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[int64]int{}
-	for rows.Next() {
-		var v int64
-		var n int
-		if err := rows.Scan(&v, &n); err != nil {
-			t.Fatal(err)
-		}
-		out[v] = n
-	}
-	if err := rows.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
 func assertEachAppliedOnce(t *testing.T, db *database.DB, files []migrations.File) {
 	t.Helper()
-	counts := appliedCounts(t, db)
+	counts := dbtest.AppliedCounts(t, db.Pool())
 	for _, f := range files {
 		if counts[f.Version] != 1 {
 			t.Errorf("migration %s recorded %d times, want once", f.Name, counts[f.Version])
@@ -203,11 +181,11 @@ func TestPreviousReleaseStartsOnTheNewSchema(t *testing.T) {
 	if _, err := db.MigrateWith(ctx, database.MigrateOptions{Expand: expand}); err != nil {
 		t.Fatal(err)
 	}
-	before := appliedCounts(t, db)
+	before := dbtest.AppliedCounts(t, db.Pool())
 	if err := previousReleaseMigrate(ctx, db); err != nil {
 		t.Fatalf("the previous release's migrate fails on the new schema: %v", err)
 	}
-	if after := appliedCounts(t, db); fmt.Sprint(after) != fmt.Sprint(before) {
+	if after := dbtest.AppliedCounts(t, db.Pool()); fmt.Sprint(after) != fmt.Sprint(before) {
 		t.Fatalf("the previous release changed the recorded versions: %v → %v", before, after)
 	}
 }

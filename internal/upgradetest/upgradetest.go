@@ -627,19 +627,6 @@ func appliedCounts(t testing.TB, pg string) map[int64]int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close(ctx)
-	rows, err := c.Query(ctx, `SELECT version_id, count(*) FROM goose_db_version WHERE is_applied GROUP BY version_id`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[int64]int{}
-	for rows.Next() {
-		var v int64
-		var n int
-		if err := rows.Scan(&v, &n); err != nil {
-			t.Fatal(err)
-		}
-		out[v] = n
-	}
-	return out
+	defer c.Close(context.Background())
+	return dbtest.AppliedCounts(t, c)
 }
