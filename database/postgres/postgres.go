@@ -129,10 +129,14 @@ type Cluster struct {
 	data     string              // PGDATA
 	lock     *os.File
 
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{} // closed when cmd exits
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	done   chan struct{} // closed when cmd exits
+	closed bool          // Close was called: Start refuses
 }
+
+// errClosed is Start's answer after Close.
+var errClosed = errors.New("postgres: the cluster is closed")
 
 // New prepares the cluster in opts.Dir: takes the directory's lock (so two
 // servers never run one data directory), runs initdb on first use, and

@@ -18,10 +18,14 @@ import (
 )
 
 // Start starts the server and waits until it accepts connections, creating
-// the database on first start.
+// the database on first start. After Close it fails: the data directory
+// is no longer this cluster's.
 func (c *Cluster) Start(ctx context.Context) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.closed {
+		return errClosed
+	}
 	if c.cmd != nil {
 		return nil
 	}
@@ -178,10 +182,14 @@ func (c *Cluster) stopLocked() error {
 	return errors.New("postgres: server did not stop")
 }
 
-// Close stops the server and releases the data directory.
+// Close stops the server, waits for it and releases the data directory.
+// It is safe to call more than once, also concurrently.
 func (c *Cluster) Close() error {
-	err := c.Stop()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	err := c.stopLocked()
 	c.releaseLock()
+	c.closed = true
 	return err
 }
 
