@@ -17,7 +17,7 @@ import (
 	"github.com/coder-ha/coder/internal/clitest"
 )
 
-func TestMain(m *testing.M) { dbtest.Main(m) }
+func TestMain(m *testing.M) { dbtest.MainLeakChecked(m) }
 
 func getJSON(t *testing.T, u string, v any) {
 	t.Helper()
