@@ -235,7 +235,10 @@ func newCreateTokenCmd(cfg *coderd.Config, verbose, logJSON *bool) *cobra.Comman
 				return &exitError{code: 1, msg: err.Error()}
 			}
 			defer closeDB()
-			if err := db.Migrate(ctx, nil); err != nil {
+			// The release is recorded with the schema, as `server` and
+			// `server migrate` do: an older replica then names which
+			// release its newer schema came from.
+			if _, err := db.MigrateWith(ctx, database.MigrateOptions{Release: Version}); err != nil {
 				return &exitError{code: 1, msg: err.Error()}
 			}
 			token, err := db.CreateAPIKey(ctx, name)
