@@ -209,7 +209,7 @@ func (s *Server) openPubsub(ctx context.Context) (*pubsub.Pubsub, error) {
 		s.log.Info("replica sync mode chosen", zap.String("mode", "poll"), zap.String("reason", "--postgres-pubsub=poll"))
 		return nil, nil
 	}
-	ps, err := pubsub.New(ctx, s.db, pubsub.Options{Logger: s.log.Named("pubsub"), Registerer: s.registry})
+	ps, err := pubsub.New(ctx, s.db, pubsub.Options{Logger: s.log.Named("pubsub"), Registerer: s.registry, Clock: s.cfg.Clock})
 	if err != nil {
 		if mode == PubsubAuto {
 			s.log.Warn("replica sync mode chosen", zap.String("mode", "poll"), zap.String("reason", "LISTEN failed"), zap.Error(err))
@@ -221,7 +221,7 @@ func (s *Server) openPubsub(ctx context.Context) (*pubsub.Pubsub, error) {
 		s.log.Info("replica sync mode chosen", zap.String("mode", "listen"), zap.String("reason", "--postgres-pubsub=listen"))
 		return ps, nil
 	}
-	if err := selfTestPubsub(ctx, ps, 2*time.Second); err != nil {
+	if err := s.selfTestPubsub(ctx, ps, 2*time.Second); err != nil {
 		_ = ps.Close()
 		s.log.Warn("replica sync mode chosen", zap.String("mode", "poll"),
 			zap.String("reason", "a notification sent through the pool did not arrive on the LISTEN connection (PgBouncer in transaction pooling?)"), zap.Error(err))
@@ -234,7 +234,7 @@ func (s *Server) openPubsub(ctx context.Context) (*pubsub.Pubsub, error) {
 // selfTestPubsub publishes a random payload on a probe channel and waits
 // for it to come back on the LISTEN connection. It publishes again every
 // 200 ms: the LISTEN may become active only after Subscribe returns.
-func selfTestPubsub(ctx context.Context, ps *pubsub.Pubsub, timeout time.Duration) error {
+func (s *Server) selfTestPubsub(ctx context.Context, ps *pubsub.Pubsub, timeout time.Duration) error {
 	channel := "coder_pubsub_selftest"
 	want := uuid.NewString()
 	got := make(chan struct{}, 1)
@@ -250,9 +250,10 @@ func selfTestPubsub(ctx context.Context, ps *pubsub.Pubsub, timeout time.Duratio
 		return fmt.Errorf("listen on the self-test channel: %w", err)
 	}
 	defer cancel()
+	// Real time: the deadline also bounds each Publish round trip.
 	ctx, done := context.WithTimeout(ctx, timeout)
 	defer done()
-	again := time.NewTicker(200 * time.Millisecond)
+	again := s.cfg.Clock.NewTicker(200*time.Millisecond, "pubsub", "selftest")
 	defer again.Stop()
 	for {
 		if err := ps.Publish(ctx, channel, []byte(want)); err != nil && ctx.Err() == nil {

@@ -184,7 +184,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error
 // database.MigrateWith: no lock when nothing is pending, short lock
 // attempts otherwise) and warns when the schema is newer than it knows.
 func (s *Server) migrate(ctx context.Context) error {
-	st, err := s.db.MigrateWith(ctx, database.MigrateOptions{Logger: s.log.Named("migrate"), Release: s.cfg.Version})
+	st, err := s.db.MigrateWith(ctx, database.MigrateOptions{Logger: s.log.Named("migrate"), Release: s.cfg.Version, Clock: s.cfg.Clock})
 	if err != nil {
 		return err
 	}
@@ -231,7 +231,7 @@ func (s *Server) openDatabase(ctx context.Context) error {
 		s.log.Info("reading the postgres URL from a file whenever a connection is opened", zap.String("file", src.Path()),
 			zap.String("database", src.Describe()))
 	}
-	db, err := database.ConnectSource(ctx, src, database.ConnectOptions{Logger: s.log})
+	db, err := database.ConnectSource(ctx, src, database.ConnectOptions{Logger: s.log, Clock: s.cfg.Clock})
 	if err != nil {
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -32,6 +33,14 @@ type ConnectOptions struct {
 	// server is replaced within that, instead of taking the caller's whole
 	// deadline.
 	PingTimeout time.Duration
+	// Clock paces every local time decision of the DB: Connect's retry
+	// pauses and progress lines, which idle connections count as older
+	// than the last broken one, the rate of the recycling WARN line,
+	// Close's give-up timer and Ping's round trip. Deadlines handed to the
+	// driver or the kernel (Timeout, PingTimeout, the dial timeout) stay
+	// on real time: they bound waits on the network. Timer tags start with
+	// "database". Default: the real clock; tests step a quartz.Mock.
+	Clock quartz.Clock
 }
 
 func (o ConnectOptions) withDefaults() ConnectOptions {
@@ -46,6 +55,9 @@ func (o ConnectOptions) withDefaults() ConnectOptions {
 	}
 	if o.PingTimeout <= 0 {
 		o.PingTimeout = 2 * time.Second
+	}
+	if o.Clock == nil {
+		o.Clock = quartz.NewReal()
 	}
 	return o
 }
@@ -112,6 +124,10 @@ type DB struct {
 	unreadable atomic.Bool
 }
 
+// connectRetryPause is Connect's pause between attempts while the server
+// is not there yet.
+const connectRetryPause = 250 * time.Millisecond
+
 // Connect opens a pool to rawURL and checks that the server answers. A
 // server that refuses connections is retried until opts.Timeout; a wrong
 // password, database or URL fails at once. The returned error names the
@@ -143,7 +159,9 @@ func ConnectSource(ctx context.Context, src *URLSource, opts ConnectOptions) (*D
 	// Only long-idle connections are pinged, and every idle one after a
 	// broken connection was seen; a closed socket is caught for free below.
 	cfg.ShouldPing = func(_ context.Context, p pgxpool.ShouldPingParams) bool {
-		idleSince := time.Now().Add(-p.IdleDuration).UnixNano()
+		// pgxpool measures the idle time on real time; when it started is
+		// compared with brokenAt on the DB's clock.
+		idleSince := opts.Clock.Now("database", "idle").Add(-p.IdleDuration).UnixNano()
 		return p.IdleDuration > time.Minute || idleSince <= db.brokenAt.Load()
 	}
 	cfg.PingTimeout = opts.PingTimeout
@@ -165,6 +183,7 @@ func ConnectSource(ctx context.Context, src *URLSource, opts ConnectOptions) (*D
 			return nil
 		}
 	}
+	// Real time: the deadline also bounds the driver's dials and pings.
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()
 
@@ -172,7 +191,8 @@ func ConnectSource(ctx context.Context, src *URLSource, opts ConnectOptions) (*D
 	if err != nil {
 		return nil, fmt.Errorf("connect to postgres at %s: %s", where, src.Redact(rootCause(err)))
 	}
-	start := time.Now()
+	clock := opts.Clock
+	start := clock.Now("database", "connect")
 	lastLog := start
 	var lastErr error // the last reason that was not our own deadline
 	for {
@@ -191,14 +211,16 @@ func ConnectSource(ctx context.Context, src *URLSource, opts ConnectOptions) (*D
 			}
 			return nil, fmt.Errorf("connect to postgres at %s: %s", where, src.Redact(rootCause(err)))
 		}
-		if time.Since(lastLog) >= 5*time.Second {
-			lastLog = time.Now()
+		if clock.Since(lastLog, "database", "connect") >= 5*time.Second {
+			lastLog = clock.Now("database", "connect")
 			opts.Logger.Info("waiting for postgres", zap.String("address", where),
-				zap.Duration("waited", time.Since(start).Round(time.Second)), zap.String("reason", src.Redact(rootCause(err))))
+				zap.Duration("waited", clock.Since(start, "database", "connect").Round(time.Second)), zap.String("reason", src.Redact(rootCause(err))))
 		}
+		t := clock.NewTimer(connectRetryPause, "database", "connect")
 		select {
 		case <-ctx.Done():
-		case <-time.After(250 * time.Millisecond):
+			t.Stop()
+		case <-t.C:
 		}
 	}
 }
@@ -322,7 +344,7 @@ func (db *DB) Close() {
 		db.pool.Close()
 		db.checkWG.Wait()
 	}()
-	t := time.NewTimer(closeWait)
+	t := db.opts.Clock.NewTimer(closeWait, "database", "close")
 	defer t.Stop()
 	select {
 	case <-done:
@@ -334,8 +356,9 @@ func (db *DB) Close() {
 }
 
 // Ping measures one round trip to the database.
+// It is timed on the DB's clock, as replicasync times its round trips.
 func (db *DB) Ping(ctx context.Context) (time.Duration, error) {
-	start := time.Now()
+	start := db.opts.Clock.Now("database", "ping")
 	_, err := db.pool.Exec(ctx, "SELECT 1")
-	return time.Since(start), err
+	return db.opts.Clock.Since(start, "database", "ping"), err
 }

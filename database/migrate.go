@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/coder/quartz"
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/migrations"
@@ -73,6 +74,14 @@ type MigrateOptions struct {
 	// Past it, the error is returned. Default 30s (the start-up rule for
 	// an unreachable database).
 	UnavailableTimeout time.Duration
+	// Clock paces the migration's local time decisions: the pauses
+	// between attempts, how long the database has been unreachable
+	// (against UnavailableTimeout), the progress lines, the poll for an
+	// index build left running, and the durations logged. LockTimeout and
+	// IdleTimeout are enforced by Postgres, on its own clock. Timer tags
+	// start with "database", "migrate". Default: the real clock; tests
+	// step a quartz.Mock.
+	Clock quartz.Clock
 }
 
 func (o MigrateOptions) withDefaults() (MigrateOptions, error) {
@@ -101,6 +110,9 @@ func (o MigrateOptions) withDefaults() (MigrateOptions, error) {
 	}
 	if o.UnavailableTimeout <= 0 {
 		o.UnavailableTimeout = 30 * time.Second
+	}
+	if o.Clock == nil {
+		o.Clock = quartz.NewReal()
 	}
 	return o, nil
 }
@@ -153,7 +165,7 @@ func (db *DB) MigrateWith(ctx context.Context, opts MigrateOptions) (SchemaStatu
 	if len(st.Pending) > 0 {
 		o.Logger.Info("migrating the database", zap.Int("pending", len(st.Pending)),
 			zap.Int64("schema_found", st.Found), zap.Int64("schema_known", st.Known))
-		start := time.Now()
+		start := o.Clock.Now("database", "migrate")
 		for _, f := range st.Pending {
 			if err := db.applyExpand(ctx, o, f); err != nil {
 				return st, err
@@ -162,7 +174,7 @@ func (db *DB) MigrateWith(ctx context.Context, opts MigrateOptions) (SchemaStatu
 		if st, err = db.schemaStatus(ctx, o); err != nil {
 			return st, err
 		}
-		o.Logger.Info("database schema is up to date", zap.Int64("schema", st.Found), zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+		o.Logger.Info("database schema is up to date", zap.Int64("schema", st.Found), zap.Duration("took", o.Clock.Since(start, "database", "migrate").Round(time.Millisecond)))
 	}
 	if o.Release != "" && st.hasReleases {
 		if err := db.recordRelease(ctx, o.Release, st.Known); err != nil {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
@@ -117,14 +118,17 @@ func isConnectionLost(err error) bool {
 // a table lock is not granted within LockTimeout.
 func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 	log := o.Logger.With(zap.String("file", s.file.Name))
-	start := time.Now()
+	clock := o.Clock
+	now := func() time.Time { return clock.Now("database", "migrate") }
+	since := func(t time.Time) time.Duration { return clock.Since(t, "database", "migrate") }
+	start := now()
 	var lastLog, lastLost time.Time
 	progress := func(msg string, fields ...zap.Field) {
-		if time.Since(lastLog) < 5*time.Second {
+		if !lastLog.IsZero() && since(lastLog) < 5*time.Second {
 			return
 		}
-		lastLog = time.Now()
-		log.Info(msg, append(fields, zap.Duration("waited", time.Since(start).Round(time.Millisecond)))...)
+		lastLog = now()
+		log.Info(msg, append(fields, zap.Duration("waited", since(start).Round(time.Millisecond)))...)
 	}
 	var lostSince time.Time // the first of the latest run of lost connections
 	for attempt := 1; ; attempt++ {
@@ -140,12 +144,12 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 		if !lost {
 			lostSince = time.Time{}
 		} else if lostSince.IsZero() {
-			lostSince = time.Now()
+			lostSince = now()
 		}
 		switch {
 		case err == nil && applied:
 			log.Info("applied migration", zap.String("kind", string(s.file.Kind)), zap.Int("attempts", attempt),
-				zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+				zap.Duration("took", since(start).Round(time.Millisecond)))
 			return nil
 		case err == nil:
 			log.Info("migration already applied by another replica")
@@ -155,11 +159,11 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 		case errors.Is(err, errLockBusy):
 			progress("waiting for another replica's migration to finish")
 			pause = jitter(o.RetryWait / 4)
-		case lost && time.Since(lostSince) < o.UnavailableTimeout:
-			if time.Since(lastLost) >= 5*time.Second {
-				lastLost = time.Now()
+		case lost && since(lostSince) < o.UnavailableTimeout:
+			if lastLost.IsZero() || since(lastLost) >= 5*time.Second {
+				lastLost = now()
 				log.Warn("lost the database during a migration (a restart, a failover?); trying again until it is back",
-					zap.Int("attempt", attempt), zap.Duration("unavailable_for", time.Since(lostSince).Round(time.Millisecond)),
+					zap.Int("attempt", attempt), zap.Duration("unavailable_for", since(lostSince).Round(time.Millisecond)),
 					zap.Duration("gives_up_after", o.UnavailableTimeout), zap.Error(err))
 			}
 			pause = jitter(o.RetryWait / 2)
@@ -174,7 +178,7 @@ func (db *DB) runStep(ctx context.Context, o MigrateOptions, s step) error {
 		default:
 			return fmt.Errorf("migration %s: %w", s.file.Name, err)
 		}
-		t := time.NewTimer(pause)
+		t := clock.NewTimer(pause, "database", "migrate", "retry")
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -238,6 +242,7 @@ func (db *DB) lockStep(ctx context.Context, s step, o MigrateOptions, bounded bo
 }
 
 func rollback(tx pgx.Tx) {
+	// Real time: a deadline on the driver's round trip.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = tx.Rollback(ctx)
@@ -292,7 +297,7 @@ func (db *DB) tryStepOutsideTx(ctx context.Context, o MigrateOptions, s step) (a
 	if !done {
 		for i, stmt := range s.file.Statements {
 			if m := reIndexName.FindStringSubmatch(stmt); m != nil {
-				if err := db.dropInvalidIndex(ctx, o.Logger.With(zap.String("file", s.file.Name)), strings.Trim(m[1], `"`)); err != nil {
+				if err := db.dropInvalidIndex(ctx, o.Clock, o.Logger.With(zap.String("file", s.file.Name)), strings.Trim(m[1], `"`)); err != nil {
 					return false, fmt.Errorf("statement %d: %w", i+1, err)
 				}
 			}
@@ -322,9 +327,9 @@ const buildPollInterval = 250 * time.Millisecond
 // kill. Dropping the index under that build collides with it ("tuple
 // concurrently updated") or throws its work away, so this waits for such
 // a build to end first, then looks again.
-func (db *DB) dropInvalidIndex(ctx context.Context, log *zap.Logger, name string) error {
+func (db *DB) dropInvalidIndex(ctx context.Context, clock quartz.Clock, log *zap.Logger, name string) error {
 	var lastLog time.Time
-	start := time.Now()
+	start := clock.Now("database", "migrate", "build")
 	for {
 		var building bool
 		err := db.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index WHERE index_relid = to_regclass($1))`, name).Scan(&building)
@@ -334,12 +339,12 @@ func (db *DB) dropInvalidIndex(ctx context.Context, log *zap.Logger, name string
 		if !building {
 			break
 		}
-		if time.Since(lastLog) >= 5*time.Second {
-			lastLog = time.Now()
+		if lastLog.IsZero() || clock.Since(lastLog, "database", "migrate", "build") >= 5*time.Second {
+			lastLog = clock.Now("database", "migrate", "build")
 			log.Info("waiting for an index build a previous migrator left running (killed mid-build?) to end",
-				zap.String("index", name), zap.Duration("waited", time.Since(start).Round(time.Millisecond)))
+				zap.String("index", name), zap.Duration("waited", clock.Since(start, "database", "migrate", "build").Round(time.Millisecond)))
 		}
-		t := time.NewTimer(buildPollInterval)
+		t := clock.NewTimer(buildPollInterval, "database", "migrate", "build")
 		select {
 		case <-ctx.Done():
 			t.Stop()

@@ -130,6 +130,7 @@ func (db *DB) CheckIdle() {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
+				// Real time: a deadline on the driver's round trip.
 				ctx, cancel := context.WithTimeout(context.Background(), db.opts.PingTimeout)
 				err := c.Ping(ctx)
 				cancel()
@@ -154,7 +155,7 @@ func (db *DB) CheckIdle() {
 
 // noteBroken records that a broken connection was seen, so idle
 // connections are checked before use.
-func (db *DB) noteBroken() { db.brokenAt.Store(time.Now().UnixNano()) }
+func (db *DB) noteBroken() { db.brokenAt.Store(db.opts.Clock.Now("database", "broken").UnixNano()) }
 
 // recycle closes every pooled connection (those in use when they are
 // released), so the next queries run on new connections, and logs why at
@@ -165,7 +166,7 @@ func (db *DB) recycle(reason string) {
 	if db.pool != nil {
 		db.pool.Reset()
 	}
-	now := time.Now().UnixNano()
+	now := db.opts.Clock.Now("database", "recycle").UnixNano()
 	last := db.lastRecycleLog.Load()
 	if now-last > int64(10*time.Second) && db.lastRecycleLog.CompareAndSwap(last, now) {
 		db.log.Warn("recycling database connections", zap.String("address", db.src.Describe()), zap.String("reason", reason))

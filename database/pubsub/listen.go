@@ -73,6 +73,7 @@ func (p *Pubsub) setDown() {
 
 // closeConn closes a connection that may be hung without waiting long.
 func closeConn(conn *pgx.Conn) {
+	// Real time: a deadline on the driver's goodbye.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	_ = conn.Close(ctx)
@@ -112,8 +113,12 @@ func (p *Pubsub) run(conn *pgx.Conn) {
 // answer within PingTimeout counts as a failure.
 func (p *Pubsub) receive(conn *pgx.Conn) error {
 	for {
-		waitCtx, cancel := context.WithTimeout(p.ctx, p.opts.PingInterval)
-		var poked atomic.Bool
+		waitCtx, cancel := context.WithCancel(p.ctx)
+		var poked, silent atomic.Bool
+		quiet := p.opts.Clock.AfterFunc(p.opts.PingInterval, func() {
+			silent.Store(true)
+			cancel()
+		}, "pubsub", "idle")
 		stopWake, wakeDone := make(chan struct{}), make(chan struct{})
 		go func() {
 			defer close(wakeDone)
@@ -125,9 +130,10 @@ func (p *Pubsub) receive(conn *pgx.Conn) error {
 			}
 		}()
 		n, err := conn.WaitForNotification(waitCtx)
+		quiet.Stop()
 		close(stopWake)
 		<-wakeDone
-		idle := errors.Is(waitCtx.Err(), context.DeadlineExceeded) && !poked.Load()
+		idle := silent.Load() && !poked.Load()
 		cancel()
 		if p.ctx.Err() != nil {
 			return p.ctx.Err()
@@ -158,6 +164,7 @@ func (p *Pubsub) receive(conn *pgx.Conn) error {
 
 // ping checks that an idle listen connection still answers.
 func (p *Pubsub) ping(conn *pgx.Conn) error {
+	// Real time: a deadline on the driver's round trip.
 	ctx, cancel := context.WithTimeout(p.ctx, p.opts.PingTimeout)
 	defer cancel()
 	if err := conn.Ping(ctx); err != nil {
@@ -178,17 +185,21 @@ func (p *Pubsub) ping(conn *pgx.Conn) error {
 // connection is up (and tells every subscriber messages may have been
 // lost), or the Pubsub closes (nil).
 func (p *Pubsub) reconnect(cause error) *pgx.Conn {
-	lost := time.Now()
+	clock := p.opts.Clock
+	lost := clock.Now("pubsub", "reconnect")
 	p.log.Warn("pubsub connection lost; reconnecting", zap.String("database", p.db.Describe()),
 		zap.String("error", p.db.Redact(cause.Error())))
 	backoff := p.opts.ReconnectMin
 	for {
 		jitter := time.Duration(rand.Int64N(int64(backoff)/2 + 1))
+		t := clock.NewTimer(backoff/2+jitter, "pubsub", "reconnect")
 		select {
 		case <-p.ctx.Done():
+			t.Stop()
 			return nil
-		case <-time.After(backoff/2 + jitter):
+		case <-t.C:
 		}
+		// Real time: a deadline on the driver's dial and handshake.
 		ctx, cancel := context.WithTimeout(p.ctx, p.opts.ConnectTimeout)
 		conn, err := p.connect(ctx)
 		cancel()
@@ -201,7 +212,7 @@ func (p *Pubsub) reconnect(cause error) *pgx.Conn {
 		}
 		if err == nil {
 			p.metrics.reconnects.Inc()
-			p.log.Info("pubsub connection restored", zap.Duration("down_for", time.Since(lost).Round(time.Millisecond)))
+			p.log.Info("pubsub connection restored", zap.Duration("down_for", clock.Since(lost, "pubsub", "reconnect").Round(time.Millisecond)))
 			p.dispatch("", message{err: ErrDroppedMessages})
 			return conn
 		}

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -69,6 +70,12 @@ type Options struct {
 	// for a loaded server's authentication; a hung attempt only delays the
 	// next one.
 	ConnectTimeout time.Duration
+	// Clock paces the reconnect backoff, the silence before an idle
+	// ping, and the down_for logged on reconnecting. PingTimeout and
+	// ConnectTimeout stay on real time: they are deadlines on the
+	// driver's round trips. Timer tags start with "pubsub". Default: the
+	// real clock; tests step a quartz.Mock.
+	Clock quartz.Clock
 }
 
 func (o Options) withDefaults() Options {
@@ -95,6 +102,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.ConnectTimeout <= 0 {
 		o.ConnectTimeout = 10 * time.Second
+	}
+	if o.Clock == nil {
+		o.Clock = quartz.NewReal()
 	}
 	return o
 }
