@@ -8,10 +8,13 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"tailscale.com/derp/derphttp"
 	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
 )
@@ -57,6 +60,7 @@ type PeerStatus struct {
 type Mesh struct {
 	opts    Options
 	log     *zap.Logger
+	clock   quartz.Clock // opts.Clock: every local time decision
 	meshKey key.DERPMesh
 	notify  *notifier
 	// netMon is the one network-state snapshot every mesh client shares
@@ -108,6 +112,7 @@ func New(opts Options) (*Mesh, error) {
 	m := &Mesh{
 		opts:      opts,
 		log:       opts.Logger,
+		clock:     opts.Clock,
 		meshKey:   meshKey,
 		netMon:    netmon.NewStatic(),
 		changed:   make(chan struct{}, 1),
@@ -280,11 +285,12 @@ func (m *Mesh) SetPeers(peers []Peer) {
 //
 // The round trip is a DERP ping answered by the peer's relay on the very
 // connection that carries forwarded packets, so it measures the path
-// relayed traffic takes (queueing behind forwarded packets included). It
-// returns when the pong arrives, ctx ends, or 5 s pass (the library's cap
-// on one ping); a ping that fails on an established link returns ok true
-// and the error: the peer did not answer over the mesh. It is safe to call
-// concurrently with everything else, for any URL.
+// relayed traffic takes (queueing behind forwarded packets included), and
+// is read on Options.Clock. It returns when the pong arrives, ctx ends, or
+// 5 s pass (the library's own cap on one ping, which stays on real time);
+// a ping that fails on an established link returns ok true and the error:
+// the peer did not answer over the mesh. It is safe to call concurrently
+// with everything else, for any URL.
 //
 // A ping that is not answered before ctx's deadline has the link checked
 // at once, as the keepalive would check a silent one: two more pings
@@ -304,7 +310,7 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 	if c == nil {
 		return 0, false, nil
 	}
-	start := time.Now()
+	start := m.clock.Now("derpmesh", "pingPeer")
 	if err := c.Ping(ctx); err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
 			// Unanswered: the link may be dead without being silent for
@@ -315,7 +321,7 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 		return 0, true, fmt.Errorf("ping peer %s over the mesh: %w", p.url, err)
 	}
 	p.noteHeard() // the link is alive: no keepalive needed for a while
-	return time.Since(start), true, nil
+	return m.clock.Since(start, "derpmesh", "pingPeer"), true, nil
 }
 
 // keepaliveLoop checks every established connection each half
@@ -325,7 +331,7 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 // time the peer's relay sends its own keepalive.
 func (m *Mesh) keepaliveLoop() {
 	defer m.wg.Done()
-	t := time.NewTicker(max(m.opts.PingInterval/2, time.Millisecond))
+	t := m.clock.NewTicker(max(m.opts.PingInterval/2, time.Millisecond), "derpmesh", "keepalive")
 	defer t.Stop()
 	for {
 		select {
@@ -370,6 +376,28 @@ func (m *Mesh) checkLink(p *peer) {
 		defer m.wg.Done()
 		p.keepalive(ctx, c, dead)
 	}()
+}
+
+// pingWithin sends one ping on c and waits for its pong until ctx ends or
+// d passes on the Mesh's clock; a pong not back within d is
+// context.DeadlineExceeded, as under context.WithTimeout. The DERP
+// library gives up on its own after 5 s of real time (its cap on one
+// ping, left as it is; it also returns context.DeadlineExceeded). why
+// tags the timer ("confirm" or "keepalive") for tests that trap it.
+func (m *Mesh) pingWithin(ctx context.Context, c *derphttp.Client, d time.Duration, why string) error {
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var expired atomic.Bool
+	t := m.clock.AfterFunc(d, func() {
+		expired.Store(true)
+		cancel()
+	}, "derpmesh", "ping", why)
+	defer t.Stop()
+	err := c.Ping(pctx)
+	if err != nil && expired.Load() && ctx.Err() == nil && errors.Is(err, context.Canceled) {
+		return context.DeadlineExceeded
+	}
+	return err
 }
 
 // keepaliveInterval is how long a mesh connection may stay silent before

@@ -78,7 +78,7 @@ func (m *Mesh) newPeer(u, id string) *peer {
 		wake:   make(chan struct{}, 1),
 		id:     id,
 		state:  StateConnecting,
-		since:  time.Now(),
+		since:  m.clock.Now(),
 	}
 	p.derpURL, p.bad = derpURL(u)
 	return p
@@ -116,7 +116,7 @@ func (p *peer) setState(state, errMsg string) {
 	p.mu.Lock()
 	changed := p.state != state || p.err != errMsg
 	if p.state != state {
-		p.since = time.Now()
+		p.since = p.m.clock.Now()
 	}
 	p.state, p.err = state, errMsg
 	p.mu.Unlock()
@@ -196,9 +196,7 @@ func (p *peer) keepalive(ctx context.Context, c *derphttp.Client, dead chan erro
 	defer p.keepaliveDone(c)
 	timeout := p.m.opts.ConfirmTimeout
 	for misses := 0; misses < missedPingsBeforeDead; misses++ {
-		pctx, cancel := context.WithTimeout(ctx, timeout)
-		err := c.Ping(pctx)
-		cancel()
+		err := p.m.pingWithin(ctx, c, timeout, "keepalive")
 		switch {
 		case err == nil:
 			p.noteHeard()
@@ -260,7 +258,7 @@ func (p *peer) run() {
 		p.cancelSession = scancel
 		p.mu.Unlock()
 
-		start := time.Now()
+		start := p.m.clock.Now()
 		res := p.session(sctx)
 		scancel()
 
@@ -295,7 +293,7 @@ func (p *peer) run() {
 		if res.confirmed {
 			lastErr = "" // a break after a connection is news: log it at WARN
 		}
-		if res.confirmed && time.Since(start) >= p.m.opts.MaxRetryInterval {
+		if res.confirmed && p.m.clock.Since(start) >= p.m.opts.MaxRetryInterval {
 			// A connection that was up a while: redial at once (the peer
 			// may have restarted in place).
 			p.log.Warn("mesh connection to peer broke; redialing", zap.String("error", msg))
@@ -334,7 +332,7 @@ func (p *peer) pause(d time.Duration) bool {
 	if now {
 		return p.ctx.Err() == nil
 	}
-	t := time.NewTimer(d)
+	t := p.m.clock.NewTimer(d, "derpmesh", "redial")
 	defer t.Stop()
 	select {
 	case <-p.ctx.Done():
@@ -367,6 +365,9 @@ type sessionResult struct {
 // before it returns.
 func (p *peer) session(ctx context.Context) (res sessionResult) {
 	srv := p.m.opts.Server
+	// The client's own timers (its dial timeouts, its 5 s cap on one
+	// ping) are the library's and stay on real time; every decision of
+	// the mesh around it is on Options.Clock.
 	c, err := derphttp.NewClient(srv.PrivateKey(), p.derpURL, p.libLogf, p.m.netMon)
 	if err != nil {
 		return sessionResult{err: fmt.Errorf("invalid relay URL: %v", err)}
@@ -413,11 +414,11 @@ func (p *peer) session(ctx context.Context) (res sessionResult) {
 	// closes the connection as soon as it reads that frame, and it reads
 	// frames in order: a pong to the ping sent after it proves the
 	// privileges were granted.
-	connectedAt := time.Now()
+	connectedAt := p.m.clock.Now()
 	// unconfirmedBreak explains a connection that ended before its first
 	// pong. A refusal is immediate; a later break is something else.
 	unconfirmedBreak := func(err error) error {
-		if time.Since(connectedAt) <= p.m.opts.ConfirmTimeout {
+		if p.m.clock.Since(connectedAt) <= p.m.opts.ConfirmTimeout {
 			return fmt.Errorf("peer %s refused mesh privileges (mesh key mismatch?): it closed the connection right after the watch request: %v", p.url, err)
 		}
 		return fmt.Errorf("connection lost before the peer confirmed mesh privileges: %v", err)
@@ -566,10 +567,10 @@ const missedPingsBeforeDead = 2
 var errStoppedAnswering = errors.New("peer stopped answering pings")
 
 // noteHeard records that the peer was heard from just now.
-func (p *peer) noteHeard() { p.heard.Store(time.Now().UnixNano()) }
+func (p *peer) noteHeard() { p.heard.Store(p.m.clock.Now().UnixNano()) }
 
 // silentFor is how long the peer has been silent.
-func (p *peer) silentFor() time.Duration { return time.Since(time.Unix(0, p.heard.Load())) }
+func (p *peer) silentFor() time.Duration { return p.m.clock.Since(time.Unix(0, p.heard.Load())) }
 
 // confirm pings c until the first pong, closes confirmed, and returns nil;
 // from then on the Mesh's keepalive (keepaliveLoop) watches the
@@ -583,11 +584,9 @@ func (p *peer) silentFor() time.Duration { return time.Since(time.Unix(0, p.hear
 // in the status.
 func (p *peer) confirm(ctx context.Context, c *derphttp.Client, confirmed chan<- struct{}) error {
 	timeout := p.m.opts.ConfirmTimeout
-	waitingSince := time.Now()
+	waitingSince := p.m.clock.Now()
 	for {
-		pctx, cancel := context.WithTimeout(ctx, timeout)
-		err := c.Ping(pctx)
-		cancel()
+		err := p.m.pingWithin(ctx, c, timeout, "confirm")
 		switch {
 		case ctx.Err() != nil:
 			return ctx.Err()
@@ -599,6 +598,6 @@ func (p *peer) confirm(ctx context.Context, c *derphttp.Client, confirmed chan<-
 			return err
 		}
 		p.setState(StateConnecting, fmt.Sprintf("peer %s has not answered a ping for %s after the mesh handshake (overloaded or hung?)",
-			p.url, time.Since(waitingSince).Round(time.Second)))
+			p.url, p.m.clock.Since(waitingSince).Round(time.Second)))
 	}
 }
