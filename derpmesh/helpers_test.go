@@ -18,6 +18,7 @@ import (
 
 	"github.com/coder-ha/coder/internal/testcert"
 
+	"github.com/coder/quartz"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
@@ -159,6 +160,7 @@ type meshOptions struct {
 	ping      time.Duration // PingInterval (default: the package default)
 	confirm   time.Duration // ConfirmTimeout (default: the package default)
 	maxPings  int           // MaxPingsPerInterval (default: the package default)
+	clock     quartz.Clock  // Clock (default: the real clock)
 }
 
 // meshWith starts n's Mesh toward peers (closed in a Cleanup).
@@ -186,6 +188,7 @@ func (n *node) meshWith(t *testing.T, o meshOptions, peers ...*node) {
 		opts.RetryInterval, opts.MaxRetryInterval = testRetry, testMaxRetry
 	}
 	opts.Registerer = o.reg
+	opts.Clock = o.clock
 	opts.PingInterval, opts.ConfirmTimeout, opts.MaxPingsPerInterval = o.ping, o.confirm, o.maxPings
 	m, err := derpmesh.New(opts)
 	if err != nil {
