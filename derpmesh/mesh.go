@@ -1,57 +1,23 @@
+// The Mesh: its construction, the peer set it is told (SetPeers,
+// SetAddresses, Reconnect), round trips over its links (PingPeer), and
+// Close.
+
 package derpmesh
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"sort"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/coder/quartz"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
-	"tailscale.com/derp/derphttp"
 	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
 )
-
-// Peer states reported by Status.
-const (
-	// StateConnected: the watch connection is up and the peer answered a
-	// ping sent after the watch request, which proves it granted mesh
-	// privileges. Packets for the peer's clients are being forwarded.
-	StateConnected = "connected"
-	// StateConnecting: everything else — dialing, waiting to redial,
-	// refused, or parked (a relay URL that is invalid or points at this
-	// replica). PeerStatus.Error says which.
-	StateConnecting = "connecting"
-)
-
-// PeerStatus is one peer's mesh connection as seen from this replica.
-type PeerStatus struct {
-	// URL is the relay URL as given to SetAddresses, without a trailing
-	// slash.
-	URL string `json:"url"`
-	// State is StateConnected or StateConnecting.
-	State string `json:"state"`
-	// Error is why the peer is not connected: the last connect error
-	// (connection refused, TLS verification), a refusal of mesh privileges,
-	// "relay URL points at this replica", or how the last connection broke.
-	// It stays set while redialing and is empty once connected, and while
-	// the first attempt (or one asked for by Reconnect) is under way.
-	Error string `json:"error"`
-	// Since is when State last changed (for a new peer: when it was added).
-	Since time.Time `json:"since"`
-	// ServerKey is the peer relay's public key while connected (zero
-	// otherwise). The peer's own mesh client connects to this replica with
-	// that key, so the owner can tell whether the peer holds a link to it
-	// too (derpserver.Server.IsClientConnectedForTest).
-	ServerKey key.NodePublic `json:"-"`
-}
 
 // Mesh keeps a DERP server meshed with a set of peer relays. Create it with
 // New, feed it the peer set with SetAddresses, stop it with Close.
@@ -324,113 +290,6 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 	return m.clock.Since(start, "derpmesh", "pingPeer"), true, nil
 }
 
-// keepaliveLoop checks every established connection each half
-// PingInterval and pings, each on its own goroutine, those silent for
-// their keepalive interval (see Options.PingInterval): one wakeup per
-// tick for the whole mesh, instead of a timer per connection firing each
-// time the peer's relay sends its own keepalive.
-func (m *Mesh) keepaliveLoop() {
-	defer m.wg.Done()
-	t := m.clock.NewTicker(max(m.opts.PingInterval/2, time.Millisecond), "derpmesh", "keepalive")
-	defer t.Stop()
-	for {
-		select {
-		case <-m.ctx.Done():
-			return
-		case <-t.C:
-		}
-		interval := m.keepaliveInterval()
-		m.mu.Lock()
-		peers := make([]*peer, 0, len(m.peers))
-		for _, p := range m.peers {
-			peers = append(peers, p)
-		}
-		m.mu.Unlock()
-		for _, p := range peers {
-			if p.silentFor() < interval {
-				continue
-			}
-			m.checkLink(p)
-		}
-	}
-}
-
-// checkLink pings p's established connection now, on its own goroutine,
-// up to twice within ConfirmTimeout, and closes and redials it if neither
-// ping is answered (see peer.keepalive); nothing happens if p has no
-// established connection, a check of it is under way, or the Mesh is
-// closing. The keepalive calls it for silent links, and PingPeer for a
-// link whose ping went unanswered.
-func (m *Mesh) checkLink(p *peer) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed { // Close waits for wg: nothing may be added after it
-		return
-	}
-	ctx, c, dead, ok := p.startKeepalive()
-	if !ok {
-		return
-	}
-	m.wg.Add(1)
-	go func() {
-		defer m.wg.Done()
-		p.keepalive(ctx, c, dead)
-	}()
-}
-
-// pingWithin sends one ping on c and waits for its pong until ctx ends or
-// d passes on the Mesh's clock; a pong not back within d is
-// context.DeadlineExceeded, as under context.WithTimeout. The DERP
-// library gives up on its own after 5 s of real time (its cap on one
-// ping, left as it is; it also returns context.DeadlineExceeded). why
-// tags the timer ("confirm" or "keepalive") for tests that trap it.
-func (m *Mesh) pingWithin(ctx context.Context, c *derphttp.Client, d time.Duration, why string) error {
-	pctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var expired atomic.Bool
-	t := m.clock.AfterFunc(d, func() {
-		expired.Store(true)
-		cancel()
-	}, "derpmesh", "ping", why)
-	defer t.Stop()
-	err := c.Ping(pctx)
-	if err != nil && expired.Load() && ctx.Err() == nil && errors.Is(err, context.Canceled) {
-		return context.DeadlineExceeded
-	}
-	return err
-}
-
-// keepaliveInterval is how long a mesh connection may stay silent before
-// its keepalive ping: PingInterval, stretched so that all peers together
-// get at most MaxPingsPerInterval pings per PingInterval.
-func (m *Mesh) keepaliveInterval() time.Duration {
-	m.mu.Lock()
-	peers := len(m.peers)
-	m.mu.Unlock()
-	d := m.opts.PingInterval
-	if peers > m.opts.MaxPingsPerInterval {
-		d = d * time.Duration(peers) / time.Duration(m.opts.MaxPingsPerInterval)
-	}
-	return d
-}
-
-// dialer dials mesh connections with TCP keepalives (after PingInterval of
-// idleness, every ConfirmTimeout/2, two unanswered probes) and a TCP user
-// timeout of PingInterval+2×ConfirmTimeout, so a peer whose machine or
-// network dies without a reset is noticed by the kernel in about that
-// long, whatever the size of the mesh and without waking this process.
-func (m *Mesh) dialer() *net.Dialer {
-	return &net.Dialer{
-		KeepAliveConfig: net.KeepAliveConfig{
-			Enable:   true,
-			Idle:     m.opts.PingInterval,
-			Interval: max(m.opts.ConfirmTimeout/2, time.Second),
-			Count:    2,
-		},
-		Control: userTimeout(m.opts.PingInterval + 2*m.opts.ConfirmTimeout),
-	}
-}
-
 // Reconnect replaces the connection to url at once: a live connection is
 // closed (its forwarders removed) and redialed, a pending retry pause is
 // cut short, a dial in progress is restarted, and a URL parked as "points
@@ -444,46 +303,6 @@ func (m *Mesh) Reconnect(url string) {
 	if p != nil {
 		p.reconnect()
 	}
-}
-
-// Status lists every peer in the current set, sorted by URL.
-func (m *Mesh) Status() []PeerStatus {
-	m.mu.Lock()
-	out := make([]PeerStatus, 0, len(m.peers))
-	for _, p := range m.peers {
-		out = append(out, p.status())
-	}
-	m.mu.Unlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].URL < out[j].URL })
-	return out
-}
-
-// Ready reports whether every peer in the current set is StateConnected:
-// its watch connection is up and it confirmed mesh privileges. It is true
-// with no peers. It turns false the moment a peer's connection breaks, and
-// briefly during Reconnect; owners that must not flap (a load balancer's
-// readiness) should latch it.
-func (m *Mesh) Ready() bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, p := range m.peers {
-		if p.status().State != StateConnected {
-			return false
-		}
-	}
-	return true
-}
-
-func (m *Mesh) count(state string) int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	n := 0
-	for _, p := range m.peers {
-		if p.status().State == state {
-			n++
-		}
-	}
-	return n
 }
 
 // Close disconnects every peer, removes every forwarder the mesh
