@@ -165,3 +165,51 @@ func TestPingPeerRoundTripIsReadOnTheInjectedClock(t *testing.T) {
 		t.Fatalf("round trip %v, want the mock clock's 7ms", r.rtt)
 	}
 }
+
+// Close does not wait for the mesh's clock: with a retry pause and a
+// keepalive ping pending on a mock that is never stepped again, it
+// returns at once (the pending ping ends with the connection), and the goroutines it waited for are gone (TestMain's
+// goleak fails the package otherwise).
+func TestCloseDoesNotWaitForTheInjectedClock(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), eventually)
+	defer cancel()
+	mock := quartz.NewMock(t).WithLogger(quartz.NoOpLogger)
+	pings := mock.Trap().AfterFunc("derpmesh", "ping", "keepalive")
+	defer pings.Close()
+	redial := mock.Trap().NewTimer("derpmesh", "redial")
+	defer redial.Close()
+
+	k := newMeshKey()
+	a, b, gone := startNode(t, nodeOptions{meshKey: k}), startNode(t, nodeOptions{meshKey: k}), startNode(t, nodeOptions{meshKey: k})
+	gone.stop()
+	proxy, via := faultproxy.InFrontOf(t, b.url)
+	a.meshWith(t, meshOptions{
+		meshKey: k, clock: mock, ping: time.Hour, confirm: time.Minute,
+		retry: 24 * time.Hour, maxRetry: 24 * time.Hour,
+		extraURLs: []string{via, gone.url},
+	})
+	redial.MustWait(ctx).MustRelease(ctx) // gone.url is pausing
+	wait.For(t, eventually, "meshed through the proxy", func() bool { return a.connectedTo(via) })
+	proxy.Freeze()
+	mock.Advance(30 * time.Minute).MustWait(ctx)
+	mock.Advance(30 * time.Minute).MustWait(ctx)
+	pings.MustWait(ctx).MustRelease(ctx) // a keepalive ping is waiting for its timeout
+
+	// Within the DERP library's own 5 s cap on a ping (real time), which
+	// would otherwise end the pending ping for Close; Close itself takes
+	// milliseconds.
+	const within = 4 * time.Second
+	closed := make(chan struct{})
+	start := time.Now()
+	go func() {
+		_ = a.mesh.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+		t.Logf("Close returned in %v", time.Since(start).Round(time.Millisecond))
+	case <-time.After(within):
+		t.Fatalf("Close did not return within %v: it waits for the mock clock", within)
+	}
+}
