@@ -17,6 +17,8 @@ import (
 	"go.uber.org/zap"
 	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
+
+	"github.com/coder-ha/coder/wire"
 )
 
 // Mesh keeps a DERP server meshed with a set of peer relays. Create it with
@@ -142,12 +144,6 @@ func (m *Mesh) unregister() {
 	m.gauges = nil
 }
 
-// normalizeURL is the key a relay URL is known by: "http://a:1" and
-// "http://a:1/" are the same peer.
-func normalizeURL(u string) string {
-	return strings.TrimSuffix(strings.TrimSpace(u), "/")
-}
-
 // Peer is one peer replica to mesh with.
 type Peer struct {
 	// ID is the replica's id (a uuid). It labels the peer's metrics, and a
@@ -196,7 +192,7 @@ func (m *Mesh) SetPeers(peers []Peer) {
 
 	want := make(map[string]string, len(peers)) // url → id
 	for _, p := range peers {
-		if u := normalizeURL(p.URL); u != "" {
+		if u := wire.NormalizeURL(p.URL); u != "" {
 			want[u] = strings.TrimSpace(p.ID)
 		}
 	}
@@ -267,7 +263,7 @@ func (m *Mesh) SetPeers(peers []Peer) {
 // with the number of peers (see Options.PingInterval).
 func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration, ok bool, err error) {
 	m.mu.Lock()
-	p := m.peers[normalizeURL(relayURL)]
+	p := m.peers[wire.NormalizeURL(relayURL)]
 	m.mu.Unlock()
 	if p == nil {
 		return 0, false, nil
@@ -298,7 +294,7 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 // in the current set is ignored.
 func (m *Mesh) Reconnect(url string) {
 	m.mu.Lock()
-	p := m.peers[normalizeURL(url)]
+	p := m.peers[wire.NormalizeURL(url)]
 	m.mu.Unlock()
 	if p != nil {
 		p.reconnect()

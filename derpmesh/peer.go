@@ -15,6 +15,8 @@ import (
 	"go.uber.org/zap"
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/types/key"
+
+	"github.com/coder-ha/coder/wire"
 )
 
 // peer owns the mesh connection to one relay URL. Its run goroutine is the
@@ -83,8 +85,8 @@ func derpURL(relay string) (string, error) {
 	if u.User != nil || u.RawQuery != "" || u.Fragment != "" {
 		return "", fmt.Errorf("invalid relay URL %q: only scheme, host, port and path are allowed", relay)
 	}
-	if !strings.HasSuffix(u.Path, "/derp") {
-		u = u.JoinPath("derp")
+	if !strings.HasSuffix(u.Path, wire.DERPPath) {
+		u = u.JoinPath(wire.DERPPath) // as JoinPath("derp"): a leading slash of a later element is dropped
 	}
 	u.RawQuery = meshQuery // see Handler
 	return u.String(), nil
