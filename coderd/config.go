@@ -135,11 +135,11 @@ type Config struct {
 	// Clock is the one clock of every local time decision the server and
 	// the parts it starts make: readiness, the version and schema watches,
 	// the shutdown grace period, the token caches, the TLS reload pace,
-	// the relay guard and replica sync (shifted by DebugClockOffset).
-	// Never liveness, which is the database's now(). Not a flag: tests
-	// step a quartz.Mock. Default: the real clock. (The relay mesh, the
-	// pubsub and the connection code still read real time; see
-	// docs/architecture.md.)
+	// the relay guard, the relay mesh, the database connection and
+	// migrations, the pubsub, and replica sync (only replica sync's is
+	// shifted by DebugClockOffset). Never liveness, which is the
+	// database's now(). Not a flag: tests step a quartz.Mock. Default: the
+	// real clock. What stays on real time, and why: docs/architecture.md.
 	Clock quartz.Clock
 }
 

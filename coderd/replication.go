@@ -171,6 +171,9 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		OnPeerBroken:    r.replicas.Reprobe,
 		OnPeerConnected: r.replicas.Reprobe,
 		Registerer:      s.registry,
+		// The server's clock, unshifted: the mesh compares no times with
+		// other replicas, and watchMeshErrors ages PeerStatus.Since on it.
+		Clock: s.cfg.Clock,
 	})
 	if err != nil {
 		return err
@@ -280,7 +283,9 @@ const meshErrorGrace = time.Second
 // poll of N-1 peers' status was a few percent of the idle fleet's CPU.
 func (s *Server) watchMeshErrors(r *replication) {
 	defer r.watchDone.Done()
-	recheck := time.NewTimer(time.Hour)
+	// The mesh stamps PeerStatus.Since on the same clock (Config.Clock).
+	clock := s.cfg.Clock
+	recheck := clock.NewTimer(time.Hour, "watchMeshErrors", "grace")
 	recheck.Stop()
 	defer recheck.Stop()
 	for {
@@ -290,7 +295,7 @@ func (s *Server) watchMeshErrors(r *replication) {
 			if st.State == derpmesh.StateConnected || st.Error == "" {
 				continue
 			}
-			if age := time.Since(st.Since); age <= meshErrorGrace {
+			if age := clock.Since(st.Since); age <= meshErrorGrace {
 				if left := meshErrorGrace - age + 10*time.Millisecond; wait < 0 || left < wait {
 					wait = left
 				}

@@ -281,6 +281,8 @@ func (b *batchConn) Write(p []byte) (int, error) {
 }
 
 func (b *batchConn) writeLocked(p []byte) (int, error) {
+	// A deadline on the socket, which the runtime's poller enforces on real
+	// time: it stays off Options.Clock (a mock clock could not expire it).
 	_ = b.Conn.SetWriteDeadline(time.Now().Add(b.timeout))
 	n, err := b.Conn.Write(p)
 	if err != nil {

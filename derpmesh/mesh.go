@@ -1,54 +1,25 @@
+// The Mesh: its construction, the peer set it is told (SetPeers,
+// SetAddresses, Reconnect), round trips over its links (PingPeer), and
+// Close.
+
 package derpmesh
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"sort"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"tailscale.com/net/netmon"
 	"tailscale.com/types/key"
-)
 
-// Peer states reported by Status.
-const (
-	// StateConnected: the watch connection is up and the peer answered a
-	// ping sent after the watch request, which proves it granted mesh
-	// privileges. Packets for the peer's clients are being forwarded.
-	StateConnected = "connected"
-	// StateConnecting: everything else — dialing, waiting to redial,
-	// refused, or parked (a relay URL that is invalid or points at this
-	// replica). PeerStatus.Error says which.
-	StateConnecting = "connecting"
+	"github.com/coder-ha/coder/wire"
 )
-
-// PeerStatus is one peer's mesh connection as seen from this replica.
-type PeerStatus struct {
-	// URL is the relay URL as given to SetAddresses, without a trailing
-	// slash.
-	URL string `json:"url"`
-	// State is StateConnected or StateConnecting.
-	State string `json:"state"`
-	// Error is why the peer is not connected: the last connect error
-	// (connection refused, TLS verification), a refusal of mesh privileges,
-	// "relay URL points at this replica", or how the last connection broke.
-	// It stays set while redialing and is empty once connected, and while
-	// the first attempt (or one asked for by Reconnect) is under way.
-	Error string `json:"error"`
-	// Since is when State last changed (for a new peer: when it was added).
-	Since time.Time `json:"since"`
-	// ServerKey is the peer relay's public key while connected (zero
-	// otherwise). The peer's own mesh client connects to this replica with
-	// that key, so the owner can tell whether the peer holds a link to it
-	// too (derpserver.Server.IsClientConnectedForTest).
-	ServerKey key.NodePublic `json:"-"`
-}
 
 // Mesh keeps a DERP server meshed with a set of peer relays. Create it with
 // New, feed it the peer set with SetAddresses, stop it with Close.
@@ -57,6 +28,7 @@ type PeerStatus struct {
 type Mesh struct {
 	opts    Options
 	log     *zap.Logger
+	clock   quartz.Clock // opts.Clock: every local time decision
 	meshKey key.DERPMesh
 	notify  *notifier
 	// netMon is the one network-state snapshot every mesh client shares
@@ -108,6 +80,7 @@ func New(opts Options) (*Mesh, error) {
 	m := &Mesh{
 		opts:      opts,
 		log:       opts.Logger,
+		clock:     opts.Clock,
 		meshKey:   meshKey,
 		netMon:    netmon.NewStatic(),
 		changed:   make(chan struct{}, 1),
@@ -171,12 +144,6 @@ func (m *Mesh) unregister() {
 	m.gauges = nil
 }
 
-// normalizeURL is the key a relay URL is known by: "http://a:1" and
-// "http://a:1/" are the same peer.
-func normalizeURL(u string) string {
-	return strings.TrimSuffix(strings.TrimSpace(u), "/")
-}
-
 // Peer is one peer replica to mesh with.
 type Peer struct {
 	// ID is the replica's id (a uuid). It labels the peer's metrics, and a
@@ -225,7 +192,7 @@ func (m *Mesh) SetPeers(peers []Peer) {
 
 	want := make(map[string]string, len(peers)) // url → id
 	for _, p := range peers {
-		if u := normalizeURL(p.URL); u != "" {
+		if u := wire.NormalizeURL(p.URL); u != "" {
 			want[u] = strings.TrimSpace(p.ID)
 		}
 	}
@@ -280,11 +247,12 @@ func (m *Mesh) SetPeers(peers []Peer) {
 //
 // The round trip is a DERP ping answered by the peer's relay on the very
 // connection that carries forwarded packets, so it measures the path
-// relayed traffic takes (queueing behind forwarded packets included). It
-// returns when the pong arrives, ctx ends, or 5 s pass (the library's cap
-// on one ping); a ping that fails on an established link returns ok true
-// and the error: the peer did not answer over the mesh. It is safe to call
-// concurrently with everything else, for any URL.
+// relayed traffic takes (queueing behind forwarded packets included), and
+// is read on Options.Clock. It returns when the pong arrives, ctx ends, or
+// 5 s pass (the library's own cap on one ping, which stays on real time);
+// a ping that fails on an established link returns ok true and the error:
+// the peer did not answer over the mesh. It is safe to call concurrently
+// with everything else, for any URL.
 //
 // A ping that is not answered before ctx's deadline has the link checked
 // at once, as the keepalive would check a silent one: two more pings
@@ -295,7 +263,7 @@ func (m *Mesh) SetPeers(peers []Peer) {
 // with the number of peers (see Options.PingInterval).
 func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration, ok bool, err error) {
 	m.mu.Lock()
-	p := m.peers[normalizeURL(relayURL)]
+	p := m.peers[wire.NormalizeURL(relayURL)]
 	m.mu.Unlock()
 	if p == nil {
 		return 0, false, nil
@@ -304,7 +272,7 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 	if c == nil {
 		return 0, false, nil
 	}
-	start := time.Now()
+	start := m.clock.Now("derpmesh", "pingPeer")
 	if err := c.Ping(ctx); err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
 			// Unanswered: the link may be dead without being silent for
@@ -315,92 +283,7 @@ func (m *Mesh) PingPeer(ctx context.Context, relayURL string) (rtt time.Duration
 		return 0, true, fmt.Errorf("ping peer %s over the mesh: %w", p.url, err)
 	}
 	p.noteHeard() // the link is alive: no keepalive needed for a while
-	return time.Since(start), true, nil
-}
-
-// keepaliveLoop checks every established connection each half
-// PingInterval and pings, each on its own goroutine, those silent for
-// their keepalive interval (see Options.PingInterval): one wakeup per
-// tick for the whole mesh, instead of a timer per connection firing each
-// time the peer's relay sends its own keepalive.
-func (m *Mesh) keepaliveLoop() {
-	defer m.wg.Done()
-	t := time.NewTicker(max(m.opts.PingInterval/2, time.Millisecond))
-	defer t.Stop()
-	for {
-		select {
-		case <-m.ctx.Done():
-			return
-		case <-t.C:
-		}
-		interval := m.keepaliveInterval()
-		m.mu.Lock()
-		peers := make([]*peer, 0, len(m.peers))
-		for _, p := range m.peers {
-			peers = append(peers, p)
-		}
-		m.mu.Unlock()
-		for _, p := range peers {
-			if p.silentFor() < interval {
-				continue
-			}
-			m.checkLink(p)
-		}
-	}
-}
-
-// checkLink pings p's established connection now, on its own goroutine,
-// up to twice within ConfirmTimeout, and closes and redials it if neither
-// ping is answered (see peer.keepalive); nothing happens if p has no
-// established connection, a check of it is under way, or the Mesh is
-// closing. The keepalive calls it for silent links, and PingPeer for a
-// link whose ping went unanswered.
-func (m *Mesh) checkLink(p *peer) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed { // Close waits for wg: nothing may be added after it
-		return
-	}
-	ctx, c, dead, ok := p.startKeepalive()
-	if !ok {
-		return
-	}
-	m.wg.Add(1)
-	go func() {
-		defer m.wg.Done()
-		p.keepalive(ctx, c, dead)
-	}()
-}
-
-// keepaliveInterval is how long a mesh connection may stay silent before
-// its keepalive ping: PingInterval, stretched so that all peers together
-// get at most MaxPingsPerInterval pings per PingInterval.
-func (m *Mesh) keepaliveInterval() time.Duration {
-	m.mu.Lock()
-	peers := len(m.peers)
-	m.mu.Unlock()
-	d := m.opts.PingInterval
-	if peers > m.opts.MaxPingsPerInterval {
-		d = d * time.Duration(peers) / time.Duration(m.opts.MaxPingsPerInterval)
-	}
-	return d
-}
-
-// dialer dials mesh connections with TCP keepalives (after PingInterval of
-// idleness, every ConfirmTimeout/2, two unanswered probes) and a TCP user
-// timeout of PingInterval+2×ConfirmTimeout, so a peer whose machine or
-// network dies without a reset is noticed by the kernel in about that
-// long, whatever the size of the mesh and without waking this process.
-func (m *Mesh) dialer() *net.Dialer {
-	return &net.Dialer{
-		KeepAliveConfig: net.KeepAliveConfig{
-			Enable:   true,
-			Idle:     m.opts.PingInterval,
-			Interval: max(m.opts.ConfirmTimeout/2, time.Second),
-			Count:    2,
-		},
-		Control: userTimeout(m.opts.PingInterval + 2*m.opts.ConfirmTimeout),
-	}
+	return m.clock.Since(start, "derpmesh", "pingPeer"), true, nil
 }
 
 // Reconnect replaces the connection to url at once: a live connection is
@@ -411,51 +294,11 @@ func (m *Mesh) dialer() *net.Dialer {
 // in the current set is ignored.
 func (m *Mesh) Reconnect(url string) {
 	m.mu.Lock()
-	p := m.peers[normalizeURL(url)]
+	p := m.peers[wire.NormalizeURL(url)]
 	m.mu.Unlock()
 	if p != nil {
 		p.reconnect()
 	}
-}
-
-// Status lists every peer in the current set, sorted by URL.
-func (m *Mesh) Status() []PeerStatus {
-	m.mu.Lock()
-	out := make([]PeerStatus, 0, len(m.peers))
-	for _, p := range m.peers {
-		out = append(out, p.status())
-	}
-	m.mu.Unlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].URL < out[j].URL })
-	return out
-}
-
-// Ready reports whether every peer in the current set is StateConnected:
-// its watch connection is up and it confirmed mesh privileges. It is true
-// with no peers. It turns false the moment a peer's connection breaks, and
-// briefly during Reconnect; owners that must not flap (a load balancer's
-// readiness) should latch it.
-func (m *Mesh) Ready() bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, p := range m.peers {
-		if p.status().State != StateConnected {
-			return false
-		}
-	}
-	return true
-}
-
-func (m *Mesh) count(state string) int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	n := 0
-	for _, p := range m.peers {
-		if p.status().State == state {
-			n++
-		}
-	}
-	return n
 }
 
 // Close disconnects every peer, removes every forwarder the mesh

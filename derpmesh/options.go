@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"time"
 
+	"github.com/coder/quartz"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"tailscale.com/derp/derpserver"
@@ -129,6 +130,17 @@ type Options struct {
 	// Default 5s, the DERP library's own write timeout.
 	WriteTimeout time.Duration
 
+	// Clock decides every local time in the mesh: the retry pauses and how
+	// long a broken connection had been up, PeerStatus.Since, the confirm
+	// window and the timeout of each confirm and keepalive ping, the
+	// keepalive schedule and how long a link has been silent, and
+	// PingPeer's round trip. Tests step a quartz.Mock. Not on it: the
+	// write deadlines of the mesh connections (WriteTimeout) and their TCP
+	// keepalives, which the kernel keeps on real time, and the DERP
+	// library's own timers (its dial timeouts and its 5 s cap on one
+	// ping). Default: the real clock.
+	Clock quartz.Clock
+
 	// Registerer, if set, receives coderd_derpmesh_peers{state} (the number
 	// of peers per State, read at scrape time) and
 	// coderd_derpmesh_forward_dropped_total{peer_id} (packets for a peer's
@@ -147,6 +159,7 @@ var DefaultOptions = Options{
 	MaxPingsPerInterval: 10,               // up to 10 peers, every silent link every PingInterval
 	ForwardQueueSize:    1024,             // ~1.3 MB of 1 KiB packets per stalled peer
 	WriteTimeout:        5 * time.Second,  // as the DERP library
+	Clock:               quartz.NewReal(), // tests step a quartz.Mock
 }
 
 func (o Options) withDefaults() Options {
@@ -176,6 +189,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.WriteTimeout <= 0 {
 		o.WriteTimeout = DefaultOptions.WriteTimeout
+	}
+	if o.Clock == nil {
+		o.Clock = DefaultOptions.Clock
 	}
 	return o
 }
