@@ -1,3 +1,5 @@
+//go:build bench
+
 // Forwarding across a SIGSTOPped peer, and summing a metric's series.
 
 package bench_test

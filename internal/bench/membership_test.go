@@ -1,3 +1,5 @@
+//go:build bench
+
 // Membership timings seen from outside: join to meshed, and how fast a
 // dead or frozen peer is detected.
 

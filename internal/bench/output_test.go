@@ -1,3 +1,5 @@
+//go:build bench
+
 // Where the benchmark writes its files: tables and profiles.
 
 package bench_test

@@ -1,3 +1,5 @@
+//go:build bench
+
 // The benchmark's own Postgres with pg_stat_statements: statements and
 // transactions per database, the server processes, the top statements.
 

@@ -1,3 +1,5 @@
+//go:build bench
+
 // What a process costs, read from /proc: CPU time, context switches,
 // resident memory; and the machine's load.
 

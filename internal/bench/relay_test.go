@@ -1,3 +1,5 @@
+//go:build bench
+
 // Relay throughput: cross-replica forwarding against one stand-alone derper,
 // with TLS certificates made for the run; and the binary's footprint.
 
