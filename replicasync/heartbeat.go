@@ -98,7 +98,7 @@ func (m *Manager) beat(ctx context.Context, timeout time.Duration) error {
 		DatabaseLatency: m.db.latency(),
 		Error:           m.ownError,
 		Peers:           m.peerReportsLocked(),
-		Warnings:        m.warningsLocked(),
+		Warnings:        renderWarnings(m.warningsLocked()),
 	}
 	m.mu.Unlock()
 

@@ -75,7 +75,7 @@ func (m *Manager) Replicas(ctx context.Context) []database.Replica {
 			// the next beat (see loop) shows here at once.
 			m.mu.Lock()
 			rows[i].Peers = m.peerReportsLocked()
-			rows[i].Warnings = m.warningsLocked()
+			rows[i].Warnings = renderWarnings(m.warningsLocked())
 			rows[i].Error = m.ownError
 			rows[i].DatabaseLatency = m.db.latency()
 			m.mu.Unlock()

@@ -4,20 +4,39 @@
 package replicasync
 
 import (
-	"fmt"
 	"sort"
 	"time"
 
 	"github.com/coder-ha/coder/database"
 )
 
-// Warnings are the warnings in force: latency (naming the peer by
-// hostname and relay URL, or the database) and a heartbeat that has failed
-// for longer than the stale window.
+// Warnings are the warnings in force, as text: latency (naming the peer
+// by hostname and relay URL, or the database) and a heartbeat that has
+// failed for longer than the stale window. The text is what the row
+// stores (see Warning.String).
 func (m *Manager) Warnings() []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	return renderWarnings(m.warningsLocked())
+}
+
+// WarningValues are the warnings in force as values, in Warnings' order:
+// this replica's own (the database, the clock, a cut-off heartbeat, no
+// relay URL), then those about peers, sorted by their text.
+func (m *Manager) WarningValues() []Warning {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	return m.warningsLocked()
+}
+
+// renderWarnings is the text of ws, never nil (the row and the JSON hold
+// an empty list, not null).
+func renderWarnings(ws []Warning) []string {
+	out := make([]string, 0, len(ws))
+	for _, w := range ws {
+		out = append(out, w.String())
+	}
+	return out
 }
 
 // PeerReports is what this replica measured of each regional peer: the
@@ -49,47 +68,63 @@ func (m *Manager) peerReportsLocked() []database.PeerReport {
 	return out
 }
 
-func (m *Manager) warningsLocked() []string {
-	out := []string{}
+func (m *Manager) warningsLocked() []Warning {
+	out := []Warning{}
 	threshold := m.opts.LatencyThreshold
 	if m.db.warned {
-		out = append(out, fmt.Sprintf("the database is %s away; every replica must be within %s of Postgres", round(m.db.latency()), threshold))
+		out = append(out, Warning{Kind: WarnDatabaseSlow, Latency: round(m.db.latency()), Threshold: threshold})
 	}
 	if m.skewWarned {
-		out = append(out, fmt.Sprintf("this machine's clock is %s off the database clock; membership uses the database clock, but timestamps in this replica's logs are off by as much", m.skew.Abs().Round(time.Millisecond)))
+		out = append(out, Warning{Kind: WarnClockSkew, Skew: m.skew.Abs().Round(time.Millisecond)})
 	}
 	now := m.clock.Now()
 	if m.grace.cutOff(now, m.opts.StaleAfter) {
-		out = append(out, fmt.Sprintf("the database has not accepted this replica's heartbeat for %s (stale window %s): if other replicas reach it, they consider this replica gone",
-			now.Sub(m.grace.failingSince).Round(time.Second), m.opts.StaleAfter))
+		out = append(out, Warning{Kind: WarnCutOff, FailingFor: now.Sub(m.grace.failingSince).Round(time.Second), StaleAfter: m.opts.StaleAfter})
 	}
-	var peerWarnings []string
+	var peerWarnings []Warning
 	if peers := m.selfWithoutRelayLocked(); len(peers) > 0 {
-		out = append(out, fmt.Sprintf("this replica (%q, id %s) has no relay URL: the %d other replica(s) of region %d cannot mesh with it, so clients on them cannot reach clients on it; set --derp-server-relay-url",
-			m.opts.Hostname, m.opts.ID, len(peers), m.opts.RegionID))
+		out = append(out, Warning{Kind: WarnSelfNoRelay, Hostname: m.opts.Hostname, ID: m.opts.ID, Peers: len(peers), RegionID: m.opts.RegionID})
 	}
 	if m.opts.RelayAddress != "" {
 		for id, p := range m.peers {
 			if p.RegionID == m.opts.RegionID && p.RelayAddress == "" {
-				peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (id %s) has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
-					p.Hostname, id))
+				peerWarnings = append(peerWarnings, Warning{Kind: WarnPeerNoRelay, Hostname: p.Hostname, ID: id})
 			}
 		}
 	}
 	for _, p := range m.sharedURLLocked() {
-		peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (id %s) uses this replica's relay URL %s: the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url (without an access URL, a replica listening on all interfaces defaults to http://127.0.0.1:<port>, which reaches only its own machine)",
-			p.Hostname, p.ID, m.opts.RelayAddress))
+		peerWarnings = append(peerWarnings, Warning{Kind: WarnSharedRelayURL, Hostname: p.Hostname, ID: p.ID, RelayURL: m.opts.RelayAddress})
 	}
 	for id, st := range m.probes {
 		if !st.w.warned {
 			continue
 		}
 		p := m.peers[id]
-		peerWarnings = append(peerWarnings, fmt.Sprintf("replica %q (%s) is %s away; every replica must be within %s of each other",
-			p.Hostname, p.RelayAddress, round(st.w.latency()), threshold))
+		peerWarnings = append(peerWarnings, Warning{Kind: WarnPeerSlow, Hostname: p.Hostname, RelayURL: p.RelayAddress, Latency: round(st.w.latency()), Threshold: threshold})
 	}
-	sort.Strings(peerWarnings)
+	sortByText(peerWarnings)
 	return append(out, peerWarnings...)
+}
+
+// sortByText sorts warnings by their text.
+func sortByText(ws []Warning) {
+	text := make([]string, len(ws))
+	for i, w := range ws {
+		text[i] = w.String()
+	}
+	sort.Sort(byText{ws, text})
+}
+
+type byText struct {
+	ws   []Warning
+	text []string
+}
+
+func (b byText) Len() int           { return len(b.ws) }
+func (b byText) Less(i, j int) bool { return b.text[i] < b.text[j] }
+func (b byText) Swap(i, j int) {
+	b.ws[i], b.ws[j] = b.ws[j], b.ws[i]
+	b.text[i], b.text[j] = b.text[j], b.text[i]
 }
 
 func round(d time.Duration) time.Duration {
