@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"sort"
-	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -14,6 +13,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/wire"
 )
 
 // probeState is what this replica knows of one peer's latency.
@@ -160,7 +160,7 @@ func (m *Manager) probe(relayURL string) (time.Duration, error) {
 		}
 	}
 	m.httpProbes.Add(1)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(relayURL, "/")+"/derp/latency-check", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, wire.JoinPath(relayURL, wire.LatencyCheckPath), nil)
 	if err != nil {
 		return 0, err
 	}

@@ -3,12 +3,12 @@ package replicasync
 import (
 	"math/rand/v2"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/google/uuid"
 
 	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/wire"
 )
 
 // Peer is a live regional peer the mesh should connect to.
@@ -66,8 +66,10 @@ func withoutURL(peers []Peer, self string) []Peer {
 	return out
 }
 
+// sameURL reports whether two relay URLs name one replica (wire's
+// normalisation: surrounding space and a trailing slash ignored).
 func sameURL(a, b string) bool {
-	return strings.TrimSuffix(strings.TrimSpace(a), "/") == strings.TrimSuffix(strings.TrimSpace(b), "/")
+	return wire.NormalizeURL(a) == wire.NormalizeURL(b)
 }
 
 func newer(a, b database.Replica) bool {
