@@ -1,3 +1,5 @@
+// This file holds the Options and their defaults, in one place.
+
 package replicasync
 
 import (

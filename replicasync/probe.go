@@ -1,3 +1,7 @@
+// This file holds the latency probes: the probe rounds spread over the
+// heartbeat interval, one probe of a peer (over its mesh link or HTTP),
+// and recording its result.
+
 package replicasync
 
 import (

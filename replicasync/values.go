@@ -1,3 +1,6 @@
+// This file holds the pure rules, as small value types: the mesh peer set
+// and its diff, the latency window, the outage grace and the next peer set.
+
 package replicasync
 
 import (
