@@ -134,8 +134,8 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	if w := mixedVersionsWarning(rs.All()); w != "" {
 		warnings = append(warnings, healthWarning{kind: warnMixedVersions, text: w})
 	}
-	for _, text := range rs.Warnings() {
-		warnings = append(warnings, healthWarning{kind: warnReplicaSync, text: text})
+	for _, w := range rs.WarningValues() {
+		warnings = append(warnings, healthWarning{kind: warnReplicaSync, sync: w})
 	}
 
 	hostByURL := map[string]string{}

@@ -2,9 +2,9 @@ package coderd
 
 import (
 	"fmt"
-	"strings"
 
 	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/replicasync"
 )
 
 // healthPart is the section of the health report a warning belongs to.
@@ -31,7 +31,7 @@ const (
 	// warnMixedVersions: more than one version is live; text is the
 	// rendered list (mixedVersionsWarning).
 	warnMixedVersions
-	// warnReplicaSync: a warning of replicasync, which arrives as text.
+	// warnReplicaSync: a warning of replicasync (sync holds it).
 	warnReplicaSync
 	// warnPeerUnreachable: a regional peer's last probe failed.
 	warnPeerUnreachable
@@ -49,6 +49,8 @@ type healthWarning struct {
 	// text is the detail: the peer's error or mesh state, or the whole
 	// text of a warning that arrives rendered.
 	text string
+	// sync is the replicasync warning (warnReplicaSync).
+	sync replicasync.Warning
 }
 
 // part is the report section the warning is listed in.
@@ -57,7 +59,11 @@ func (w healthWarning) part() healthPart {
 	case warnHeartbeatFailing, warnListenDown, warnSchemaNewer:
 		return partDatabase
 	case warnReplicaSync:
-		return replicaSyncWarningPart(w.text)
+		switch w.sync.Kind {
+		case replicasync.WarnDatabaseSlow, replicasync.WarnCutOff:
+			return partDatabase
+		}
+		return partReplicas
 	case warnMeshDown:
 		return partDERPMesh
 	default:
@@ -86,21 +92,11 @@ func (w healthWarning) String() string {
 		return fmt.Sprintf("replica %q (%s) is unreachable: %s", w.host, dash(w.url), w.text)
 	case warnMeshDown:
 		return fmt.Sprintf("cannot mesh with replica %q (%s): %s", w.host, w.url, w.text)
+	case warnReplicaSync:
+		return w.sync.String()
 	default:
 		return w.text
 	}
-}
-
-// replicaSyncWarningPart sorts a replicasync warning into its section.
-// replicasync hands its warnings over as text, so this is the one place
-// that reads warning text: those about the database (latency, a failing
-// heartbeat) start with "the database". It goes once replicasync exports
-// its warnings as values.
-func replicaSyncWarningPart(text string) healthPart {
-	if strings.HasPrefix(text, "the database") {
-		return partDatabase
-	}
-	return partReplicas
 }
 
 // schemaWarning is the warning for a schema newer than release knows, or

@@ -3,6 +3,9 @@ package coderd
 import (
 	"encoding/json"
 	"testing"
+	"time"
+
+	"github.com/coder-ha/coder/replicasync"
 )
 
 // The health report an operator reads: each warning in its section, the
@@ -17,8 +20,8 @@ func TestHealthReportPutsEachWarningInItsSection(t *testing.T) {
 		{kind: warnListenDown},
 		{kind: warnSchemaNewer, text: "the schema is newer"},
 		{kind: warnMixedVersions, text: "2 versions are live"},
-		{kind: warnReplicaSync, text: "the database is 12ms away; every replica must be within 10ms of Postgres"},
-		{kind: warnReplicaSync, text: `replica "b" (http://b:1) is 30ms away; every replica must be within 10ms of each other`},
+		{kind: warnReplicaSync, sync: replicasync.Warning{Kind: replicasync.WarnDatabaseSlow, Latency: 12 * time.Millisecond, Threshold: 10 * time.Millisecond}},
+		{kind: warnReplicaSync, sync: replicasync.Warning{Kind: replicasync.WarnPeerSlow, Hostname: "b", RelayURL: "http://b:1", Latency: 30 * time.Millisecond, Threshold: 10 * time.Millisecond}},
 		{kind: warnPeerUnreachable, host: "a", text: "connection refused"},
 		{kind: warnMeshDown, host: "c", url: "http://c:1", text: "connecting"},
 	})
@@ -37,7 +40,7 @@ func TestHealthReportPutsEachWarningInItsSection(t *testing.T) {
 	advice := healthReportOf([]healthWarning{
 		{kind: warnSchemaNewer, text: "the schema is newer"},
 		{kind: warnMixedVersions, text: "2 versions are live"},
-		{kind: warnReplicaSync, text: "the database is 12ms away"},
+		{kind: warnReplicaSync, sync: replicasync.Warning{Kind: replicasync.WarnDatabaseSlow, Latency: 12 * time.Millisecond, Threshold: 10 * time.Millisecond}},
 	})
 	if !advice.Healthy || !advice.Database.Healthy || !advice.Replicas.Healthy {
 		t.Fatalf("advice alone made the report unhealthy: %+v", advice)

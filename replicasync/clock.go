@@ -1,3 +1,5 @@
+// This file holds the offset clock (--debug-clock-offset).
+
 package replicasync
 
 import (

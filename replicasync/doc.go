@@ -9,7 +9,9 @@
 // The rules live in small value types (values.go): the mesh peer set and
 // its diff, the latency window, and the outage grace that keeps the mesh
 // whole through a database outage. The Manager keeps only the loops and
-// the wiring. Lifecycle: New starts and returns once running; Leave marks
+// the wiring. Warnings are values too (Warning: a kind and its fields),
+// rendered to the text the row stores by Warning.String and read back by
+// ParseWarning. Lifecycle: New starts and returns once running; Leave marks
 // the replica stopped and announces it; Close stops and waits for every
 // goroutine (leaving first if needed) and is idempotent.
 //

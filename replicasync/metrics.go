@@ -1,3 +1,5 @@
+// This file holds the coderd_replica* metrics.
+
 package replicasync
 
 import "github.com/prometheus/client_golang/prometheus"

@@ -1,3 +1,5 @@
+// This file holds the Options and their defaults, in one place.
+
 package replicasync
 
 import (
@@ -34,7 +36,8 @@ type Options struct {
 	// cost of 2 queries per replica per interval. Default 5s.
 	HeartbeatInterval time.Duration
 	// StaleAfter: a replica whose row was not updated for this long (by the
-	// database clock) is dead. Default 3 × HeartbeatInterval.
+	// database clock) is dead. Default StaleAfterBeats (3) ×
+	// HeartbeatInterval.
 	StaleAfter time.Duration
 	// ProbeTimeout bounds one latency probe of a peer. Default 2s.
 	ProbeTimeout time.Duration
@@ -102,14 +105,20 @@ type Options struct {
 	Clock quartz.Clock
 }
 
+// StaleAfterBeats is how many heartbeat intervals a replica may go
+// unheard before its peers consider it dead: the default StaleAfter is
+// StaleAfterBeats × HeartbeatInterval.
+const StaleAfterBeats = 3
+
 // DefaultOptions returns the defaults every zero field of Options takes.
 func DefaultOptions() Options {
 	hostname, _ := os.Hostname()
+	const heartbeat = 5 * time.Second
 	return Options{
 		Hostname:          hostname,
 		RegionID:          999,
-		HeartbeatInterval: 5 * time.Second,
-		StaleAfter:        15 * time.Second,
+		HeartbeatInterval: heartbeat,
+		StaleAfter:        StaleAfterBeats * heartbeat,
 		ProbeTimeout:      2 * time.Second,
 		LatencyThreshold:  10 * time.Millisecond,
 		Samples:           5,
@@ -136,7 +145,7 @@ func (o Options) withDefaults() Options {
 		o.HeartbeatInterval = d.HeartbeatInterval
 	}
 	if o.StaleAfter <= 0 {
-		o.StaleAfter = 3 * o.HeartbeatInterval
+		o.StaleAfter = StaleAfterBeats * o.HeartbeatInterval
 	}
 	if o.ProbeTimeout <= 0 {
 		o.ProbeTimeout = d.ProbeTimeout

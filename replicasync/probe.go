@@ -1,3 +1,7 @@
+// This file holds the latency probes: the probe rounds spread over the
+// heartbeat interval, one probe of a peer (over its mesh link or HTTP),
+// and recording its result.
+
 package replicasync
 
 import (
@@ -6,7 +10,6 @@ import (
 	"io"
 	"net/http"
 	"sort"
-	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -14,6 +17,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/wire"
 )
 
 // probeState is what this replica knows of one peer's latency.
@@ -160,7 +164,7 @@ func (m *Manager) probe(relayURL string) (time.Duration, error) {
 		}
 	}
 	m.httpProbes.Add(1)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(relayURL, "/")+"/derp/latency-check", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, wire.JoinPath(relayURL, wire.LatencyCheckPath), nil)
 	if err != nil {
 		return 0, err
 	}

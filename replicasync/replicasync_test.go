@@ -25,7 +25,7 @@ import (
 	"github.com/coder-ha/coder/replicasync"
 )
 
-func TestMain(m *testing.M) { dbtest.Main(m) }
+func TestMain(m *testing.M) { dbtest.MainLeakChecked(m) }
 
 // relay serves /derp/latency-check like a replica's relay.
 func relay(t *testing.T) *httptest.Server {

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/coder/quartz"
@@ -75,11 +76,13 @@ func (c *memCluster) start(name string, opts replicasync.Options) *replicasync.M
 }
 
 // step moves the mock clock d forward, one timer event at a time, letting
-// the replicas' goroutines run after each.
+// the replicas' goroutines act after each (see settle). It must run inside
+// synctest.Test.
 func (c *memCluster) step(d time.Duration) {
 	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	c.settle() // what was started or changed before the step acts first
 	for d > 0 {
 		next, ok := c.clock.Peek()
 		if !ok || next > d {
@@ -93,9 +96,14 @@ func (c *memCluster) step(d time.Duration) {
 	}
 }
 
-// settle gives the goroutines woken by a tick a moment to act on it: ticks
-// are delivered on buffered channels, so none is lost if this is short.
-func (c *memCluster) settle() { time.Sleep(3 * time.Millisecond) }
+// settle waits until the goroutines woken by a tick have acted on it:
+// until every goroutine of the test's bubble (the replicas', the clock's)
+// is blocked again on something only the bubble can end (see
+// testing/synctest), so step must run inside synctest.Test. Quartz hands
+// a tick to its consumer from a goroutine of its own and drops one not
+// taken before the next is due, so Advance(...).MustWait alone does not
+// say that the tick was handled, nor even received.
+func (c *memCluster) settle() { synctest.Wait() }
 
 func (c *memCluster) left(peer string) int {
 	return c.logs.FilterMessage("replica left").FilterField(zap.String("peer_hostname", peer)).Len()
@@ -117,136 +125,148 @@ func allSee(n int, ms ...*replicasync.Manager) func() bool {
 // nobody: zero "replica left" events, the mesh set never shrinks.
 func TestDatabaseOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a, b, r3 := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{}), c.start("c", replicasync.Options{})
-	wait.For(t, 10*time.Second, "everyone sees three", allSee(3, a, b, r3))
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a, b, r3 := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{}), c.start("c", replicasync.Options{})
+		wait.For(t, 10*time.Second, "everyone sees three", allSee(3, a, b, r3))
 
-	c.mem.SetDown(true)
-	c.step(3 * memStale)
-	for _, m := range []*replicasync.Manager{a, b, r3} {
-		if !m.HeartbeatFailing() {
-			t.Fatalf("%s: heartbeat not failing during the outage", m.Self().Hostname)
+		c.mem.SetDown(true)
+		c.step(3 * memStale)
+		for _, m := range []*replicasync.Manager{a, b, r3} {
+			if !m.HeartbeatFailing() {
+				t.Fatalf("%s: heartbeat not failing during the outage", m.Self().Hostname)
+			}
 		}
-	}
-	before := c.store.fullReads.Load()
-	c.mem.SetDown(false) // pubsub reconnects: everyone re-reads at once, before any beat
-	wait.For(t, 10*time.Second, "the reconnect's full re-reads", func() bool { return c.store.fullReads.Load() >= before+3 })
-	if !allSee(3, a, b, r3)() {
-		t.Fatal("a full re-read while our own beat still fails dropped peers")
-	}
-	c.step(2 * memStale) // retries succeed, everyone re-beats, the grace window passes
-	wait.For(t, 10*time.Second, "heartbeats recovered", func() bool {
-		return !a.HeartbeatFailing() && !b.HeartbeatFailing() && !r3.HeartbeatFailing()
+		before := c.store.fullReads.Load()
+		c.mem.SetDown(false) // pubsub reconnects: everyone re-reads at once, before any beat
+		wait.For(t, 10*time.Second, "the reconnect's full re-reads", func() bool { return c.store.fullReads.Load() >= before+3 })
+		if !allSee(3, a, b, r3)() {
+			t.Fatal("a full re-read while our own beat still fails dropped peers")
+		}
+		c.step(2 * memStale) // retries succeed, everyone re-beats, the grace window passes
+		wait.For(t, 10*time.Second, "heartbeats recovered", func() bool {
+			return !a.HeartbeatFailing() && !b.HeartbeatFailing() && !r3.HeartbeatFailing()
+		})
+		if !allSee(3, a, b, r3)() {
+			t.Fatal("peers dropped after the outage")
+		}
+		if n := c.logs.FilterMessage("replica left").Len(); n != 0 {
+			t.Fatalf("%d \"replica left\" events through the outage; want 0", n)
+		}
 	})
-	if !allSee(3, a, b, r3)() {
-		t.Fatal("peers dropped after the outage")
-	}
-	if n := c.logs.FilterMessage("replica left").Len(); n != 0 {
-		t.Fatalf("%d \"replica left\" events through the outage; want 0", n)
-	}
 }
 
 // A replica that died during the outage is dropped once the others have
 // beaten again and it had a full stale window to re-beat; not before.
 func TestReplicaThatDiedDuringOutageIsDroppedAfterTheGraceWindow(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a, b, dead := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{}), c.start("dead", replicasync.Options{})
-	wait.For(t, 10*time.Second, "everyone sees three", allSee(3, a, b, dead))
-	c.mem.SetDown(true)
-	c.step(memStale)
-	dead.StopBeatingForTest()
-	c.step(memStale)
-	c.mem.SetDown(false)
-	c.step(memBeat + memBeat/2) // a and b re-beat; dead does not
-	wait.For(t, 10*time.Second, "a and b recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
-	if !sees(a, dead.Self().ID) || !sees(b, dead.Self().ID) {
-		t.Fatal("the silent replica was dropped inside the grace window")
-	}
-	c.step(memStale)
-	wait.For(t, 10*time.Second, "a and b drop the dead replica", func() bool { return !sees(a, dead.Self().ID) && !sees(b, dead.Self().ID) })
-	if n := c.logs.FilterMessage("replica left").Len(); n != 2 {
-		t.Fatalf("%d \"replica left\" events, want 2 (a and b about dead)", n)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a, b, dead := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{}), c.start("dead", replicasync.Options{})
+		wait.For(t, 10*time.Second, "everyone sees three", allSee(3, a, b, dead))
+		c.mem.SetDown(true)
+		c.step(memStale)
+		dead.StopBeatingForTest()
+		c.step(memStale)
+		c.mem.SetDown(false)
+		c.step(memBeat + memBeat/2) // a and b re-beat; dead does not
+		wait.For(t, 10*time.Second, "a and b recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
+		if !sees(a, dead.Self().ID) || !sees(b, dead.Self().ID) {
+			t.Fatal("the silent replica was dropped inside the grace window")
+		}
+		c.step(memStale)
+		wait.For(t, 10*time.Second, "a and b drop the dead replica", func() bool { return !sees(a, dead.Self().ID) && !sees(b, dead.Self().ID) })
+		if n := c.logs.FilterMessage("replica left").Len(); n != 2 {
+			t.Fatalf("%d \"replica left\" events, want 2 (a and b about dead)", n)
+		}
+	})
 }
 
 // Item 9: a graceful stop right after an outage is honoured at once, even
 // inside the grace window.
 func TestGracefulStopRightAfterOutageIsHonouredAtOnce(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a, b := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{})
-	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
-	c.mem.SetDown(true)
-	c.step(2 * memStale)
-	c.mem.SetDown(false)
-	c.step(memBeat + memBeat/2)
-	wait.For(t, 10*time.Second, "recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
-	if err := b.Leave(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	// No clock step: the announcement alone must do it.
-	wait.For(t, 10*time.Second, "a drops b at once", func() bool { return !sees(a, b.Self().ID) })
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a, b := c.start("a", replicasync.Options{}), c.start("b", replicasync.Options{})
+		wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
+		c.mem.SetDown(true)
+		c.step(2 * memStale)
+		c.mem.SetDown(false)
+		c.step(memBeat + memBeat/2)
+		wait.For(t, 10*time.Second, "recovered", func() bool { return !a.HeartbeatFailing() && !b.HeartbeatFailing() })
+		if err := b.Leave(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		// No clock step: the announcement alone must do it.
+		wait.For(t, 10*time.Second, "a drops b at once", func() bool { return !sees(a, b.Self().ID) })
+	})
 }
 
 // Item 3: a stopped_at set on a live replica's row (not by the replica) is
 // cleared by its next beat and announced, so peers take it back.
 func TestStopMarkOnALiveReplicaIsClearedByItsNextBeat(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a := c.start("a", replicasync.Options{HeartbeatInterval: time.Hour, StaleAfter: memStale})
-	b := c.start("b", replicasync.Options{})
-	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
-	c.mem.MarkStoppedByOther(b.Self().ID)
-	// a hears of it (as it would from any announcement) and drops b.
-	if err := c.mem.Publish(context.Background(), replicasync.Channel, []byte(b.Self().ID.String())); err != nil {
-		t.Fatal(err)
-	}
-	wait.For(t, 10*time.Second, "a drops the stopped b", func() bool { return !sees(a, b.Self().ID) })
-	c.step(memBeat) // only b beats (a's interval is an hour)
-	wait.For(t, 10*time.Second, "b's row is live again", func() bool {
-		r, ok := c.mem.Row(b.Self().ID)
-		return ok && r.StoppedAt == nil
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a := c.start("a", replicasync.Options{HeartbeatInterval: time.Hour, StaleAfter: memStale})
+		b := c.start("b", replicasync.Options{})
+		wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
+		c.mem.MarkStoppedByOther(b.Self().ID)
+		// a hears of it (as it would from any announcement) and drops b.
+		if err := c.mem.Publish(context.Background(), replicasync.Channel, []byte(b.Self().ID.String())); err != nil {
+			t.Fatal(err)
+		}
+		wait.For(t, 10*time.Second, "a drops the stopped b", func() bool { return !sees(a, b.Self().ID) })
+		c.step(memBeat) // only b beats (a's interval is an hour)
+		wait.For(t, 10*time.Second, "b's row is live again", func() bool {
+			r, ok := c.mem.Row(b.Self().ID)
+			return ok && r.StoppedAt == nil
+		})
+		wait.For(t, 10*time.Second, "a takes b back from b's announcement", func() bool { return sees(a, b.Self().ID) })
 	})
-	wait.For(t, 10*time.Second, "a takes b back from b's announcement", func() bool { return sees(a, b.Self().ID) })
 }
 
 // Item 3: a replica that left is never revived by its own goroutines,
 // which keep running until Close.
 func TestReplicaThatLeftStaysStopped(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a := c.start("a", replicasync.Options{})
-	if err := a.Leave(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	c.step(3 * memBeat)
-	if r, _ := c.mem.Row(a.Self().ID); r.StoppedAt == nil {
-		t.Fatal("a replica that left was revived by a later beat")
-	}
-	if err := a.Leave(context.Background()); err != nil {
-		t.Fatalf("second Leave: %v", err)
-	}
-	if err := a.Close(); err != nil {
-		t.Fatalf("Close after Leave: %v", err)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a := c.start("a", replicasync.Options{})
+		if err := a.Leave(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		c.step(3 * memBeat)
+		if r, _ := c.mem.Row(a.Self().ID); r.StoppedAt == nil {
+			t.Fatal("a replica that left was revived by a later beat")
+		}
+		if err := a.Leave(context.Background()); err != nil {
+			t.Fatalf("second Leave: %v", err)
+		}
+		if err := a.Close(); err != nil {
+			t.Fatalf("Close after Leave: %v", err)
+		}
+	})
 }
 
 // Item 7: a deleted live row is re-created and announced, so a peer that
 // dropped it takes it back without waiting for its own beat.
 func TestDeletedRowIsRecreatedAndAnnounced(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a := c.start("a", replicasync.Options{HeartbeatInterval: time.Hour, StaleAfter: memStale})
-	b := c.start("b", replicasync.Options{})
-	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
-	c.mem.DeleteReplica(b.Self().ID)
-	if err := c.mem.Publish(context.Background(), replicasync.Channel, []byte(b.Self().ID.String())); err != nil {
-		t.Fatal(err)
-	}
-	wait.For(t, 10*time.Second, "a drops the deleted b", func() bool { return !sees(a, b.Self().ID) })
-	c.step(memBeat)
-	wait.For(t, 10*time.Second, "a sees b again from b's announcement", func() bool { return sees(a, b.Self().ID) })
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a := c.start("a", replicasync.Options{HeartbeatInterval: time.Hour, StaleAfter: memStale})
+		b := c.start("b", replicasync.Options{})
+		wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
+		c.mem.DeleteReplica(b.Self().ID)
+		if err := c.mem.Publish(context.Background(), replicasync.Channel, []byte(b.Self().ID.String())); err != nil {
+			t.Fatal(err)
+		}
+		wait.For(t, 10*time.Second, "a drops the deleted b", func() bool { return !sees(a, b.Self().ID) })
+		c.step(memBeat)
+		wait.For(t, 10*time.Second, "a sees b again from b's announcement", func() bool { return sees(a, b.Self().ID) })
+	})
 }
 
 // Item 3, partial partition: a replica whose own beat fails for longer than
@@ -255,43 +275,45 @@ func TestDeletedRowIsRecreatedAndAnnounced(t *testing.T) {
 // keeps its own peers.
 func TestCutOffReplicaReportsItselfGone(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a := c.start("a", replicasync.Options{RelayAddress: "http://127.0.0.1:1"})
-	b := c.start("b", replicasync.Options{RelayAddress: "http://127.0.0.1:2"})
-	wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
-	c.mem.CutOff(b.Self().ID, true)
-	c.step(memStale + 2*memBeat)
-	wait.For(t, 10*time.Second, "a drops the cut-off b", func() bool { return !sees(a, b.Self().ID) })
-	if !b.HeartbeatFailing() || !b.CutOff() {
-		t.Fatal("b does not know it is cut off")
-	}
-	if !sees(b, a.Self().ID) {
-		t.Fatal("b dropped a while its own beat fails")
-	}
-	var found bool
-	for _, w := range b.Warnings() {
-		found = found || (len(w) > 0 && contains(w, "consider this replica gone"))
-	}
-	if !found {
-		t.Fatalf("no health warning about being cut off: %q", b.Warnings())
-	}
-	if !b.Isolated(0) || b.Isolated(1) {
-		t.Fatal("Isolated must be true with no incoming mesh link and false with one")
-	}
-	if a.Isolated(0) {
-		t.Fatal("a replica whose beat works is never isolated")
-	}
-	c.step(3 * memBeat)
-	warns := c.logs.FilterMessage("heartbeat failing for longer than the stale window: replicas that reach the database consider this one gone").Len()
-	if warns != 1 {
-		t.Fatalf("cut-off WARN logged %d times, want once", warns)
-	}
-	c.mem.CutOff(b.Self().ID, false)
-	c.step(memBeat + memBeat/2)
-	wait.For(t, 10*time.Second, "a takes b back", func() bool { return sees(a, b.Self().ID) })
-	if b.CutOff() {
-		t.Fatal("b still cut off after its beat succeeded")
-	}
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a := c.start("a", replicasync.Options{RelayAddress: "http://127.0.0.1:1"})
+		b := c.start("b", replicasync.Options{RelayAddress: "http://127.0.0.1:2"})
+		wait.For(t, 10*time.Second, "both see two", allSee(2, a, b))
+		c.mem.CutOff(b.Self().ID, true)
+		c.step(memStale + 2*memBeat)
+		wait.For(t, 10*time.Second, "a drops the cut-off b", func() bool { return !sees(a, b.Self().ID) })
+		if !b.HeartbeatFailing() || !b.CutOff() {
+			t.Fatal("b does not know it is cut off")
+		}
+		if !sees(b, a.Self().ID) {
+			t.Fatal("b dropped a while its own beat fails")
+		}
+		var found bool
+		for _, w := range b.Warnings() {
+			found = found || (len(w) > 0 && contains(w, "consider this replica gone"))
+		}
+		if !found {
+			t.Fatalf("no health warning about being cut off: %q", b.Warnings())
+		}
+		if !b.Isolated(0) || b.Isolated(1) {
+			t.Fatal("Isolated must be true with no incoming mesh link and false with one")
+		}
+		if a.Isolated(0) {
+			t.Fatal("a replica whose beat works is never isolated")
+		}
+		c.step(3 * memBeat)
+		warns := c.logs.FilterMessage("heartbeat failing for longer than the stale window: replicas that reach the database consider this one gone").Len()
+		if warns != 1 {
+			t.Fatalf("cut-off WARN logged %d times, want once", warns)
+		}
+		c.mem.CutOff(b.Self().ID, false)
+		c.step(memBeat + memBeat/2)
+		wait.For(t, 10*time.Second, "a takes b back", func() bool { return sees(a, b.Self().ID) })
+		if b.CutOff() {
+			t.Fatal("b still cut off after its beat succeeded")
+		}
+	})
 }
 
 func contains(s, sub string) bool {
@@ -308,102 +330,108 @@ func contains(s, sub string) bool {
 // call has the latest set) and calls never overlap.
 func TestSlowCallbackDelaysNoHeartbeatAndCoalesces(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a := c.start("a", replicasync.Options{RelayAddress: "http://127.0.0.1:1"})
-	release := make(chan struct{})
-	var calls, running, overlapped atomic.Int32
-	var last atomic.Value
-	a.SetCallback(func(ch replicasync.PeerChange) {
-		if running.Add(1) > 1 {
-			overlapped.Store(1)
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a := c.start("a", replicasync.Options{RelayAddress: "http://127.0.0.1:1"})
+		release := make(chan struct{})
+		var calls, running, overlapped atomic.Int32
+		var last atomic.Value
+		a.SetCallback(func(ch replicasync.PeerChange) {
+			if running.Add(1) > 1 {
+				overlapped.Store(1)
+			}
+			defer running.Add(-1)
+			last.Store(ch.Peers)
+			if calls.Add(1) == 2 {
+				<-release // the mesh is slow to tear down
+			}
+		})
+		wait.For(t, 10*time.Second, "initial call", func() bool { return calls.Load() == 1 })
+		b := c.start("b", replicasync.Options{RelayAddress: "http://127.0.0.1:2"})
+		wait.For(t, 10*time.Second, "the blocking call about b", func() bool { return calls.Load() == 2 })
+		r3 := c.start("c", replicasync.Options{RelayAddress: "http://127.0.0.1:3"})
+		r4 := c.start("d", replicasync.Options{RelayAddress: "http://127.0.0.1:4"})
+		wait.For(t, 10*time.Second, "a sees four", allSee(4, a))
+		before := a.Self().UpdatedAt
+		c.step(2 * memBeat)
+		wait.For(t, 10*time.Second, "a beats while its callback blocks", func() bool { return a.Self().UpdatedAt.After(before) })
+		close(release)
+		wait.For(t, 10*time.Second, "one coalesced call with the latest set", func() bool {
+			p, _ := last.Load().([]replicasync.Peer)
+			return calls.Load() == 3 && len(p) == 3
+		})
+		if overlapped.Load() != 0 {
+			t.Fatal("callbacks overlapped")
 		}
-		defer running.Add(-1)
-		last.Store(ch.Peers)
-		if calls.Add(1) == 2 {
-			<-release // the mesh is slow to tear down
-		}
+		_, _, _ = b, r3, r4
 	})
-	wait.For(t, 10*time.Second, "initial call", func() bool { return calls.Load() == 1 })
-	b := c.start("b", replicasync.Options{RelayAddress: "http://127.0.0.1:2"})
-	wait.For(t, 10*time.Second, "the blocking call about b", func() bool { return calls.Load() == 2 })
-	r3 := c.start("c", replicasync.Options{RelayAddress: "http://127.0.0.1:3"})
-	r4 := c.start("d", replicasync.Options{RelayAddress: "http://127.0.0.1:4"})
-	wait.For(t, 10*time.Second, "a sees four", allSee(4, a))
-	before := a.Self().UpdatedAt
-	c.step(2 * memBeat)
-	wait.For(t, 10*time.Second, "a beats while its callback blocks", func() bool { return a.Self().UpdatedAt.After(before) })
-	close(release)
-	wait.For(t, 10*time.Second, "one coalesced call with the latest set", func() bool {
-		p, _ := last.Load().([]replicasync.Peer)
-		return calls.Load() == 3 && len(p) == 3
-	})
-	if overlapped.Load() != 0 {
-		t.Fatal("callbacks overlapped")
-	}
-	_, _, _ = b, r3, r4
 }
 
 // Item 8: a process restarted behind the same relay URL appears once, the
 // newest wins, and the URL is reported as replaced so the owner redials.
 func TestPeerRestartedBehindTheSameURLAppearsOnceAndIsReplaced(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a := c.start("a", replicasync.Options{})
-	var changes []replicasync.PeerChange
-	got := make(chan replicasync.PeerChange, 16)
-	a.SetCallback(func(ch replicasync.PeerChange) { got <- ch })
-	const url = "http://127.0.0.1:9"
-	old := c.start("old", replicasync.Options{RelayAddress: url})
-	wait.For(t, 10*time.Second, "a sees old", func() bool { return sees(a, old.Self().ID) })
-	old.StopBeatingForTest() // killed: its row is still live for a while
-	c.step(memBeat / 2)
-	restarted := c.start("new", replicasync.Options{RelayAddress: url})
-	wait.For(t, 10*time.Second, "a sees the new process", func() bool { return sees(a, restarted.Self().ID) })
-	wait.For(t, 10*time.Second, "callback about the new process", func() bool {
-		for {
-			select {
-			case ch := <-got:
-				changes = append(changes, ch)
-			default:
-				n := len(changes)
-				return n > 0 && len(changes[n-1].Peers) == 1 && changes[n-1].Peers[0].ID == restarted.Self().ID
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a := c.start("a", replicasync.Options{})
+		var changes []replicasync.PeerChange
+		got := make(chan replicasync.PeerChange, 16)
+		a.SetCallback(func(ch replicasync.PeerChange) { got <- ch })
+		const url = "http://127.0.0.1:9"
+		old := c.start("old", replicasync.Options{RelayAddress: url})
+		wait.For(t, 10*time.Second, "a sees old", func() bool { return sees(a, old.Self().ID) })
+		old.StopBeatingForTest() // killed: its row is still live for a while
+		c.step(memBeat / 2)
+		restarted := c.start("new", replicasync.Options{RelayAddress: url})
+		wait.For(t, 10*time.Second, "a sees the new process", func() bool { return sees(a, restarted.Self().ID) })
+		wait.For(t, 10*time.Second, "callback about the new process", func() bool {
+			for {
+				select {
+				case ch := <-got:
+					changes = append(changes, ch)
+				default:
+					n := len(changes)
+					return n > 0 && len(changes[n-1].Peers) == 1 && changes[n-1].Peers[0].ID == restarted.Self().ID
+				}
+			}
+		})
+		for _, ch := range changes {
+			if len(ch.Peers) > 1 {
+				t.Fatalf("the callback got the same URL twice: %+v", ch.Peers)
 			}
 		}
-	})
-	for _, ch := range changes {
-		if len(ch.Peers) > 1 {
-			t.Fatalf("the callback got the same URL twice: %+v", ch.Peers)
+		lastChange := changes[len(changes)-1]
+		if len(lastChange.Replaced) != 1 || lastChange.Replaced[0] != url {
+			t.Fatalf("replaced = %v, want [%s]", lastChange.Replaced, url)
 		}
-	}
-	lastChange := changes[len(changes)-1]
-	if len(lastChange.Replaced) != 1 || lastChange.Replaced[0] != url {
-		t.Fatalf("replaced = %v, want [%s]", lastChange.Replaced, url)
-	}
+	})
 }
 
 // Clock skew, deterministically: a replica whose clock is an hour ahead
 // stays a member across many stale windows, and measures exactly the hour.
 func TestReplicaWithClockAnHourAheadStaysAMemberAndMeasuresIt(t *testing.T) {
 	t.Parallel()
-	c := newMemCluster(t)
-	a := c.start("a", replicasync.Options{})
-	ahead, err := replicasync.New(context.Background(), c.store, c.mem, replicasync.Options{Hostname: "ahead", HeartbeatInterval: memBeat, StaleAfter: memStale,
-		Clock: replicasync.OffsetClock(c.clock, time.Hour)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ahead.Close() })
-	wait.For(t, 10*time.Second, "both see two", allSee(2, a, ahead))
-	c.step(5 * memStale)
-	if !allSee(2, a, ahead)() {
-		t.Fatal("the skewed replica lost membership")
-	}
-	if got := ahead.ClockSkew(); got != -time.Hour {
-		t.Fatalf("measured skew %s, want -1h (database minus local)", got)
-	}
-	if c.left("ahead")+c.left("a") != 0 {
-		t.Fatal("a replica left")
-	}
+	synctest.Test(t, func(t *testing.T) {
+		c := newMemCluster(t)
+		a := c.start("a", replicasync.Options{})
+		ahead, err := replicasync.New(context.Background(), c.store, c.mem, replicasync.Options{Hostname: "ahead", HeartbeatInterval: memBeat, StaleAfter: memStale,
+			Clock: replicasync.OffsetClock(c.clock, time.Hour)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = ahead.Close() })
+		wait.For(t, 10*time.Second, "both see two", allSee(2, a, ahead))
+		c.step(5 * memStale)
+		if !allSee(2, a, ahead)() {
+			t.Fatal("the skewed replica lost membership")
+		}
+		if got := ahead.ClockSkew(); got != -time.Hour {
+			t.Fatalf("measured skew %s, want -1h (database minus local)", got)
+		}
+		if c.left("ahead")+c.left("a") != 0 {
+			t.Fatal("a replica left")
+		}
+	})
 }
 
 // recordingPinger pings over a real TCP connect to the peer's relay and

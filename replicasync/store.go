@@ -1,3 +1,6 @@
+// This file holds the contracts the Manager needs of its surroundings:
+// Store, Notifier, Pubsub and LinkPinger.
+
 package replicasync
 
 import (

@@ -1,14 +1,17 @@
+// This file holds the pure rules, as small value types: the mesh peer set
+// and its diff, the latency window, the outage grace and the next peer set.
+
 package replicasync
 
 import (
 	"math/rand/v2"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/google/uuid"
 
 	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/wire"
 )
 
 // Peer is a live regional peer the mesh should connect to.
@@ -66,8 +69,10 @@ func withoutURL(peers []Peer, self string) []Peer {
 	return out
 }
 
+// sameURL reports whether two relay URLs name one replica (wire's
+// normalisation: surrounding space and a trailing slash ignored).
 func sameURL(a, b string) bool {
-	return strings.TrimSuffix(strings.TrimSpace(a), "/") == strings.TrimSuffix(strings.TrimSpace(b), "/")
+	return wire.NormalizeURL(a) == wire.NormalizeURL(b)
 }
 
 func newer(a, b database.Replica) bool {

@@ -129,3 +129,28 @@ func TestJitterStaysWithinTwentyPercent(t *testing.T) {
 		t.Fatal("jitter does not spread")
 	}
 }
+
+// Relay URLs are compared as wire normalises them, exactly as replicasync
+// always did: surrounding space and one trailing slash are ignored; case,
+// a second slash and a path are not.
+func TestRelayURLsCompareAsWireNormalisesThem(t *testing.T) {
+	for _, tc := range []struct {
+		a, b string
+		same bool
+	}{
+		{"http://a:1", "http://a:1", true},
+		{"http://a:1", "http://a:1/", true},
+		{" http://a:1/ ", "http://a:1", true},
+		{"http://a:1\n", "http://a:1", true},
+		{"", " ", true},
+		{"http://A:1", "http://a:1", false},
+		{"HTTP://a:1", "http://a:1", false},
+		{"http://a:1//", "http://a:1", false},
+		{"http://a:1/derp", "http://a:1", false},
+		{"http://a:1", "http://a:10", false},
+	} {
+		if got := sameURL(tc.a, tc.b); got != tc.same {
+			t.Errorf("sameURL(%q, %q) = %v, want %v", tc.a, tc.b, got, tc.same)
+		}
+	}
+}

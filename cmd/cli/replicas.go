@@ -10,6 +10,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/coder-ha/coder/coderd"
+	"github.com/coder-ha/coder/replicasync"
+	"github.com/coder-ha/coder/wire"
 )
 
 func newReplicasCmd() *cobra.Command {
@@ -122,9 +124,15 @@ func printReplicas(w io.Writer, replicas []coderd.Replica) {
 	}
 }
 
+// warnsAbout reports whether one of a replica's warnings (as the API
+// returns them: text) says peer is slower than the threshold.
 func warnsAbout(warnings []string, peer coderd.Replica) bool {
-	for _, w := range warnings {
-		if peer.RelayAddress != "" && strings.Contains(w, peer.RelayAddress) {
+	if peer.RelayAddress == "" {
+		return false
+	}
+	for _, text := range warnings {
+		w, ok := replicasync.ParseWarning(text)
+		if ok && w.Kind == replicasync.WarnPeerSlow && wire.NormalizeURL(w.RelayURL) == wire.NormalizeURL(peer.RelayAddress) {
 			return true
 		}
 	}

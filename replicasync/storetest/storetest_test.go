@@ -11,7 +11,7 @@ import (
 	"github.com/coder-ha/coder/replicasync/storetest"
 )
 
-func TestMain(m *testing.M) { dbtest.Main(m) }
+func TestMain(m *testing.M) { dbtest.MainLeakChecked(m) }
 
 func TestMemoryStorePassesTheContract(t *testing.T) {
 	t.Parallel()
