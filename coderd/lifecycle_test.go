@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"sync"
 	"testing"
 	"time"
 
@@ -42,16 +41,7 @@ func TestShutdownIsIdempotentAndWaits(t *testing.T) {
 
 	cut, cutNow := context.WithCancel(ctx)
 	cutNow() // no grace period: the drain itself is not under test
-	var wg sync.WaitGroup
-	errs := make([]error, 3)
-	for i := range errs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = s.Shutdown(cut)
-		}()
-	}
-	wg.Wait()
+	errs := wait.Concurrently(3, func() error { return s.Shutdown(cut) })
 	for i, err := range errs {
 		if err != errs[0] {
 			t.Fatalf("Shutdown call %d returned %v, the first %v", i, err, errs[0])

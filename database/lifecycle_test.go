@@ -2,12 +2,12 @@ package database_test
 
 import (
 	"context"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 // Close may be called more than once, also at the same time; every call
@@ -24,15 +24,7 @@ func TestCloseIsIdempotentAndRefusesWorkAfter(t *testing.T) {
 	if _, err := db.Ping(ctx); err != nil {
 		t.Fatalf("ping before Close: %v", err)
 	}
-	var wg sync.WaitGroup
-	for range 3 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			db.Close()
-		}()
-	}
-	wg.Wait()
+	wait.Concurrently(3, func() error { db.Close(); return nil })
 	db.Close()
 	if _, err := db.Ping(ctx); err == nil {
 		t.Fatal("ping after Close succeeded")

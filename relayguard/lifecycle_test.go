@@ -2,11 +2,11 @@ package relayguard_test
 
 import (
 	"context"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/coder-ha/coder/internal/derptest"
+	"github.com/coder-ha/coder/internal/wait"
 	"github.com/coder-ha/coder/relayguard"
 )
 
@@ -21,17 +21,7 @@ func TestCloseIsIdempotentAndFailsClosed(t *testing.T) {
 	a, b := connect(t, r), connect(t, r)
 	works(t, a, b, "before Close")
 
-	var wg sync.WaitGroup
-	errs := make([]error, 3)
-	for i := range errs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = r.guard.Close()
-		}()
-	}
-	wg.Wait()
-	for i, err := range errs {
+	for i, err := range wait.Concurrently(3, r.guard.Close) {
 		if err != nil {
 			t.Fatalf("Close call %d: %v", i, err)
 		}

@@ -2,7 +2,6 @@ package postgres_test
 
 import (
 	"context"
-	"sync"
 	"testing"
 	"time"
 
@@ -10,6 +9,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/coder-ha/coder/database/postgres"
+	"github.com/coder-ha/coder/internal/wait"
 )
 
 // TestMain fails the package when a test leaves a goroutine running (the
@@ -45,17 +45,7 @@ func TestStopStartAndCloseAreRepeatable(t *testing.T) {
 
 	together := func(f func() error) {
 		t.Helper()
-		var wg sync.WaitGroup
-		errs := make([]error, 3)
-		for i := range errs {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				errs[i] = f()
-			}()
-		}
-		wg.Wait()
-		for i, err := range errs {
+		for i, err := range wait.Concurrently(3, f) {
 			if err != nil {
 				t.Fatalf("call %d: %v", i, err)
 			}

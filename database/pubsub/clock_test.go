@@ -12,7 +12,6 @@ import (
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/database/pubsub"
-	"github.com/coder-ha/coder/internal/faultproxy"
 	"github.com/coder-ha/coder/internal/wait"
 )
 
@@ -85,29 +84,10 @@ func TestIdlePingIsPacedByItsClock(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	direct := dbtest.NewDB(t)
-	proxy, proxiedURL := faultproxy.InFrontOf(t, direct.URL())
-	proxied, err := database.Connect(ctx, proxiedURL, database.ConnectOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer proxied.Close()
 	clock := quartz.NewMock(t)
 	const interval, timeout = 500 * time.Millisecond, 500 * time.Millisecond
-	ps, err := pubsub.New(ctx, proxied, pubsub.Options{Clock: clock, PingInterval: interval, PingTimeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ps.Close()
-	publisher := newPubsub(t, direct)
-	var r recorder
-	if _, err := ps.Subscribe("replica", r.listen); err != nil {
-		t.Fatal(err)
-	}
-	if err := publisher.Publish(ctx, "replica", []byte("before")); err != nil {
-		t.Fatal(err)
-	}
-	wait.For(t, 5*time.Second, "delivery before the fault", func() bool { got, _ := r.snapshot(); return len(got) == 1 })
+	f := listenThroughProxy(t, pubsub.Options{Clock: clock, PingInterval: interval, PingTimeout: timeout})
+	ps, proxy := f.ps, f.proxy
 	// The receive loop waits again, its silence timer set on the clock.
 	wait.For(t, 5*time.Second, "the idle timer armed", func() bool { _, ok := clock.Peek(); return ok })
 

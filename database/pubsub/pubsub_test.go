@@ -283,28 +283,9 @@ func TestPublishRightAfterSubscribeReturnsIsAlwaysReceived(t *testing.T) {
 // within 10s.
 func TestHungListenConnectionIsDetectedAndReplacedWithinSeconds(t *testing.T) {
 	t.Parallel()
-	direct := dbtest.NewDB(t)
-	proxy, proxiedURL := faultproxy.InFrontOf(t, direct.URL())
 	ctx := context.Background()
-	proxied, err := database.Connect(ctx, proxiedURL, database.ConnectOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer proxied.Close()
-	ps, err := pubsub.New(ctx, proxied, pubsub.Options{}) // default ping interval and timeout
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ps.Close()
-	publisher := newPubsub(t, direct)
-	var r recorder
-	if _, err := ps.Subscribe("replica", r.listen); err != nil {
-		t.Fatal(err)
-	}
-	if err := publisher.Publish(ctx, "replica", []byte("before")); err != nil {
-		t.Fatal(err)
-	}
-	wait.For(t, 5*time.Second, "delivery before the fault", func() bool { got, _ := r.snapshot(); return len(got) == 1 })
+	f := listenThroughProxy(t, pubsub.Options{}) // default ping interval and timeout
+	ps, proxy, publisher, r := f.ps, f.proxy, f.publisher, f.r
 
 	proxy.Freeze()
 	frozen := time.Now()
@@ -361,4 +342,44 @@ func TestSubscribeWhileDisconnectedReturnsAndReportsDrop(t *testing.T) {
 		got, _ := r.snapshot()
 		return len(got) > 0
 	})
+}
+
+// proxiedListen is a Pubsub whose connections go through a fault proxy,
+// subscribed to "replica", and a publisher that reaches the database
+// directly.
+type proxiedListen struct {
+	ps        *pubsub.Pubsub
+	proxy     *faultproxy.Proxy
+	publisher *pubsub.Pubsub
+	r         *recorder
+}
+
+// listenThroughProxy starts a proxiedListen with opts and waits until one
+// notification got through, so a fault injected next hits a working
+// listen connection.
+func listenThroughProxy(t *testing.T, opts pubsub.Options) proxiedListen {
+	t.Helper()
+	ctx := context.Background()
+	direct := dbtest.NewDB(t)
+	proxy, proxiedURL := faultproxy.InFrontOf(t, direct.URL())
+	proxied, err := database.Connect(ctx, proxiedURL, database.ConnectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(proxied.Close)
+	ps, err := pubsub.New(ctx, proxied, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ps.Close() })
+	publisher := newPubsub(t, direct)
+	r := &recorder{}
+	if _, err := ps.Subscribe("replica", r.listen); err != nil {
+		t.Fatal(err)
+	}
+	if err := publisher.Publish(ctx, "replica", []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	wait.For(t, 5*time.Second, "delivery before the fault", func() bool { got, _ := r.snapshot(); return len(got) == 1 })
+	return proxiedListen{ps: ps, proxy: proxy, publisher: publisher, r: r}
 }

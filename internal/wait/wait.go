@@ -7,6 +7,7 @@
 package wait
 
 import (
+	"sync"
 	"testing"
 	"time"
 )
@@ -39,4 +40,21 @@ func Until(d time.Duration, cond func() bool) bool {
 		}
 		time.Sleep(Interval)
 	}
+}
+
+// Concurrently calls f n times at once and returns each call's error once
+// every call has returned: for "may be called more than once, also at the
+// same time" contracts (Close, Shutdown, Stop).
+func Concurrently(n int, f func() error) []error {
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = f()
+		}()
+	}
+	wg.Wait()
+	return errs
 }
