@@ -5,7 +5,7 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/replicasync"
 )
 
 // BuildInfo is the answer of GET /api/v2/buildinfo.
@@ -50,8 +50,9 @@ type HealthReport struct {
 	DERPMesh HealthSection `json:"derp_mesh"`
 }
 
-// ReplicaFromRow converts a stored row to its API form.
-func ReplicaFromRow(r database.Replica) Replica {
+// ReplicaFromRow converts a replica as the Manager reads it to its API
+// form.
+func ReplicaFromRow(r replicasync.Replica) Replica {
 	peers := make([]ReplicaPeer, 0, len(r.Peers))
 	for _, p := range r.Peers {
 		peers = append(peers, ReplicaPeer(p))

@@ -5,7 +5,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/replicasync"
 )
 
 // newRegistry is the process's own registry (never the global one: tests
@@ -74,11 +74,11 @@ func newBuildInfoCollector(version string) prometheus.Collector {
 // replicas (self included) per version, as this replica sees them, read
 // at scrape time so that a version disappears with its last replica.
 type versionsCollector struct {
-	live func() []database.Replica
+	live func() []replicasync.Replica
 	desc *prometheus.Desc
 }
 
-func newVersionsCollector(live func() []database.Replica) *versionsCollector {
+func newVersionsCollector(live func() []replicasync.Replica) *versionsCollector {
 	return &versionsCollector{live: live, desc: prometheus.NewDesc("coderd_replica_versions",
 		"Live replicas per version, self included, as this replica sees them; more than one series means a rolling upgrade is under way.",
 		[]string{"version"}, nil)}

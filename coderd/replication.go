@@ -144,7 +144,7 @@ func (s *Server) startReplication(ctx context.Context, meshKey string) error {
 		pinger = &meshPinger{}
 		linkPinger = pinger
 	}
-	r.replicas, err = replicasync.New(ctx, s.db, ps, replicasync.Options{
+	r.replicas, err = replicasync.New(ctx, replicasync.NewPostgresStore(s.db), ps, replicasync.Options{
 		Pinger:            linkPinger,
 		ID:                s.replicaID,
 		RegionID:          int32(s.cfg.DERPServerRegionID),

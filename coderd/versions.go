@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/coder-ha/coder/database"
+	"github.com/coder-ha/coder/replicasync"
 )
 
 // schemaCheckInterval is how often a running replica reads the schema
@@ -20,7 +21,7 @@ const schemaCheckInterval = 15 * time.Second
 
 // liveReplicas is every live replica as this one sees it (nil before it
 // joined the cluster).
-func (s *Server) liveReplicas() []database.Replica {
+func (s *Server) liveReplicas() []replicasync.Replica {
 	if !s.joined.Load() {
 		return nil
 	}
@@ -30,12 +31,12 @@ func (s *Server) liveReplicas() []database.Replica {
 // versionGroup is one version and the live replicas that run it.
 type versionGroup struct {
 	Version  string
-	Replicas []database.Replica
+	Replicas []replicasync.Replica
 }
 
 // versionsOf groups replicas by version, sorted by version.
-func versionsOf(rs []database.Replica) []versionGroup {
-	byVersion := map[string][]database.Replica{}
+func versionsOf(rs []replicasync.Replica) []versionGroup {
+	byVersion := map[string][]replicasync.Replica{}
 	for _, r := range rs {
 		byVersion[r.Version] = append(byVersion[r.Version], r)
 	}
@@ -50,7 +51,7 @@ func versionsOf(rs []database.Replica) []versionGroup {
 // mixedVersionsWarning names each version and its replicas while more than
 // one version is live (a rolling upgrade under way, or one that stopped
 // half-way); empty otherwise.
-func mixedVersionsWarning(rs []database.Replica) string {
+func mixedVersionsWarning(rs []replicasync.Replica) string {
 	groups := versionsOf(rs)
 	if len(groups) < 2 {
 		return ""
@@ -69,7 +70,7 @@ func mixedVersionsWarning(rs []database.Replica) string {
 
 // replicaName is how warnings name a replica: its hostname, and its relay
 // URL (or id) to tell apart replicas on one host.
-func replicaName(r database.Replica) string {
+func replicaName(r replicasync.Replica) string {
 	if r.RelayAddress != "" {
 		return fmt.Sprintf("%q (%s)", r.Hostname, r.RelayAddress)
 	}

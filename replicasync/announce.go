@@ -11,8 +11,6 @@ import (
 
 	"github.com/google/uuid"
 	"go.uber.org/zap"
-
-	"github.com/coder-ha/coder/database"
 )
 
 // onNotification runs on the pubsub's goroutine: it only parses and flags.
@@ -119,7 +117,7 @@ func (m *Manager) sync(ctx context.Context) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	var rows []database.Replica
+	var rows []Replica
 	ids := make([]uuid.UUID, 0, len(pending))
 	for id := range pending {
 		ids = append(ids, id)

@@ -1,10 +1,14 @@
 // Package replicasync makes a server process a member of the cluster: it
-// registers the replica through a Store (Postgres in production),
-// heartbeats on the store's clock, learns its peers from the replicas
-// table and from announcements (LISTEN/NOTIFY, or polling where LISTEN
-// cannot work), measures every regional peer's latency (over the mesh link
-// when a LinkPinger has one, else over HTTP), and warns when a peer or the
-// database is slower than the threshold.
+// registers the replica through a Store (Postgres in production, through
+// PostgresStore), heartbeats on the store's clock, learns its peers from
+// the replicas table and from announcements (LISTEN/NOTIFY, or polling
+// where LISTEN cannot work), measures every regional peer's latency (over
+// the mesh link when a LinkPinger has one, else over HTTP), and warns when
+// a peer or the database is slower than the threshold.
+//
+// The Store contract and the Manager's reads speak replicasync's own
+// values (Replica, ReplicaState, Beat, PeerReport); PostgresStore converts
+// the database's rows to them at the boundary.
 //
 // The rules live in small value types (values.go): the mesh peer set and
 // its diff, the latency window, and the outage grace that keeps the mesh

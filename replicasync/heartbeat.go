@@ -10,8 +10,6 @@ import (
 
 	"github.com/google/uuid"
 	"go.uber.org/zap"
-
-	"github.com/coder-ha/coder/database"
 )
 
 // HeartbeatFailing reports whether the last heartbeat failed to reach the
@@ -89,7 +87,7 @@ func (m *Manager) beat(ctx context.Context, timeout time.Duration) error {
 		return errLeft
 	}
 	m.mu.Lock()
-	state := database.ReplicaState{
+	state := ReplicaState{
 		ID:              m.opts.ID,
 		Hostname:        m.opts.Hostname,
 		RegionID:        m.opts.RegionID,

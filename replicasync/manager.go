@@ -15,8 +15,6 @@ import (
 	"github.com/coder/quartz"
 	"github.com/google/uuid"
 	"go.uber.org/zap"
-
-	"github.com/coder-ha/coder/database"
 )
 
 // Channel is the pubsub channel replicas announce themselves on. Payloads
@@ -62,9 +60,9 @@ type Manager struct {
 	// mu guards everything below. It is never held across I/O or a
 	// callback.
 	mu           sync.Mutex
-	self         database.Replica
-	peers        map[uuid.UUID]database.Replica // live, self excluded, every region
-	probes       map[uuid.UUID]*probeState      // regional peers only
+	self         Replica
+	peers        map[uuid.UUID]Replica     // live, self excluded, every region
+	probes       map[uuid.UUID]*probeState // regional peers only
 	db           latencyWindow
 	grace        outageGrace
 	cutOffWarned bool
@@ -97,7 +95,7 @@ type Manager struct {
 	// matrixMu guards the latency matrix read for Replicas: the peers'
 	// rows as of the last full read (matrixAt), kept through an outage.
 	matrixMu sync.Mutex
-	matrix   map[uuid.UUID][]database.PeerReport
+	matrix   map[uuid.UUID][]PeerReport
 	matrixAt time.Time
 
 	cancelSub func()
@@ -125,7 +123,7 @@ func New(ctx context.Context, store Store, ps Pubsub, opts Options) (*Manager, e
 		writeNow: make(chan struct{}, 1),
 		probeNow: make(chan struct{}, 1),
 		tellNow:  make(chan struct{}, 1),
-		peers:    map[uuid.UUID]database.Replica{},
+		peers:    map[uuid.UUID]Replica{},
 		probes:   map[uuid.UUID]*probeState{},
 		pending:  map[uuid.UUID]struct{}{},
 		heard:    make(chan struct{}),
@@ -174,7 +172,7 @@ func (m *Manager) SetPinger(p LinkPinger) {
 // new link is measured as soon as it is up.
 func (m *Manager) Reprobe(relayURL string) {
 	m.mu.Lock()
-	var target *database.Replica
+	var target *Replica
 	for _, p := range m.current {
 		if sameURL(p.RelayAddress, relayURL) {
 			r := m.peers[p.ID]

@@ -10,8 +10,6 @@ import (
 
 	"github.com/google/uuid"
 	"go.uber.org/zap"
-
-	"github.com/coder-ha/coder/database"
 )
 
 // SetCallback sets the function told about the live regional peers
@@ -33,11 +31,11 @@ func (m *Manager) SetCallback(f func(PeerChange)) {
 // apply makes a read the live peer set (by the outage grace rule): logs
 // joins and leaves, starts probing newcomers and has the owner told if the
 // mesh set changed.
-func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
+func (m *Manager) apply(rows []Replica, full bool, ids []uuid.UUID) {
 	m.mu.Lock()
 	mayDrop := m.grace.mayDropStale(m.clock.Now())
 	next := nextPeers(m.peers, rows, full, ids, m.opts.ID, mayDrop)
-	var joined, left []database.Replica
+	var joined, left []Replica
 	for id, p := range next {
 		if _, known := m.peers[id]; !known {
 			joined = append(joined, p)
@@ -77,7 +75,7 @@ func (m *Manager) apply(rows []database.Replica, full bool, ids []uuid.UUID) {
 	selfNoRelay := m.selfWithoutRelayLocked()
 	selfNoRelayChanged := (len(selfNoRelay) > 0) != m.selfNoRelayWarned
 	m.selfNoRelayWarned = len(selfNoRelay) > 0
-	var sharing []database.Replica // newly seen to share this replica's relay URL
+	var sharing []Replica // newly seen to share this replica's relay URL
 	shared := m.sharedURLLocked()
 	warned := make(map[uuid.UUID]bool, len(shared))
 	for _, p := range shared {
@@ -157,8 +155,8 @@ func (m *Manager) tellLoop() {
 // the other's clients. The row a previous run of this process left when
 // it was killed shares the URL too, but never beats again after this
 // replica started: it is not counted.
-func (m *Manager) sharedURLLocked() []database.Replica {
-	var out []database.Replica
+func (m *Manager) sharedURLLocked() []Replica {
+	var out []Replica
 	for _, p := range m.peers {
 		if m.sharesURLLocked(p) {
 			out = append(out, p)
@@ -170,7 +168,7 @@ func (m *Manager) sharedURLLocked() []database.Replica {
 
 // sharesURLLocked reports whether p is a live regional peer behind this
 // replica's relay URL that beat after this replica started.
-func (m *Manager) sharesURLLocked(p database.Replica) bool {
+func (m *Manager) sharesURLLocked(p Replica) bool {
 	return m.opts.RelayAddress != "" && p.RegionID == m.opts.RegionID && sameURL(p.RelayAddress, m.opts.RelayAddress) &&
 		!m.self.StartedAt.IsZero() && p.UpdatedAt.After(m.self.StartedAt)
 }

@@ -43,7 +43,7 @@ func TestRealPostgresOutageOfThreeStaleWindowsDropsNobody(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = ps.Close() })
-		m, err := replicasync.New(ctx, db, ps, replicasync.Options{Hostname: name, HeartbeatInterval: beat, StaleAfter: stale,
+		m, err := replicasync.New(ctx, replicasync.NewPostgresStore(db), ps, replicasync.Options{Hostname: name, HeartbeatInterval: beat, StaleAfter: stale,
 			Logger: zap.New(core).With(zap.String("self", name))})
 		if err != nil {
 			t.Fatal(err)

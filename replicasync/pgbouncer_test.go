@@ -24,7 +24,7 @@ func TestPollModeWorksThroughPgBouncerTransactionPooling(t *testing.T) {
 	}
 	t.Cleanup(db.Close)
 	newPolling := func(name string) *replicasync.Manager {
-		m, err := replicasync.New(ctx, db, nil, replicasync.Options{Hostname: name, HeartbeatInterval: 300 * time.Millisecond, PollInterval: 100 * time.Millisecond})
+		m, err := replicasync.New(ctx, replicasync.NewPostgresStore(db), nil, replicasync.Options{Hostname: name, HeartbeatInterval: 300 * time.Millisecond, PollInterval: 100 * time.Millisecond})
 		if err != nil {
 			t.Fatal(err)
 		}

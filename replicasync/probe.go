@@ -16,7 +16,6 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/wire"
 )
 
@@ -102,7 +101,7 @@ func (m *Manager) roundQueue() []Peer {
 
 // startProbe probes one peer in its own goroutine, unless a probe of it is
 // already under way (a hung peer must not pile up probes).
-func (m *Manager) startProbe(p database.Replica) {
+func (m *Manager) startProbe(p Replica) {
 	if p.RelayAddress == "" || p.RegionID != m.opts.RegionID || sameURL(p.RelayAddress, m.opts.RelayAddress) {
 		return
 	}
@@ -218,7 +217,7 @@ func (m *Manager) probeAgain(id uuid.UUID, samples int, crossed bool, err error)
 // whether this sample is on the other side of the threshold from the
 // peer's warning state (after it was taken into account): a crossing the
 // median does not show yet.
-func (m *Manager) recordProbe(p database.Replica, latency time.Duration, err error) (int, bool) {
+func (m *Manager) recordProbe(p Replica, latency time.Duration, err error) (int, bool) {
 	m.mu.Lock()
 	st := m.probes[p.ID]
 	if st == nil || m.ctx.Err() != nil { // the peer left meanwhile

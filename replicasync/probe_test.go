@@ -231,7 +231,7 @@ func TestPollModeSeesJoinsAndLeavesWithoutNotify(t *testing.T) {
 	newPolling := func(name string) *replicasync.Manager {
 		o := opts
 		o.Hostname = name
-		m, err := replicasync.New(context.Background(), db, nil, o)
+		m, err := replicasync.New(context.Background(), replicasync.NewPostgresStore(db), nil, o)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -294,7 +294,7 @@ func TestPollModeReplicaIsHeardByListeningPeersAtOnce(t *testing.T) {
 	t.Parallel()
 	db := dbtest.NewDB(t)
 	listening := start(t, db, replicasync.Options{Hostname: "listening"})
-	polling, err := replicasync.New(context.Background(), db, nil, replicasync.Options{Hostname: "polling", HeartbeatInterval: time.Minute})
+	polling, err := replicasync.New(context.Background(), replicasync.NewPostgresStore(db), nil, replicasync.Options{Hostname: "polling", HeartbeatInterval: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -319,7 +319,7 @@ func TestPeerAnnouncedBeforeTheListenIsLiveIsNotMissed(t *testing.T) {
 	}
 	started := make(chan result, 1)
 	go func() {
-		m, err := replicasync.New(context.Background(), db, slow, replicasync.Options{Hostname: "listening", HeartbeatInterval: time.Minute})
+		m, err := replicasync.New(context.Background(), replicasync.NewPostgresStore(db), slow, replicasync.Options{Hostname: "listening", HeartbeatInterval: time.Minute})
 		started <- result{m, err}
 	}()
 	// Registered, announced, but not yet listening: wait for its row.
@@ -351,7 +351,7 @@ func TestStartGoesOnWhenItsAnnouncementNeverComesBack(t *testing.T) {
 	deaf := &slowListen{Pubsub: newPubsub(t, db), live: make(chan struct{})} // never live
 	core, logs := observer.New(zapcore.InfoLevel)
 	began := time.Now()
-	a, err := replicasync.New(context.Background(), db, deaf, replicasync.Options{Hostname: "deaf", Logger: zap.New(core), HeartbeatInterval: 200 * time.Millisecond})
+	a, err := replicasync.New(context.Background(), replicasync.NewPostgresStore(db), deaf, replicasync.Options{Hostname: "deaf", Logger: zap.New(core), HeartbeatInterval: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -58,7 +58,7 @@ func start(t *testing.T, db *database.DB, opts replicasync.Options) *replicasync
 	if opts.HeartbeatInterval == 0 {
 		opts.HeartbeatInterval = time.Minute // only NOTIFY can explain fast convergence
 	}
-	m, err := replicasync.New(context.Background(), db, newPubsub(t, db), opts)
+	m, err := replicasync.New(context.Background(), replicasync.NewPostgresStore(db), newPubsub(t, db), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,7 +189,7 @@ func TestTwentyReplicasStartingTogetherAllSeeTwenty(t *testing.T) {
 				t.Error(err)
 				return
 			}
-			m, err := replicasync.New(context.Background(), db, ps, replicasync.Options{Hostname: fmt.Sprintf("r%d", i), HeartbeatInterval: time.Minute})
+			m, err := replicasync.New(context.Background(), replicasync.NewPostgresStore(db), ps, replicasync.Options{Hostname: fmt.Sprintf("r%d", i), HeartbeatInterval: time.Minute})
 			if err != nil {
 				t.Error(err)
 				_ = ps.Close()
@@ -219,7 +219,7 @@ func TestKilledListenConnectionReconnectsAndResyncs(t *testing.T) {
 	t.Parallel()
 	db := dbtest.NewDB(t)
 	ps := newPubsub(t, db)
-	a, err := replicasync.New(context.Background(), db, ps, replicasync.Options{Hostname: "a", HeartbeatInterval: time.Minute})
+	a, err := replicasync.New(context.Background(), replicasync.NewPostgresStore(db), ps, replicasync.Options{Hostname: "a", HeartbeatInterval: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -430,7 +430,7 @@ func TestRegistrationOutlastsABrokenConnection(t *testing.T) {
 		time.Sleep(1500 * time.Millisecond) // the outage's length, not a wait for a condition
 		proxy.Heal()
 	}()
-	m, err := replicasync.New(context.Background(), db, nil, replicasync.Options{Hostname: "r", HeartbeatInterval: time.Minute})
+	m, err := replicasync.New(context.Background(), replicasync.NewPostgresStore(db), nil, replicasync.Options{Hostname: "r", HeartbeatInterval: time.Minute})
 	<-healed
 	if err != nil {
 		t.Fatalf("registration during a 1.5 s connection outage failed: %v", err)

@@ -15,7 +15,6 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/internal/wait"
 	"github.com/coder-ha/coder/replicasync"
 	"github.com/coder-ha/coder/replicasync/storetest"
@@ -27,7 +26,7 @@ type countingStore struct {
 	fullReads atomic.Int64
 }
 
-func (s *countingStore) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error) {
+func (s *countingStore) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]replicasync.Replica, error) {
 	s.fullReads.Add(1)
 	return s.Memory.RecentMembers(ctx, staleAfter)
 }

@@ -10,7 +10,6 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/internal/wait"
 	"github.com/coder-ha/coder/replicasync"
@@ -18,33 +17,33 @@ import (
 
 // statementCounter counts the statements the Managers send.
 type statementCounter struct {
-	*database.DB
+	*replicasync.PostgresStore
 	calls atomic.Int64
 }
 
-func (s *statementCounter) BeatReplica(ctx context.Context, st database.ReplicaState) (database.Beat, error) {
+func (s *statementCounter) BeatReplica(ctx context.Context, st replicasync.ReplicaState) (replicasync.Beat, error) {
 	s.calls.Add(1)
-	return s.DB.BeatReplica(ctx, st)
+	return s.PostgresStore.BeatReplica(ctx, st)
 }
 
-func (s *statementCounter) RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error) {
+func (s *statementCounter) RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]replicasync.Replica, error) {
 	s.calls.Add(1)
-	return s.DB.RecentReplicas(ctx, staleAfter)
+	return s.PostgresStore.RecentReplicas(ctx, staleAfter)
 }
 
-func (s *statementCounter) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error) {
+func (s *statementCounter) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]replicasync.Replica, error) {
 	s.calls.Add(1)
-	return s.DB.RecentMembers(ctx, staleAfter)
+	return s.PostgresStore.RecentMembers(ctx, staleAfter)
 }
 
-func (s *statementCounter) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (database.Replica, bool, error) {
+func (s *statementCounter) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (replicasync.Replica, bool, error) {
 	s.calls.Add(1)
-	return s.DB.GetReplicaIfLive(ctx, id, staleAfter)
+	return s.PostgresStore.GetReplicaIfLive(ctx, id, staleAfter)
 }
 
 func (s *statementCounter) NotifyReplicaChange(ctx context.Context, channel string, id uuid.UUID) error {
 	s.calls.Add(1)
-	return s.DB.NotifyReplicaChange(ctx, channel, id)
+	return s.PostgresStore.NotifyReplicaChange(ctx, channel, id)
 }
 
 // TestScaleStatementsPerBeat runs REPLICASYNC_SCALE Managers (each with a
@@ -57,7 +56,7 @@ func TestScaleStatementsPerBeat(t *testing.T) {
 		t.Skip("set REPLICASYNC_SCALE=N to run")
 	}
 	db := dbtest.NewDB(t)
-	store := &statementCounter{DB: db}
+	store := &statementCounter{PostgresStore: replicasync.NewPostgresStore(db)}
 	ps := newPubsub(t, db)
 	const beat = time.Second
 	ms := make([]*replicasync.Manager, 0, n)
@@ -91,13 +90,13 @@ func TestScaleStatementsPerBeat(t *testing.T) {
 
 // matrixReads counts reads of the latency matrix (RecentReplicas).
 type matrixReads struct {
-	*database.DB
+	*replicasync.PostgresStore
 	n atomic.Int64
 }
 
-func (s *matrixReads) RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error) {
+func (s *matrixReads) RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]replicasync.Replica, error) {
 	s.n.Add(1)
-	return s.DB.RecentReplicas(ctx, staleAfter)
+	return s.PostgresStore.RecentReplicas(ctx, staleAfter)
 }
 
 // The beats read membership only; the latency matrix every replica stores
@@ -105,7 +104,7 @@ func (s *matrixReads) RecentReplicas(ctx context.Context, staleAfter time.Durati
 func TestMatrixIsReadOnRequestNotOnEveryBeat(t *testing.T) {
 	t.Parallel()
 	db := dbtest.NewDB(t)
-	store := &matrixReads{DB: db}
+	store := &matrixReads{PostgresStore: replicasync.NewPostgresStore(db)}
 	const beat = 200 * time.Millisecond
 	newManager := func(host string) *replicasync.Manager {
 		m, err := replicasync.New(context.Background(), store, newPubsub(t, db), replicasync.Options{

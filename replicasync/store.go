@@ -9,30 +9,30 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/pubsub"
 )
 
-// Store is what the Manager needs of the replicas table. *database.DB
-// implements it against Postgres; storetest.Memory implements it in memory
-// with a settable "database now()" for deterministic tests. Every
-// implementation passes storetest.Run. Liveness is always judged by the
-// store's clock, never the caller's.
+// Store is what the Manager needs of the replicas table, in replicasync's
+// own values. PostgresStore implements it on Postgres (an adapter around
+// *database.DB); storetest.Memory implements it in memory with a settable
+// "database now()" for deterministic tests. Every implementation passes
+// storetest.Run. Liveness is always judged by the store's clock, never the
+// caller's.
 type Store interface {
 	// BeatReplica upserts the replica's row, stamps updated_at with the
 	// store's now(), re-creates a deleted row and clears a stopped_at older
 	// than the beat (Revived reports either).
-	BeatReplica(ctx context.Context, s database.ReplicaState) (database.Beat, error)
+	BeatReplica(ctx context.Context, s ReplicaState) (Beat, error)
 	// RecentReplicas lists the rows updated within staleAfter: live ones
 	// (Live) and recently stopped ones (StoppedAt set), latency matrix
 	// (Peers) included. Only Manager.Replicas reads it, on request.
-	RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error)
+	RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]Replica, error)
 	// RecentMembers is RecentReplicas without the latency matrix (Peers
 	// empty): the read of every beat, which must not cost N² entries.
-	RecentMembers(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error)
+	RecentMembers(ctx context.Context, staleAfter time.Duration) ([]Replica, error)
 	// GetReplicaIfLive reads one row without its latency matrix (Peers
 	// empty); a missing row is (Replica{}, false, nil).
-	GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (database.Replica, bool, error)
+	GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (Replica, bool, error)
 	// MarkReplicaStopped records a graceful stop (a tombstone).
 	MarkReplicaStopped(ctx context.Context, id uuid.UUID) error
 	// DeleteDeadReplicas deletes rows older than retention, one caller at a
@@ -40,7 +40,7 @@ type Store interface {
 	DeleteDeadReplicas(ctx context.Context, retention time.Duration) (int64, error)
 }
 
-var _ Store = (*database.DB)(nil)
+var _ Store = (*PostgresStore)(nil)
 
 // Notifier is optionally implemented by a Store: in poll mode (no Pubsub)
 // the Manager still announces itself through it, so replicas that do
@@ -49,7 +49,7 @@ type Notifier interface {
 	NotifyReplicaChange(ctx context.Context, channel string, id uuid.UUID) error
 }
 
-var _ Notifier = (*database.DB)(nil)
+var _ Notifier = (*PostgresStore)(nil)
 
 // Pubsub is what the Manager needs of LISTEN/NOTIFY. A nil Pubsub means
 // poll mode: the table is re-read every Options.PollInterval.

@@ -10,7 +10,6 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/wire"
 )
 
@@ -33,8 +32,8 @@ type PeerChange struct {
 
 // meshPeers is the set the mesh should connect to: regional peers with a
 // relay URL, deduplicated by URL (the newest start wins), sorted by URL.
-func meshPeers(peers map[uuid.UUID]database.Replica, region int32) []Peer {
-	byURL := map[string]database.Replica{}
+func meshPeers(peers map[uuid.UUID]Replica, region int32) []Peer {
+	byURL := map[string]Replica{}
 	for _, p := range peers {
 		if p.RegionID != region || p.RelayAddress == "" {
 			continue
@@ -75,7 +74,7 @@ func sameURL(a, b string) bool {
 	return wire.NormalizeURL(a) == wire.NormalizeURL(b)
 }
 
-func newer(a, b database.Replica) bool {
+func newer(a, b Replica) bool {
 	if !a.StartedAt.Equal(b.StartedAt) {
 		return a.StartedAt.After(b.StartedAt)
 	}
@@ -164,8 +163,8 @@ func (w *latencyWindow) latency() time.Duration { return median(w.samples) }
 func (w *latencyWindow) hasLatency() bool { return len(w.samples) > 0 && w.err == "" }
 
 // report is the window as stored in this replica's row.
-func (w *latencyWindow) report(id uuid.UUID) database.PeerReport {
-	r := database.PeerReport{ID: id, Error: w.err}
+func (w *latencyWindow) report(id uuid.UUID) PeerReport {
+	r := PeerReport{ID: id, Error: w.err}
 	if w.hasLatency() {
 		r.LatencyMS = float64(w.latency().Microseconds()) / 1000
 	}
@@ -219,8 +218,8 @@ func (g outageGrace) cutOff(now time.Time, staleAfter time.Duration) bool {
 // returned (full: every recent row; otherwise the rows of the ids read,
 // with missing ids in ids). Live rows join or update; stopped rows leave at
 // once; anything else missing leaves only when mayDropStale.
-func nextPeers(known map[uuid.UUID]database.Replica, rows []database.Replica, full bool, ids []uuid.UUID, self uuid.UUID, mayDropStale bool) map[uuid.UUID]database.Replica {
-	next := make(map[uuid.UUID]database.Replica, len(known))
+func nextPeers(known map[uuid.UUID]Replica, rows []Replica, full bool, ids []uuid.UUID, self uuid.UUID, mayDropStale bool) map[uuid.UUID]Replica {
+	next := make(map[uuid.UUID]Replica, len(known))
 	for id, p := range known {
 		next[id] = p
 	}

@@ -5,19 +5,17 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-
-	"github.com/coder-ha/coder/database"
 )
 
 func TestMeshPeersDedupesByURLNewestWinsAndDiffReportsReplaced(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	old := database.Replica{ID: uuid.New(), RegionID: 1, RelayAddress: "http://x", StartedAt: t0}
-	restarted := database.Replica{ID: uuid.New(), RegionID: 1, RelayAddress: "http://x", StartedAt: t0.Add(time.Second)}
-	other := database.Replica{ID: uuid.New(), RegionID: 1, RelayAddress: "http://y", StartedAt: t0}
-	elsewhere := database.Replica{ID: uuid.New(), RegionID: 2, RelayAddress: "http://z", StartedAt: t0}
-	noURL := database.Replica{ID: uuid.New(), RegionID: 1, StartedAt: t0}
-	before := meshPeers(map[uuid.UUID]database.Replica{old.ID: old, other.ID: other}, 1)
-	after := meshPeers(map[uuid.UUID]database.Replica{old.ID: old, restarted.ID: restarted, other.ID: other, elsewhere.ID: elsewhere, noURL.ID: noURL}, 1)
+	old := Replica{ID: uuid.New(), RegionID: 1, RelayAddress: "http://x", StartedAt: t0}
+	restarted := Replica{ID: uuid.New(), RegionID: 1, RelayAddress: "http://x", StartedAt: t0.Add(time.Second)}
+	other := Replica{ID: uuid.New(), RegionID: 1, RelayAddress: "http://y", StartedAt: t0}
+	elsewhere := Replica{ID: uuid.New(), RegionID: 2, RelayAddress: "http://z", StartedAt: t0}
+	noURL := Replica{ID: uuid.New(), RegionID: 1, StartedAt: t0}
+	before := meshPeers(map[uuid.UUID]Replica{old.ID: old, other.ID: other}, 1)
+	after := meshPeers(map[uuid.UUID]Replica{old.ID: old, restarted.ID: restarted, other.ID: other, elsewhere.ID: elsewhere, noURL.ID: noURL}, 1)
 	want := []Peer{{ID: restarted.ID, RelayAddress: "http://x"}, {ID: other.ID, RelayAddress: "http://y"}}
 	if !samePeers(after, want) {
 		t.Fatalf("mesh peers = %v, want %v", after, want)
@@ -88,12 +86,12 @@ func TestOutageGraceForgivesStalenessOnlyUntilPeersHadAFullWindow(t *testing.T) 
 func TestNextPeersHonoursStopsAlwaysAndStalenessOnlyWhenAllowed(t *testing.T) {
 	self := uuid.New()
 	now := time.Now()
-	live := database.Replica{ID: uuid.New(), Live: true}
-	stale := database.Replica{ID: uuid.New()}
-	stopped := database.Replica{ID: uuid.New(), StoppedAt: &now}
-	missing := database.Replica{ID: uuid.New()}
-	known := map[uuid.UUID]database.Replica{live.ID: live, stale.ID: stale, stopped.ID: stopped, missing.ID: missing}
-	rows := []database.Replica{live, stale, stopped, {ID: self, Live: true}}
+	live := Replica{ID: uuid.New(), Live: true}
+	stale := Replica{ID: uuid.New()}
+	stopped := Replica{ID: uuid.New(), StoppedAt: &now}
+	missing := Replica{ID: uuid.New()}
+	known := map[uuid.UUID]Replica{live.ID: live, stale.ID: stale, stopped.ID: stopped, missing.ID: missing}
+	rows := []Replica{live, stale, stopped, {ID: self, Live: true}}
 
 	kept := nextPeers(known, rows, true, nil, self, false)
 	if _, ok := kept[stopped.ID]; ok {

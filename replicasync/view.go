@@ -11,12 +11,10 @@ import (
 
 	"github.com/google/uuid"
 	"go.uber.org/zap"
-
-	"github.com/coder-ha/coder/database"
 )
 
 // Self is this replica's row as last written.
-func (m *Manager) Self() database.Replica {
+func (m *Manager) Self() Replica {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.self
@@ -25,10 +23,10 @@ func (m *Manager) Self() database.Replica {
 // All is every live replica, self included, oldest first. The peers'
 // latency matrices (Peers) are not read on every beat, so they are empty
 // here except for this replica's own; Replicas fills them in.
-func (m *Manager) All() []database.Replica {
+func (m *Manager) All() []Replica {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	out := make([]database.Replica, 0, len(m.peers)+1)
+	out := make([]Replica, 0, len(m.peers)+1)
 	out = append(out, m.self)
 	for _, p := range m.peers {
 		out = append(out, p)
@@ -51,7 +49,7 @@ const matrixTimeout = 2 * time.Second
 // on every beat, where they would cost every replica N² entries. While
 // the store is unreachable it answers with the matrices last read. This
 // replica's own row shows its current measurements, warnings and error.
-func (m *Manager) Replicas(ctx context.Context) []database.Replica {
+func (m *Manager) Replicas(ctx context.Context) []Replica {
 	rows := m.All()
 	m.matrixMu.Lock()
 	defer m.matrixMu.Unlock()
@@ -62,7 +60,7 @@ func (m *Manager) Replicas(ctx context.Context) []database.Replica {
 		if err != nil {
 			m.log.Debug("read latency matrix", zap.Error(err))
 		} else {
-			m.matrix = make(map[uuid.UUID][]database.PeerReport, len(full))
+			m.matrix = make(map[uuid.UUID][]PeerReport, len(full))
 			for _, r := range full {
 				m.matrix[r.ID] = r.Peers
 			}
@@ -81,7 +79,7 @@ func (m *Manager) Replicas(ctx context.Context) []database.Replica {
 			m.mu.Unlock()
 			continue
 		}
-		rows[i].Peers = []database.PeerReport{}
+		rows[i].Peers = []PeerReport{}
 		if p, ok := m.matrix[rows[i].ID]; ok && p != nil {
 			rows[i].Peers = p
 		}
@@ -90,10 +88,10 @@ func (m *Manager) Replicas(ctx context.Context) []database.Replica {
 }
 
 // Regional is every live peer in this replica's region, self excluded.
-func (m *Manager) Regional() []database.Replica {
+func (m *Manager) Regional() []Replica {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var out []database.Replica
+	var out []Replica
 	for _, p := range m.peers {
 		if p.RegionID == m.opts.RegionID {
 			out = append(out, p)
@@ -119,7 +117,7 @@ func (m *Manager) ClockSkew() time.Duration {
 	return m.skew
 }
 
-func sortReplicas(rs []database.Replica) {
+func sortReplicas(rs []Replica) {
 	sort.Slice(rs, func(i, j int) bool {
 		if !rs[i].CreatedAt.Equal(rs[j].CreatedAt) {
 			return rs[i].CreatedAt.Before(rs[j].CreatedAt)

@@ -6,8 +6,6 @@ package replicasync
 import (
 	"sort"
 	"time"
-
-	"github.com/coder-ha/coder/database"
 )
 
 // Warnings are the warnings in force, as text: latency (naming the peer
@@ -41,19 +39,19 @@ func renderWarnings(ws []Warning) []string {
 
 // PeerReports is what this replica measured of each regional peer: the
 // median latency, or the error of the last probe (never both).
-func (m *Manager) PeerReports() []database.PeerReport {
+func (m *Manager) PeerReports() []PeerReport {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.peerReportsLocked()
 }
 
-func (m *Manager) peerReportsLocked() []database.PeerReport {
-	out := []database.PeerReport{}
+func (m *Manager) peerReportsLocked() []PeerReport {
+	out := []PeerReport{}
 	for id, p := range m.peers {
 		if p.RegionID != m.opts.RegionID {
 			continue
 		}
-		r := database.PeerReport{ID: id}
+		r := PeerReport{ID: id}
 		if st := m.probes[id]; st != nil {
 			r = st.w.report(id)
 		}

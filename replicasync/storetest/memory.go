@@ -14,8 +14,8 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/pubsub"
+	"github.com/coder-ha/coder/replicasync"
 )
 
 // ErrDown is returned by every Memory call while the "database" is down.
@@ -27,7 +27,7 @@ type Memory struct {
 	mu        sync.Mutex
 	now       time.Time
 	clock     func() time.Time // if set, now follows it
-	rows      map[uuid.UUID]database.Replica
+	rows      map[uuid.UUID]replicasync.Replica
 	down      bool
 	cutOff    map[uuid.UUID]bool // beats of these replicas fail (partial partition)
 	listeners map[int]pubsub.Listener
@@ -36,7 +36,7 @@ type Memory struct {
 
 // NewMemory returns an empty store whose clock starts at start.
 func NewMemory(start time.Time) *Memory {
-	return &Memory{now: start, rows: map[uuid.UUID]database.Replica{}, cutOff: map[uuid.UUID]bool{}, listeners: map[int]pubsub.Listener{}}
+	return &Memory{now: start, rows: map[uuid.UUID]replicasync.Replica{}, cutOff: map[uuid.UUID]bool{}, listeners: map[int]pubsub.Listener{}}
 }
 
 // NewMemoryWithClock returns an empty store whose "database now()" is
@@ -114,32 +114,32 @@ func (s *Memory) MarkStoppedByOther(id uuid.UUID) {
 }
 
 // Row returns a row as stored.
-func (s *Memory) Row(id uuid.UUID) (database.Replica, bool) {
+func (s *Memory) Row(id uuid.UUID) (replicasync.Replica, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	r, ok := s.rows[id]
 	return r, ok
 }
 
-func (s *Memory) live(r database.Replica, staleAfter time.Duration) bool {
+func (s *Memory) live(r replicasync.Replica, staleAfter time.Duration) bool {
 	return r.StoppedAt == nil && r.UpdatedAt.After(s.now.Add(-staleAfter))
 }
 
 // BeatReplica implements replicasync.Store.
-func (s *Memory) BeatReplica(ctx context.Context, st database.ReplicaState) (database.Beat, error) {
+func (s *Memory) BeatReplica(ctx context.Context, st replicasync.ReplicaState) (replicasync.Beat, error) {
 	if err := ctx.Err(); err != nil {
-		return database.Beat{}, err
+		return replicasync.Beat{}, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.tickLocked()
 	if s.down || s.cutOff[st.ID] {
-		return database.Beat{}, ErrDown
+		return replicasync.Beat{}, ErrDown
 	}
 	r, exists := s.rows[st.ID]
 	revived := !exists
 	if !exists {
-		r = database.Replica{ID: st.ID, CreatedAt: s.now, StartedAt: s.now}
+		r = replicasync.Replica{ID: st.ID, CreatedAt: s.now, StartedAt: s.now}
 	}
 	if r.StoppedAt != nil && r.StoppedAt.Before(s.now) {
 		r.StoppedAt = nil
@@ -148,15 +148,15 @@ func (s *Memory) BeatReplica(ctx context.Context, st database.ReplicaState) (dat
 	r.UpdatedAt = s.now
 	r.Hostname, r.RegionID, r.RelayAddress, r.Version = st.Hostname, st.RegionID, st.RelayAddress, st.Version
 	r.DatabaseLatency, r.Error = st.DatabaseLatency, st.Error
-	r.Peers = append([]database.PeerReport{}, st.Peers...)
+	r.Peers = append([]replicasync.PeerReport{}, st.Peers...)
 	r.Warnings = append([]string{}, st.Warnings...)
 	r.Live = r.StoppedAt == nil
 	s.rows[st.ID] = r
-	return database.Beat{Replica: r, Revived: revived}, nil
+	return replicasync.Beat{Replica: r, Revived: revived}, nil
 }
 
 // RecentReplicas implements replicasync.Store.
-func (s *Memory) RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error) {
+func (s *Memory) RecentReplicas(ctx context.Context, staleAfter time.Duration) ([]replicasync.Replica, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -166,7 +166,7 @@ func (s *Memory) RecentReplicas(ctx context.Context, staleAfter time.Duration) (
 	if s.down {
 		return nil, ErrDown
 	}
-	var out []database.Replica
+	var out []replicasync.Replica
 	for _, r := range s.rows {
 		if !r.UpdatedAt.After(s.now.Add(-staleAfter)) {
 			continue
@@ -185,31 +185,31 @@ func (s *Memory) RecentReplicas(ctx context.Context, staleAfter time.Duration) (
 
 // RecentMembers implements replicasync.Store: RecentReplicas with the
 // latency matrix left out.
-func (s *Memory) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]database.Replica, error) {
+func (s *Memory) RecentMembers(ctx context.Context, staleAfter time.Duration) ([]replicasync.Replica, error) {
 	rows, err := s.RecentReplicas(ctx, staleAfter)
 	for i := range rows {
-		rows[i].Peers = []database.PeerReport{}
+		rows[i].Peers = []replicasync.PeerReport{}
 	}
 	return rows, err
 }
 
 // GetReplicaIfLive implements replicasync.Store.
-func (s *Memory) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (database.Replica, bool, error) {
+func (s *Memory) GetReplicaIfLive(ctx context.Context, id uuid.UUID, staleAfter time.Duration) (replicasync.Replica, bool, error) {
 	if err := ctx.Err(); err != nil {
-		return database.Replica{}, false, err
+		return replicasync.Replica{}, false, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.tickLocked()
 	if s.down {
-		return database.Replica{}, false, ErrDown
+		return replicasync.Replica{}, false, ErrDown
 	}
 	r, ok := s.rows[id]
 	if !ok {
-		return database.Replica{}, false, nil
+		return replicasync.Replica{}, false, nil
 	}
 	r.Live = s.live(r, staleAfter)
-	r.Peers = []database.PeerReport{}
+	r.Peers = []replicasync.PeerReport{}
 	return r, r.Live, nil
 }
 

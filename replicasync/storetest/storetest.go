@@ -7,7 +7,6 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/replicasync"
 )
 
@@ -27,9 +26,9 @@ type Harness struct {
 // called once per subtest.
 func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 	ctx := context.Background()
-	state := func(host string) database.ReplicaState {
-		return database.ReplicaState{ID: uuid.New(), Hostname: host, RegionID: 999, RelayAddress: "http://127.0.0.1:1/" + host,
-			Peers: []database.PeerReport{{ID: uuid.New(), LatencyMS: 1.5}}, Warnings: []string{"w"}}
+	state := func(host string) replicasync.ReplicaState {
+		return replicasync.ReplicaState{ID: uuid.New(), Hostname: host, RegionID: 999, RelayAddress: "http://127.0.0.1:1/" + host,
+			Peers: []replicasync.PeerReport{{ID: uuid.New(), LatencyMS: 1.5}}, Warnings: []string{"w"}}
 	}
 	must := func(t *testing.T, err error) {
 		t.Helper()
@@ -37,13 +36,13 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 			t.Fatal(err)
 		}
 	}
-	find := func(rows []database.Replica, id uuid.UUID) (database.Replica, bool) {
+	find := func(rows []replicasync.Replica, id uuid.UUID) (replicasync.Replica, bool) {
 		for _, r := range rows {
 			if r.ID == id {
 				return r, true
 			}
 		}
-		return database.Replica{}, false
+		return replicasync.Replica{}, false
 	}
 
 	t.Run("FirstBeatRegistersAndIsRevivedOnce", func(t *testing.T) {

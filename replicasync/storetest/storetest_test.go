@@ -8,6 +8,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/coder-ha/coder/database/dbtest"
+	"github.com/coder-ha/coder/replicasync"
 	"github.com/coder-ha/coder/replicasync/storetest"
 )
 
@@ -26,7 +27,7 @@ func TestPostgresStorePassesTheContract(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) storetest.Harness {
 		db := dbtest.NewDB(t)
 		return storetest.Harness{
-			Store:      db,
+			Store:      replicasync.NewPostgresStore(db),
 			Advance:    time.Sleep, // the database's clock cannot be stepped
 			StaleAfter: 300 * time.Millisecond,
 			Delete: func(id uuid.UUID) {
