@@ -214,14 +214,11 @@ func DefaultConfig() Config {
 }
 
 // StaleAfterBeats is how many heartbeat intervals a replica may go unheard
-// before its peers consider it dead: replicasync's default StaleAfter is
-// this many HeartbeatIntervals (3; read from replicasync.DefaultOptions,
-// not written again here). coderd never sets StaleAfter, so the rule
-// holds at every --replica-heartbeat-interval.
-var StaleAfterBeats = func() int {
-	rs := replicasync.DefaultOptions()
-	return int(rs.StaleAfter / rs.HeartbeatInterval)
-}()
+// before its peers consider it dead: replicasync's rule
+// (replicasync.StaleAfterBeats), named here for the help text, the
+// start-up rule and the log line. coderd never sets StaleAfter, so the
+// rule holds at every --replica-heartbeat-interval.
+const StaleAfterBeats = replicasync.StaleAfterBeats
 
 // withDefaults fills in defaults and checks the start-up rules that need no
 // database. It returns the first violation as a *ConfigError.
