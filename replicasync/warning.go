@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/coder-ha/coder/wire"
 )
 
 // WarningKind is what a Warning is about.
@@ -96,6 +98,24 @@ func (w Warning) String() string {
 			w.Hostname, w.RelayURL, w.Latency, w.Threshold)
 	}
 	return fmt.Sprintf("warning of unknown kind %d", int(w.Kind))
+}
+
+// WarnsSlow reports whether any of warnings (a replica's, as text: its
+// row or the API) says the peer behind relayURL is above the latency
+// threshold. It is the one rule that marks a latency cell: coder replicas
+// and the health page's tests follow it. Other kinds naming the URL, and
+// URLs that merely start with relayURL, do not count.
+func WarnsSlow(warnings []string, relayURL string) bool {
+	if relayURL == "" {
+		return false
+	}
+	for _, text := range warnings {
+		w, ok := ParseWarning(text)
+		if ok && w.Kind == WarnPeerSlow && wire.NormalizeURL(w.RelayURL) == wire.NormalizeURL(relayURL) {
+			return true
+		}
+	}
+	return false
 }
 
 // ParseWarning reads a warning's text (as String renders it, e.g. from

@@ -11,7 +11,6 @@ import (
 
 	"github.com/coder-ha/coder/coderd"
 	"github.com/coder-ha/coder/replicasync"
-	"github.com/coder-ha/coder/wire"
 )
 
 func newReplicasCmd() *cobra.Command {
@@ -94,7 +93,7 @@ func printReplicas(w io.Writer, replicas []coderd.Replica) {
 				row = append(row, "! error")
 			default:
 				cell := fmt.Sprintf("%.1fms", p.LatencyMS)
-				if warnsAbout(from.Warnings, to) {
+				if replicasync.WarnsSlow(from.Warnings, to.RelayAddress) {
 					cell += " !"
 				}
 				row = append(row, cell)
@@ -122,21 +121,6 @@ func printReplicas(w io.Writer, replicas []coderd.Replica) {
 			fmt.Fprintln(w, "!", warning)
 		}
 	}
-}
-
-// warnsAbout reports whether one of a replica's warnings (as the API
-// returns them: text) says peer is slower than the threshold.
-func warnsAbout(warnings []string, peer coderd.Replica) bool {
-	if peer.RelayAddress == "" {
-		return false
-	}
-	for _, text := range warnings {
-		w, ok := replicasync.ParseWarning(text)
-		if ok && w.Kind == replicasync.WarnPeerSlow && wire.NormalizeURL(w.RelayURL) == wire.NormalizeURL(peer.RelayAddress) {
-			return true
-		}
-	}
-	return false
 }
 
 func labelOf(labels map[uuid.UUID]string, id uuid.UUID) string {

@@ -99,6 +99,10 @@ func TestHealthPageShowsWhatTheAPISaysAsText(t *testing.T) {
 	relayB := `http://10.0.0.2:8080"><b>x</b>`
 	latencyWarning := `replica "` + hostB + `" (` + relayB + `) is 31.2ms away; every replica must be within 10ms of each other`
 	peerErr := "<b>connection refused</b>"
+	// b's warning names a's relay URL but is not about latency (a kind
+	// this page does not know, from a later release, say): a's cell in b's
+	// row stays a plain latency, as in coder replicas.
+	otherWarning := `replica "a" (` + relayA + `) is draining; it leaves the cluster in 30s`
 	f := &fakeAPI{
 		token: "good-token",
 		replicas: []coderd.Replica{
@@ -106,7 +110,7 @@ func TestHealthPageShowsWhatTheAPISaysAsText(t *testing.T) {
 				Peers:    []coderd.ReplicaPeer{{ID: bID, LatencyMS: 31.2}, {ID: c, Error: peerErr}},
 				Warnings: []string{latencyWarning}},
 			{ID: bID, Hostname: hostB, RelayAddress: relayB, RegionID: 999, Version: "v2.1.0", DatabaseLatencyMS: 2,
-				Peers: []coderd.ReplicaPeer{{ID: a, LatencyMS: 3.25}}, Warnings: []string{}},
+				Peers: []coderd.ReplicaPeer{{ID: a, LatencyMS: 3.25}}, Warnings: []string{otherWarning}},
 			{ID: c, Hostname: "c", RelayAddress: "http://10.0.0.3:8080", RegionID: 999, Version: "v2.0.0", Error: "<i>heartbeat failing</i>",
 				Peers: []coderd.ReplicaPeer{{ID: a}, {ID: bID, LatencyMS: 4}}, Warnings: []string{}},
 		},

@@ -18,6 +18,7 @@ import (
 	"github.com/coder-ha/coder/internal/browsertest"
 	"github.com/coder-ha/coder/internal/clitest"
 	"github.com/coder-ha/coder/internal/faultproxy"
+	"github.com/coder-ha/coder/replicasync"
 )
 
 // healthPageScreenshot is where UPDATE_SCREENSHOT=1 writes the page as
@@ -90,7 +91,7 @@ func pageMismatch(p browsertest.HealthPage, replicas []coderd.Replica, health co
 				}
 			default:
 				kind := "ok"
-				if strings.Contains(strings.Join(from.Warnings, "\n"), to.RelayAddress) {
+				if replicasync.WarnsSlow(from.Warnings, to.RelayAddress) {
 					kind = "over"
 				}
 				if cell.Kind != kind || cell.LatencyMS != peer.LatencyMS || !strings.Contains(cell.Text, fmt.Sprintf("%.1f", peer.LatencyMS)) {
