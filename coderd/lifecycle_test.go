@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
 	"github.com/coder-ha/coder/database"
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/internal/clitest"
@@ -26,17 +24,13 @@ func TestShutdownIsIdempotentAndWaits(t *testing.T) {
 	pg := dbtest.NewURL(t)
 	port := clitest.FreePort(t)
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	s, err := New(ctx, Config{
+	s := startServer(ctx, t, Config{
 		HTTPAddress:        fmt.Sprintf("127.0.0.1:%d", port),
 		AccessURL:          "https://coder.example.com",
 		DERPServerRelayURL: base,
 		PostgresURL:        pg,
 		DERPServerEnable:   true,
-	}, zaptest.NewLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
+	})
 	wait.For(t, 30*time.Second, "the replica is ready", func() bool { return s.ready.Load() })
 
 	cut, cutNow := context.WithCancel(ctx)

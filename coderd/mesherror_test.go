@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
 	"github.com/coder-ha/coder/database/dbtest"
 	"github.com/coder-ha/coder/internal/clitest"
 	"github.com/coder-ha/coder/internal/faultproxy"
@@ -41,18 +39,13 @@ func TestMeshFailureShowsInTheRowAndClearsWhenHealed(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = proxy.Close() })
 	start := func(port int, relay string) *Server {
-		s, err := New(ctx, Config{
+		return startServer(ctx, t, Config{
 			HTTPAddress:        fmt.Sprintf("127.0.0.1:%d", port),
 			AccessURL:          "https://coder.example.com",
 			DERPServerRelayURL: relay,
 			PostgresURL:        pg,
 			DERPServerEnable:   true,
-		}, zaptest.NewLogger(t))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
-		return s
+		})
 	}
 	b := start(portB, proxy.URL())
 	a := start(portA, fmt.Sprintf("http://127.0.0.1:%d", portA))

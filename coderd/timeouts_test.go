@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
-	"go.uber.org/zap/zaptest"
 	"tailscale.com/derp"
 	"tailscale.com/net/wsconn"
 	"tailscale.com/types/key"
@@ -27,17 +26,13 @@ func TestHTTPTimeoutsDoNotCutRelayConnections(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	s, err := New(ctx, Config{
+	s := startServer(ctx, t, Config{
 		HTTPAddress:      "127.0.0.1:0",
 		PostgresURL:      dbtest.NewURL(t),
 		DERPServerEnable: true,
 		HTTPReadTimeout:  time.Second,
 		HTTPWriteTimeout: time.Second,
-	}, zaptest.NewLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
+	})
 	url := "http://" + s.HTTPAddress()
 
 	a, err := derptest.Connect(ctx, url)
