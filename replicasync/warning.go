@@ -10,8 +10,6 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-
-	"github.com/coder-ha/coder/wire"
 )
 
 // WarningKind is what a Warning is about.
@@ -73,31 +71,120 @@ type Warning struct {
 	RegionID int32
 }
 
+// warningForms is each kind's wording, written once: String fills its
+// verbs with the fields listed, in order, and ParseWarning reads them
+// back. The wording is a contract with other releases (it is stored in
+// the replicas table): it never changes.
+var warningForms = map[WarningKind]warningForm{
+	WarnDatabaseSlow: {"the database is %s away; every replica must be within %s of Postgres",
+		[]warningField{fieldLatency, fieldThreshold}},
+	WarnClockSkew: {"this machine's clock is %s off the database clock; membership uses the database clock, but timestamps in this replica's logs are off by as much",
+		[]warningField{fieldSkew}},
+	WarnCutOff: {"the database has not accepted this replica's heartbeat for %s (stale window %s): if other replicas reach it, they consider this replica gone",
+		[]warningField{fieldFailingFor, fieldStaleAfter}},
+	WarnSelfNoRelay: {"this replica (%q, id %s) has no relay URL: the %d other replica(s) of region %d cannot mesh with it, so clients on them cannot reach clients on it; set --derp-server-relay-url",
+		[]warningField{fieldHostname, fieldID, fieldPeers, fieldRegionID}},
+	WarnPeerNoRelay: {"replica %q (id %s) has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
+		[]warningField{fieldHostname, fieldID}},
+	WarnSharedRelayURL: {"replica %q (id %s) uses this replica's relay URL %s: the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url (without an access URL, a replica listening on all interfaces defaults to http://127.0.0.1:<port>, which reaches only its own machine)",
+		[]warningField{fieldHostname, fieldID, fieldRelayURL}},
+	WarnPeerSlow: {"replica %q (%s) is %s away; every replica must be within %s of each other",
+		[]warningField{fieldHostname, fieldRelayURL, fieldLatency, fieldThreshold}},
+}
+
+// warningForm is one kind's wording: a format with one verb (%s, %q or
+// %d) per field.
+type warningForm struct {
+	format string
+	fields []warningField
+}
+
+// warningField is a field of Warning that a form shows.
+type warningField int
+
+const (
+	fieldHostname warningField = iota
+	fieldID
+	fieldRelayURL
+	fieldLatency
+	fieldThreshold
+	fieldSkew
+	fieldFailingFor
+	fieldStaleAfter
+	fieldPeers
+	fieldRegionID
+)
+
 // String renders the warning as the replicas table stores it and the API
 // returns it.
 func (w Warning) String() string {
-	switch w.Kind {
-	case WarnDatabaseSlow:
-		return fmt.Sprintf("the database is %s away; every replica must be within %s of Postgres", w.Latency, w.Threshold)
-	case WarnClockSkew:
-		return fmt.Sprintf("this machine's clock is %s off the database clock; membership uses the database clock, but timestamps in this replica's logs are off by as much", w.Skew)
-	case WarnCutOff:
-		return fmt.Sprintf("the database has not accepted this replica's heartbeat for %s (stale window %s): if other replicas reach it, they consider this replica gone",
-			w.FailingFor, w.StaleAfter)
-	case WarnSelfNoRelay:
-		return fmt.Sprintf("this replica (%q, id %s) has no relay URL: the %d other replica(s) of region %d cannot mesh with it, so clients on them cannot reach clients on it; set --derp-server-relay-url",
-			w.Hostname, w.ID, w.Peers, w.RegionID)
-	case WarnPeerNoRelay:
-		return fmt.Sprintf("replica %q (id %s) has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url",
-			w.Hostname, w.ID)
-	case WarnSharedRelayURL:
-		return fmt.Sprintf("replica %q (id %s) uses this replica's relay URL %s: the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url (without an access URL, a replica listening on all interfaces defaults to http://127.0.0.1:<port>, which reaches only its own machine)",
-			w.Hostname, w.ID, w.RelayURL)
-	case WarnPeerSlow:
-		return fmt.Sprintf("replica %q (%s) is %s away; every replica must be within %s of each other",
-			w.Hostname, w.RelayURL, w.Latency, w.Threshold)
+	form, ok := warningForms[w.Kind]
+	if !ok {
+		return fmt.Sprintf("warning of unknown kind %d", int(w.Kind))
 	}
-	return fmt.Sprintf("warning of unknown kind %d", int(w.Kind))
+	args := make([]any, len(form.fields))
+	for i, f := range form.fields {
+		args[i] = w.get(f)
+	}
+	return fmt.Sprintf(form.format, args...)
+}
+
+func (w Warning) get(f warningField) any {
+	switch f {
+	case fieldHostname:
+		return w.Hostname
+	case fieldID:
+		return w.ID
+	case fieldRelayURL:
+		return w.RelayURL
+	case fieldLatency:
+		return w.Latency
+	case fieldThreshold:
+		return w.Threshold
+	case fieldSkew:
+		return w.Skew
+	case fieldFailingFor:
+		return w.FailingFor
+	case fieldStaleAfter:
+		return w.StaleAfter
+	case fieldPeers:
+		return w.Peers
+	default: // fieldRegionID
+		return w.RegionID
+	}
+}
+
+// set stores v, a field's text as its form shows it (unquoted already for
+// %q), and reports whether it reads as that field.
+func (w *Warning) set(f warningField, v string) bool {
+	var err error
+	switch f {
+	case fieldHostname:
+		w.Hostname = v
+	case fieldID:
+		w.ID, err = uuid.Parse(v)
+	case fieldRelayURL:
+		w.RelayURL = v
+	case fieldLatency:
+		w.Latency, err = time.ParseDuration(v)
+	case fieldThreshold:
+		w.Threshold, err = time.ParseDuration(v)
+	case fieldSkew:
+		w.Skew, err = time.ParseDuration(v)
+	case fieldFailingFor:
+		w.FailingFor, err = time.ParseDuration(v)
+	case fieldStaleAfter:
+		w.StaleAfter, err = time.ParseDuration(v)
+	case fieldPeers:
+		var n int64
+		n, err = strconv.ParseInt(v, 10, 32)
+		w.Peers = int(n)
+	case fieldRegionID:
+		var n int64
+		n, err = strconv.ParseInt(v, 10, 32)
+		w.RegionID = int32(n)
+	}
+	return err == nil
 }
 
 // WarnsSlow reports whether any of warnings (a replica's, as text: its
@@ -111,7 +198,7 @@ func WarnsSlow(warnings []string, relayURL string) bool {
 	}
 	for _, text := range warnings {
 		w, ok := ParseWarning(text)
-		if ok && w.Kind == WarnPeerSlow && wire.NormalizeURL(w.RelayURL) == wire.NormalizeURL(relayURL) {
+		if ok && w.Kind == WarnPeerSlow && sameURL(w.RelayURL, relayURL) {
 			return true
 		}
 	}
@@ -124,171 +211,54 @@ func WarnsSlow(warnings []string, relayURL string) bool {
 // back byte for byte; text of no known kind (or of another release's
 // wording) is not ok.
 func ParseWarning(text string) (Warning, bool) {
-	for _, parse := range warningParsers {
-		if w, ok := parse(&warningScanner{rest: text}); ok && w.String() == text {
+	for kind := WarnDatabaseSlow; kind <= WarnPeerSlow; kind++ {
+		if w, ok := warningForms[kind].parse(kind, text); ok && w.String() == text {
 			return w, true
 		}
 	}
 	return Warning{}, false
 }
 
-// warningParsers read each kind's text in String's order of fields.
-var warningParsers = []func(s *warningScanner) (Warning, bool){
-	func(s *warningScanner) (Warning, bool) {
-		w := Warning{Kind: WarnDatabaseSlow}
-		s.literal("the database is ")
-		w.Latency = s.durationUntil(" away; every replica must be within ")
-		w.Threshold = s.durationUntil(" of Postgres")
-		return w, s.done()
-	},
-	func(s *warningScanner) (Warning, bool) {
-		w := Warning{Kind: WarnClockSkew}
-		s.literal("this machine's clock is ")
-		w.Skew = s.durationUntil(" off the database clock; membership uses the database clock, but timestamps in this replica's logs are off by as much")
-		return w, s.done()
-	},
-	func(s *warningScanner) (Warning, bool) {
-		w := Warning{Kind: WarnCutOff}
-		s.literal("the database has not accepted this replica's heartbeat for ")
-		w.FailingFor = s.durationUntil(" (stale window ")
-		w.StaleAfter = s.durationUntil("): if other replicas reach it, they consider this replica gone")
-		return w, s.done()
-	},
-	func(s *warningScanner) (Warning, bool) {
-		w := Warning{Kind: WarnSelfNoRelay}
-		s.literal("this replica (")
-		w.Hostname = s.quoted()
-		s.literal(", id ")
-		w.ID = s.idUntil(") has no relay URL: the ")
-		w.Peers = int(s.intUntil(" other replica(s) of region "))
-		w.RegionID = int32(s.intUntil(" cannot mesh with it, so clients on them cannot reach clients on it; set --derp-server-relay-url"))
-		return w, s.done()
-	},
-	func(s *warningScanner) (Warning, bool) {
-		w := Warning{Kind: WarnPeerNoRelay}
-		s.literal("replica ")
-		w.Hostname = s.quoted()
-		s.literal(" (id ")
-		w.ID = s.idUntil(") has no relay URL: this replica cannot mesh with it, so clients here cannot reach clients on it; give it --derp-server-relay-url")
-		return w, s.done()
-	},
-	func(s *warningScanner) (Warning, bool) {
-		w := Warning{Kind: WarnSharedRelayURL}
-		s.literal("replica ")
-		w.Hostname = s.quoted()
-		s.literal(" (id ")
-		w.ID = s.idUntil(") uses this replica's relay URL ")
-		w.RelayURL = s.until(": the two cannot mesh, so clients on one cannot reach clients on the other; give each replica its own --derp-server-relay-url (without an access URL, a replica listening on all interfaces defaults to http://127.0.0.1:<port>, which reaches only its own machine)")
-		return w, s.done()
-	},
-	func(s *warningScanner) (Warning, bool) {
-		w := Warning{Kind: WarnPeerSlow}
-		s.literal("replica ")
-		w.Hostname = s.quoted()
-		s.literal(" (")
-		// The relay URL runs to the last ") is ": the latency after it
-		// never contains one.
-		w.RelayURL = s.untilLast(") is ")
-		w.Latency = s.durationUntil(" away; every replica must be within ")
-		w.Threshold = s.durationUntil(" of each other")
-		return w, s.done()
-	},
+// parse reads text as this form, left to right: the literal before each
+// verb, then the field. A %q field is read as a Go-quoted string; any
+// other runs to the literal after it (to its last occurrence for a relay
+// URL, which may itself contain that literal; a latency never does).
+func (f warningForm) parse(kind WarningKind, text string) (Warning, bool) {
+	w := Warning{Kind: kind}
+	rest := f.format
+	for _, field := range f.fields {
+		i := strings.IndexByte(rest, '%')
+		lit, verb := rest[:i], rest[i+1]
+		rest = rest[i+2:]
+		if !strings.HasPrefix(text, lit) {
+			return Warning{}, false
+		}
+		text = text[len(lit):]
+		var v string
+		if verb == 'q' {
+			q, err := strconv.QuotedPrefix(text)
+			if err != nil {
+				return Warning{}, false
+			}
+			v, _ = strconv.Unquote(q) // QuotedPrefix found a valid literal
+			text = text[len(q):]
+		} else {
+			next := rest
+			if j := strings.IndexByte(rest, '%'); j >= 0 {
+				next = rest[:j]
+			}
+			end := strings.Index(text, next)
+			if field == fieldRelayURL {
+				end = strings.LastIndex(text, next)
+			}
+			if end < 0 {
+				return Warning{}, false
+			}
+			v, text = text[:end], text[end:]
+		}
+		if !w.set(field, v) {
+			return Warning{}, false
+		}
+	}
+	return w, text == rest
 }
-
-// warningScanner reads a warning's text from the left. The first step
-// that does not match sets failed; later steps then do nothing.
-type warningScanner struct {
-	rest   string
-	failed bool
-}
-
-func (s *warningScanner) literal(lit string) {
-	if s.failed || !strings.HasPrefix(s.rest, lit) {
-		s.failed = true
-		return
-	}
-	s.rest = s.rest[len(lit):]
-}
-
-// until returns the text up to the first lit (which must be there) and
-// consumes both; the last field of a kind ends the text, so lit is then
-// its end.
-func (s *warningScanner) until(lit string) string {
-	i := strings.Index(s.rest, lit)
-	if s.failed || i < 0 {
-		s.failed = true
-		return ""
-	}
-	v := s.rest[:i]
-	s.rest = s.rest[i+len(lit):]
-	return v
-}
-
-func (s *warningScanner) untilLast(lit string) string {
-	i := strings.LastIndex(s.rest, lit)
-	if s.failed || i < 0 {
-		s.failed = true
-		return ""
-	}
-	v := s.rest[:i]
-	s.rest = s.rest[i+len(lit):]
-	return v
-}
-
-// quoted reads a Go-quoted string (%q).
-func (s *warningScanner) quoted() string {
-	if s.failed {
-		return ""
-	}
-	q, err := strconv.QuotedPrefix(s.rest)
-	if err != nil {
-		s.failed = true
-		return ""
-	}
-	v, err := strconv.Unquote(q)
-	if err != nil {
-		s.failed = true
-		return ""
-	}
-	s.rest = s.rest[len(q):]
-	return v
-}
-
-func (s *warningScanner) durationUntil(lit string) time.Duration {
-	v := s.until(lit)
-	if s.failed {
-		return 0
-	}
-	d, err := time.ParseDuration(v)
-	if err != nil {
-		s.failed = true
-	}
-	return d
-}
-
-func (s *warningScanner) idUntil(lit string) uuid.UUID {
-	v := s.until(lit)
-	if s.failed {
-		return uuid.Nil
-	}
-	id, err := uuid.Parse(v)
-	if err != nil {
-		s.failed = true
-	}
-	return id
-}
-
-func (s *warningScanner) intUntil(lit string) int64 {
-	v := s.until(lit)
-	if s.failed {
-		return 0
-	}
-	n, err := strconv.ParseInt(v, 10, 32)
-	if err != nil {
-		s.failed = true
-	}
-	return n
-}
-
-// done reports whether every step matched and the whole text was read.
-func (s *warningScanner) done() bool { return !s.failed && s.rest == "" }
