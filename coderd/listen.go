@@ -41,7 +41,7 @@ func (s *Server) listen() error {
 	s.serve(l, handler)
 
 	if s.cfg.TLSEnable {
-		certs, err := newCertReloaderClock(s.cfg.TLSCertFile, s.cfg.TLSKeyFile, tlsReloadInterval, s.cfg.Clock, s.log.Named("tls"))
+		certs, err := newCertReloader(s.cfg.TLSCertFile, s.cfg.TLSKeyFile, tlsReloadInterval, s.cfg.Clock, s.log.Named("tls"))
 		if err != nil {
 			return &ConfigError{"tls-cert-file", fmt.Sprintf("load key pair: %v", err)}
 		}

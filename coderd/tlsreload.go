@@ -57,14 +57,9 @@ func stampFiles(certFile, keyFile string) (fileStamp, error) {
 	return st, nil
 }
 
-// newCertReloader loads the pair once; an error here is a start-up error.
-// It paces its checks on the real clock (see newCertReloaderClock).
-func newCertReloader(certFile, keyFile string, checkEvery time.Duration, log *zap.Logger) (*certReloader, error) {
-	return newCertReloaderClock(certFile, keyFile, checkEvery, quartz.NewReal(), log)
-}
-
-// newCertReloaderClock is newCertReloader pacing its checks on clock.
-func newCertReloaderClock(certFile, keyFile string, checkEvery time.Duration, clock quartz.Clock, log *zap.Logger) (*certReloader, error) {
+// newCertReloader loads the pair once (an error here is a start-up error)
+// and paces its later checks on clock.
+func newCertReloader(certFile, keyFile string, checkEvery time.Duration, clock quartz.Clock, log *zap.Logger) (*certReloader, error) {
 	st, err := stampFiles(certFile, keyFile)
 	if err != nil {
 		return nil, err

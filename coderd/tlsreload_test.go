@@ -18,6 +18,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/coder/quartz"
+
 	"github.com/coder-ha/coder/internal/wait"
 )
 
@@ -71,7 +73,7 @@ func TestTLSCertificateIsReloadedWhenTheFilesChange(t *testing.T) {
 	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
 	writePair(t, certFile, keyFile, "first.example.com")
 	core, logs := observer.New(zap.InfoLevel)
-	r, err := newCertReloader(certFile, keyFile, 0, zap.New(core))
+	r, err := newCertReloader(certFile, keyFile, 0, quartz.NewReal(), zap.New(core))
 	if err != nil {
 		t.Fatal(err)
 	}
